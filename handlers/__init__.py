@@ -1,0 +1,15 @@
+"""Slack listeners, registered explicitly by ``register`` (never by import side effects)."""
+
+from __future__ import annotations
+
+from slack_bolt.async_app import AsyncApp
+
+from handlers import approvals, dedupe, placeholders, push
+from handlers.context import HandlerDeps
+
+
+def register(app: AsyncApp, deps: HandlerDeps) -> None:
+    dedupe.register(app, deps)
+    push.register(app, deps)
+    approvals.register(app, deps)
+    placeholders.register(app)

@@ -1,0 +1,290 @@
+"""Salesforce REST, sObject Collections and Bulk API 2.0 ingest over one aiohttp session.
+
+``SalesforceClient._send`` is the only place that authenticates, refreshes an expired session
+and retries; every public method goes through it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import json
+import logging
+import re
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+
+from bot.clients.retry import RetryPolicy, parse_retry_after
+from bot.clients.salesforce.auth import AccessToken, TokenCache
+from bot.errors import ApiError, AuthError, TransientError
+
+log = logging.getLogger(__name__)
+
+SYSTEM = "salesforce"
+ID_RE = re.compile(r"^[a-zA-Z0-9]{15}(?:[a-zA-Z0-9]{3})?$")
+SOBJECT_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,79}$")
+COLLECTION_LIMIT = 200  # sObject Collections accept at most 200 records per call
+_SOQL_ESCAPES = {"\\": "\\\\", "'": "\\'", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t", "\b": "\\b", "\f": "\\f"}
+
+
+def soql_literal(value: str) -> str:
+    """A quoted SOQL string literal; every reserved character escaped (SOQL reference, Quoted String Escape Sequences)."""
+    return "'" + "".join(_SOQL_ESCAPES.get(ch, ch) for ch in value) + "'"
+
+
+def soql_id_list(ids: Sequence[str]) -> str:
+    """``('a','b')`` for record ids, each checked to look like a Salesforce id first."""
+    for record_id in ids:
+        checked_id(record_id)
+    return "(" + ",".join(soql_literal(record_id) for record_id in ids) + ")"
+
+
+def checked_id(record_id: str) -> str:
+    if not ID_RE.match(record_id):
+        raise ValueError(f"not a Salesforce id: {record_id[:40]!r}")
+    return record_id
+
+
+class AmbiguousWriteError(TransientError):
+    """A write may or may not have been applied (the connection dropped after sending)."""
+
+
+@dataclass(frozen=True)
+class SaveResult:
+    success: bool
+    id: str | None = None
+    errors: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def error_text(self) -> str:
+        return "; ".join(f"{e.get('statusCode', '')}: {e.get('message', '')}".strip(": ") for e in self.errors)
+
+
+@dataclass(frozen=True)
+class _Response:
+    status: int
+    body: bytes
+    headers: Mapping[str, str]
+
+    def json(self) -> Any:
+        return json.loads(self.body) if self.body else None
+
+
+class SalesforceClient:
+    """One org. ``session`` is shared with other clients and owned by the caller."""
+
+    def __init__(
+        self,
+        *,
+        session: aiohttp.ClientSession,
+        tokens: TokenCache,
+        api_version: str = "61.0",
+        timeout: aiohttp.ClientTimeout | None = None,
+        retry: RetryPolicy | None = None,
+    ) -> None:
+        self._session = session
+        self._tokens = tokens
+        self.api_version = api_version
+        self._timeout = timeout or aiohttp.ClientTimeout(total=60, connect=10)
+        self._retry = retry or RetryPolicy()
+
+    @property
+    def data_path(self) -> str:
+        return f"/services/data/v{self.api_version}"
+
+    async def instance_url(self) -> str:
+        return (await self._tokens.get(self._session, timeout=self._timeout)).instance_url
+
+    async def access_token(self) -> AccessToken:
+        """For the Metadata API client, which shares this org's session and refresh."""
+        return await self._tokens.get(self._session, timeout=self._timeout)
+
+    async def refresh_token(self, stale: AccessToken) -> AccessToken:
+        return await self._tokens.refresh(stale, self._session, timeout=self._timeout)
+
+    # -- the one request path ------------------------------------------------------------
+    async def _send(
+        self,
+        method: str,
+        path: str,
+        *,
+        json_body: Any = None,
+        data: bytes | None = None,
+        content_type: str | None = None,
+        params: Mapping[str, str] | None = None,
+        idempotent: bool,
+    ) -> _Response:
+        refreshed = False
+        attempt = 0
+        while True:
+            attempt += 1
+            token = await self._tokens.get(self._session, timeout=self._timeout)
+            headers = {"Authorization": f"Bearer {token.value}", "Accept": "application/json"}
+            body: bytes | None = data
+            if json_body is not None:
+                body = json.dumps(json_body).encode()
+                headers["Content-Type"] = "application/json"
+            elif content_type:
+                headers["Content-Type"] = content_type
+            retry_after: float | None = None
+            try:
+                async with self._session.request(
+                    method, token.instance_url + path, data=body, params=params, headers=headers, timeout=self._timeout
+                ) as raw:
+                    response = _Response(raw.status, await raw.read(), dict(raw.headers))
+            except aiohttp.ClientConnectorError as exc:
+                # Never connected: nothing was sent, so even a write is safe to repeat.
+                failure: Exception = TransientError(f"cannot connect to Salesforce ({type(exc).__name__})", system=SYSTEM)
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                kind = TransientError if idempotent else AmbiguousWriteError
+                failure = kind(f"Salesforce connection failed mid-request ({type(exc).__name__})", system=SYSTEM)
+                if not idempotent:
+                    raise failure from exc
+            else:
+                code = _error_code(response)
+                if response.status == 401 and code == "INVALID_SESSION_ID":
+                    if refreshed:
+                        raise AuthError("Salesforce rejected a freshly issued session", system=SYSTEM, status=401)
+                    log.info("salesforce session expired; refreshing", extra={"path": path.split("?")[0]})
+                    await self._tokens.refresh(token, self._session, timeout=self._timeout)
+                    refreshed = True
+                    attempt -= 1  # a refresh is not a failed attempt
+                    continue
+                if response.status in (429, 503) or code in {"REQUEST_LIMIT_EXCEEDED", "SERVER_UNAVAILABLE"}:
+                    retry_after = parse_retry_after(response.headers.get("Retry-After"))
+                    failure = TransientError(f"Salesforce is busy (HTTP {response.status} {code})".strip(),
+                                             system=SYSTEM, status=response.status)
+                elif response.status >= 500:
+                    kind = TransientError if idempotent else AmbiguousWriteError
+                    failure = kind(f"Salesforce answered HTTP {response.status} {code}".strip(),
+                                   system=SYSTEM, status=response.status)
+                    if not idempotent:
+                        raise failure
+                elif response.status >= 400:
+                    raise _api_error(response, code)
+                else:
+                    return response
+            if attempt >= self._retry.attempts:
+                raise failure
+            delay = self._retry.delay(attempt, retry_after=retry_after)
+            log.info("salesforce call failed; retrying", extra={"path": path.split("?")[0], "attempt": attempt,
+                                                               "delay": round(delay, 2), "why": str(failure)})
+            await asyncio.sleep(delay)
+
+    # -- REST ------------------------------------------------------------------------------
+    async def query_pages(self, soql: str) -> AsyncIterator[list[dict[str, Any]]]:
+        """Yields each page of records, following ``nextRecordsUrl``."""
+        response = await self._send("GET", f"{self.data_path}/query", params={"q": soql}, idempotent=True)
+        while True:
+            payload = response.json()
+            yield list(payload.get("records", []))
+            next_url = payload.get("nextRecordsUrl")
+            if payload.get("done", True) or not next_url:
+                return
+            response = await self._send("GET", next_url, idempotent=True)
+
+    async def query(self, soql: str) -> list[dict[str, Any]]:
+        records: list[dict[str, Any]] = []
+        async for page in self.query_pages(soql):
+            records.extend(page)
+        return records
+
+    async def get_record(self, sobject: str, record_id: str) -> dict[str, Any]:
+        path = f"{self.data_path}/sobjects/{_sobject(sobject)}/{checked_id(record_id)}"
+        return dict((await self._send("GET", path, idempotent=True)).json())
+
+    async def create(self, sobject: str, fields: Mapping[str, Any]) -> str:
+        path = f"{self.data_path}/sobjects/{_sobject(sobject)}/"
+        payload = (await self._send("POST", path, json_body=dict(fields), idempotent=False)).json()
+        return str(payload["id"])
+
+    async def update(self, sobject: str, record_id: str, fields: Mapping[str, Any]) -> None:
+        path = f"{self.data_path}/sobjects/{_sobject(sobject)}/{checked_id(record_id)}"
+        await self._send("PATCH", path, json_body=dict(fields), idempotent=True)
+
+    async def create_many(
+        self, sobject: str, records: Sequence[Mapping[str, Any]], *, all_or_none: bool = False
+    ) -> list[SaveResult]:
+        """sObject Collections create, 200 records per call; results in input order."""
+        results: list[SaveResult] = []
+        for start in range(0, len(records), COLLECTION_LIMIT):
+            chunk = [{"attributes": {"type": _sobject(sobject)}, **record}
+                     for record in records[start : start + COLLECTION_LIMIT]]
+            body = {"allOrNone": all_or_none, "records": chunk}
+            payload = (await self._send("POST", f"{self.data_path}/composite/sobjects", json_body=body,
+                                        idempotent=False)).json()
+            results.extend(
+                SaveResult(success=bool(item.get("success")), id=item.get("id"), errors=list(item.get("errors") or []))
+                for item in payload
+            )
+        return results
+
+    # -- Bulk API 2.0 ingest -------------------------------------------------------------
+    async def bulk_create_insert_job(self, sobject: str) -> str:
+        body = {"object": _sobject(sobject), "operation": "insert", "contentType": "CSV", "lineEnding": "LF"}
+        payload = (await self._send("POST", f"{self.data_path}/jobs/ingest", json_body=body, idempotent=False)).json()
+        return str(payload["id"])
+
+    async def bulk_upload(self, job_id: str, rows: Sequence[Mapping[str, str]], columns: Sequence[str]) -> None:
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(columns)
+        for row in rows:
+            writer.writerow([row.get(column, "") for column in columns])
+        await self._send("PUT", f"{self.data_path}/jobs/ingest/{checked_id(job_id)}/batches",
+                         data=buffer.getvalue().encode(), content_type="text/csv", idempotent=False)
+
+    async def bulk_set_state(self, job_id: str, state: str) -> dict[str, Any]:
+        """``UploadComplete`` starts processing; ``Aborted`` discards the job."""
+        path = f"{self.data_path}/jobs/ingest/{checked_id(job_id)}"
+        return dict((await self._send("PATCH", path, json_body={"state": state}, idempotent=True)).json())
+
+    async def bulk_job(self, job_id: str) -> dict[str, Any]:
+        path = f"{self.data_path}/jobs/ingest/{checked_id(job_id)}"
+        return dict((await self._send("GET", path, idempotent=True)).json())
+
+    async def bulk_results(self, job_id: str, which: str) -> list[dict[str, str]]:
+        """``successfulResults`` (sf__Id, sf__Created, …) or ``failedResults`` (sf__Error, …)."""
+        if which not in {"successfulResults", "failedResults", "unprocessedrecords"}:
+            raise ValueError(which)
+        path = f"{self.data_path}/jobs/ingest/{checked_id(job_id)}/{which}/"
+        text = (await self._send("GET", path, idempotent=True)).body.decode("utf-8")
+        return list(csv.DictReader(io.StringIO(text)))
+
+
+def _sobject(name: str) -> str:
+    if not SOBJECT_RE.match(name):
+        raise ValueError(f"not an sObject name: {name[:40]!r}")
+    return quote(name)
+
+
+def _error_code(response: _Response) -> str:
+    if response.status < 400:
+        return ""
+    try:
+        payload = response.json()
+    except (ValueError, UnicodeDecodeError):
+        return ""
+    first = payload[0] if isinstance(payload, list) and payload else payload
+    if isinstance(first, dict):
+        return str(first.get("errorCode") or first.get("error") or "")
+    return ""
+
+
+def _api_error(response: _Response, code: str) -> ApiError:
+    message = ""
+    try:
+        payload = response.json()
+        first = payload[0] if isinstance(payload, list) and payload else payload
+        if isinstance(first, dict):
+            message = str(first.get("message") or first.get("error_description") or "")
+    except (ValueError, UnicodeDecodeError):
+        pass
+    # Salesforce error messages are one sentence; cap them anyway so nothing large reaches Slack.
+    return ApiError(message[:300] or f"HTTP {response.status}", system=SYSTEM, status=response.status,
+                    code=code or f"HTTP_{response.status}")

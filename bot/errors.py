@@ -1,0 +1,75 @@
+"""The bot's one error tree.
+
+    ChatOpsError
+    ├── UserError                 the user can fix it; shown ephemerally with usage
+    │   ├── UsageError            malformed command or option
+    │   ├── NotFoundError         unknown ref, package, version, org …
+    │   ├── NotAllowedError       access rules, approvals by the wrong person
+    │   └── StateError            right command, wrong moment (cancel a running push …)
+    └── UpstreamError             an external system failed us
+        ├── TransientError        worth retrying: timeouts, 5xx, limits, dropped connections
+        ├── AuthError             credentials refused (bad auth URL, expired refresh token)
+        └── ApiError              a definite refusal with an error code (Salesforce errorCode …)
+
+User errors become Slack messages in one place (handlers/errors.py). Upstream errors carry a
+short, safe ``message`` — never a whole response body — so that they can be shown too.
+"""
+
+from __future__ import annotations
+
+
+class ChatOpsError(Exception):
+    """Root of every error the bot raises on purpose."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class UserError(ChatOpsError):
+    """Something the requesting user can fix; ``usage`` is appended when given."""
+
+    def __init__(self, message: str, *, usage: str | None = None) -> None:
+        super().__init__(message)
+        self.usage = usage
+
+
+class UsageError(UserError):
+    pass
+
+
+class NotFoundError(UserError):
+    pass
+
+
+class NotAllowedError(UserError):
+    pass
+
+
+class StateError(UserError):
+    pass
+
+
+class UpstreamError(ChatOpsError):
+    """An external system (Salesforce, Slack, sfp, FlexDeploy) failed or refused."""
+
+    def __init__(self, message: str, *, system: str = "", status: int | None = None) -> None:
+        super().__init__(message)
+        self.system = system
+        self.status = status
+
+
+class TransientError(UpstreamError):
+    """Retrying later may well succeed."""
+
+
+class AuthError(UpstreamError):
+    """Credentials were refused; a human has to fix the configuration."""
+
+
+class ApiError(UpstreamError):
+    """A definite answer with an error code, e.g. Salesforce ``FIELD_INTEGRITY_EXCEPTION``."""
+
+    def __init__(self, message: str, *, system: str = "", status: int | None = None, code: str = "") -> None:
+        super().__init__(message, system=system, status=status)
+        self.code = code

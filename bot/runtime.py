@@ -1,0 +1,74 @@
+"""The composition root: builds every piece from Settings, in one place, and tears it down."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import aiohttp
+from slack_bolt.async_app import AsyncApp
+
+import handlers
+from bot.clients.retry import RetryPolicy
+from bot.poller import KindView, Poller
+from bot.services.access import AccessPolicy
+from bot.services.approvals import ApprovalService
+from bot.services.orgs import OrgRegistry
+from bot.services.push import PushService
+from bot.settings import Settings
+from bot.slack import push_messages
+from bot.slack.web import SlackDirectory, SlackPoster, make_web_client
+from bot.store.db import Database, migrate
+from bot.store.models import OpKind
+from handlers.context import HandlerDeps
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    db: Database
+    http: aiohttp.ClientSession
+    app: AsyncApp
+    poller: Poller
+    push: PushService
+
+    async def close(self) -> None:
+        self.poller.shutdown()
+        with contextlib.suppress(Exception):
+            await self.app.client.session.close() if self.app.client.session else None  # type: ignore[func-returns-value]
+        await self.http.close()
+        await self.db.close()
+
+
+async def build_runtime(settings: Settings, *, retry: RetryPolicy | None = None, owner: str | None = None,
+                        run_migrations: bool = True) -> Runtime:
+    settings.require_slack()
+    assert settings.slack_bot_token is not None
+    if run_migrations:
+        await migrate(settings.database_url)
+    db = Database(settings.database_url)
+    http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=settings.http_timeout_seconds))
+    web = make_web_client(token=settings.slack_bot_token.get_secret_value(), base_url=settings.slack_api_url)
+    poster = SlackPoster(web)
+    directory = SlackDirectory(web)
+    orgs = OrgRegistry(settings=settings, session=http, retry=retry)
+    push = PushService(db=db, orgs=orgs, settings=settings)
+    approvals = ApprovalService(db=db, directory=directory)
+    poller = Poller(
+        db=db, poster=poster, config=settings.poller, notifications_channel=settings.notifications.channel, owner=owner,
+        views={OpKind.PUSH: KindView(advancer=push, card=push_messages.push_card,
+                                     event_reply=push_messages.event_reply,
+                                     completion_text=push_messages.completion_text)},
+    )
+    socket_mode = settings.slack_signing_secret is None
+    app = AsyncApp(
+        client=web,
+        signing_secret=None if socket_mode else settings.slack_signing_secret.get_secret_value(),  # type: ignore[union-attr]
+        request_verification_enabled=not socket_mode,
+        process_before_response=False,
+    )
+    deps = HandlerDeps(settings=settings, db=db, push=push, approvals=approvals,
+                       access=AccessPolicy(rules=settings.access, directory=directory), poster=poster,
+                       directory=directory, kick_poller=poller.kick)
+    handlers.register(app, deps)
+    return Runtime(settings=settings, db=db, http=http, app=app, poller=poller, push=push)

@@ -1,0 +1,149 @@
+"""The embedded default: simulated orgs, a fake Slack, the real bot over HTTP, and a console.
+
+Everything here talks over real HTTP on 127.0.0.1: the bot reaches the simulated orgs through
+its Salesforce client and the fake Slack through slack_sdk, and the console or tour reaches the
+bot through signed requests to ``/slack/events`` — the same path Slack uses.
+"""
+
+from __future__ import annotations
+
+import secrets
+import sys
+import tempfile
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from pydantic import SecretStr
+
+from bot.runtime import Runtime, build_runtime
+from bot.sandbox.fake_slack import FakeSlack
+from bot.sandbox.salesforce_org import SalesforceOrgSim, build_auth_url
+from bot.sandbox.slack_user import SlackUserAgent
+from bot.server import EVENTS_PATH, http_app
+from bot.settings import ApprovalRule, NotificationsConfig, OrgConfig, PollerConfig, Settings
+
+TOURS_DIR = Path(__file__).with_name("tours")
+RELEASES_CHANNEL = "C0RELEASES"
+NOTIFY_CHANNEL = "C0NOTIFY"
+SANDBOX_APPROVERS = ["U0BOB", "U0DAVE"]
+
+
+@dataclass
+class Sandbox:
+    packaging: SalesforceOrgSim
+    production: SalesforceOrgSim
+    sandbox_org: SalesforceOrgSim
+    slack: FakeSlack
+    settings: Settings
+    runtime: Runtime | None
+    bot_url: str
+    agent: SlackUserAgent
+    signing_secret: str
+
+
+def sandbox_settings(*, slack: FakeSlack, packaging: SalesforceOrgSim, production: SalesforceOrgSim,
+                     sandbox_org: SalesforceOrgSim, database_url: str, signing_secret: str,
+                     **overrides: Any) -> Settings:
+    """What `python -m bot` configures for itself; tests reuse it with overrides."""
+    values: dict[str, Any] = {
+        "slack_bot_token": SecretStr(slack.bot_token),
+        "slack_signing_secret": SecretStr(signing_secret),
+        "slack_api_url": slack.api_url,
+        "database_url": database_url,
+        "orgs": {
+            "packaging": OrgConfig(kind="production", packaging=True, auth_url=SecretStr(build_auth_url(packaging))),
+            "prod": OrgConfig(kind="production", auth_url=SecretStr(build_auth_url(production))),
+            "uat": OrgConfig(kind="sandbox", auth_url=SecretStr(build_auth_url(sandbox_org))),
+        },
+        "notifications": NotificationsConfig(channel=NOTIFY_CHANNEL),
+        "approval": [ApprovalRule(action="push", org_kind="production", approvers=SANDBOX_APPROVERS, count=1)],
+        "poller": PollerConfig(interval_seconds=1.0, lease_seconds=30.0),
+    }
+    values.update(overrides)
+    return Settings.model_validate(values)
+
+
+@asynccontextmanager
+async def running_sandbox(*, workdir: Path, job_seconds: float = 0.25, subscribers: int = 2400,
+                          start_bot: bool = True, **overrides: Any) -> AsyncIterator[Sandbox]:
+    """Start the simulators, the fake Slack and (unless ``start_bot`` is False) the bot."""
+    packaging = SalesforceOrgSim(org_id="00D00000000PKG1", kind="packaging", subscribers=subscribers,
+                                 job_seconds=job_seconds)
+    production = SalesforceOrgSim(org_id="00D00000000PRD1", kind="production", subscribers=0)
+    sandbox_org = SalesforceOrgSim(org_id="00D00000000UAT1", kind="sandbox", subscribers=0)
+    slack = FakeSlack()
+    for server in (packaging, production, sandbox_org):
+        await server.start()
+    await slack.start()
+    signing_secret = secrets.token_hex(16)
+    settings = sandbox_settings(slack=slack, packaging=packaging, production=production, sandbox_org=sandbox_org,
+                                database_url=f"sqlite:///{workdir / 'chatops.db'}", signing_secret=signing_secret,
+                                **overrides)
+    runtime: Runtime | None = None
+    runner: web.AppRunner | None = None
+    bot_url = ""
+    session = aiohttp.ClientSession()
+    try:
+        if start_bot:
+            runtime = await build_runtime(settings)
+            runner = web.AppRunner(http_app(runtime.app), access_log=None)
+            await runner.setup()
+            site = web.TCPSite(runner, "127.0.0.1", 0)
+            await site.start()
+            port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+            bot_url = f"http://127.0.0.1:{port}{EVENTS_PATH}"
+            runtime.poller.start()
+        agent = SlackUserAgent(bot_url=bot_url, signing_secret=signing_secret, slack=slack, session=session)
+        yield Sandbox(packaging=packaging, production=production, sandbox_org=sandbox_org, slack=slack,
+                      settings=settings, runtime=runtime, bot_url=bot_url, agent=agent, signing_secret=signing_secret)
+    finally:
+        if runner is not None:
+            await runner.cleanup()
+        if runtime is not None:
+            await runtime.close()
+        await session.close()
+        await slack.stop()
+        for server in (packaging, production, sandbox_org):
+            await server.stop()
+
+
+async def run_console_sandbox(*, fast: bool = False) -> int:
+    from bot.sandbox.console import run_console
+
+    with tempfile.TemporaryDirectory(prefix="chatops-sandbox-") as tmp:
+        async with running_sandbox(workdir=Path(tmp), job_seconds=0.02 if fast else 0.25) as sandbox:
+            print(_banner(sandbox))
+            users = {user["name"]: user_id for user_id, user in sandbox.slack.users.items() if not user.get("is_bot")}
+            await run_console(agent=sandbox.agent, slack=sandbox.slack, channel=RELEASES_CHANNEL, users=users)
+    return 0
+
+
+async def run_demo(script: Path | None) -> int:
+    from bot.sandbox.tour import run_tour
+
+    path = script or TOURS_DIR / "push.tour"
+    if not path.is_file():
+        print(f"tour file not found: {path}", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory(prefix="chatops-demo-") as tmp:
+        async with running_sandbox(workdir=Path(tmp), job_seconds=0.02) as sandbox:
+            ok = await run_tour(path, agent=sandbox.agent, slack=sandbox.slack, channel=RELEASES_CHANNEL)
+    print("tour passed" if ok else "tour FAILED")
+    return 0 if ok else 1
+
+
+def _banner(sandbox: Sandbox) -> str:
+    return "\n".join([
+        "Release ChatOps — local sandbox (nothing here touches real Slack or Salesforce)",
+        f"  packaging org (Acme Billing, {len(sandbox.packaging.subscribers):,} subscribers): {sandbox.packaging.url}",
+        f"  production org: {sandbox.production.url}   sandbox org: {sandbox.sandbox_org.url}",
+        f"  fake Slack: {sandbox.slack.url}   bot: {sandbox.bot_url}",
+        "  channel #releases; users alice (requester), bob and dave (approvers), carol (not an approver).",
+        "Try:  /push create Acme Billing@1.4.0 --orgs all --dry-run     then without --dry-run,",
+        "      as bob, click Approve.   Type `help` for console commands.",
+    ])

@@ -1,0 +1,31 @@
+"""``[access]`` rules: who may run which command, from which channel (SPEC §9)."""
+
+from __future__ import annotations
+
+from bot.errors import NotAllowedError
+from bot.services.approvals import Directory
+from bot.settings import AccessRule
+
+
+class AccessPolicy:
+    def __init__(self, *, rules: dict[str, AccessRule], directory: Directory) -> None:
+        self._rules = rules
+        self._directory = directory
+
+    async def check(self, *, command: str, user: str, channel: str) -> None:
+        """Raise NotAllowedError unless ``user`` may run ``command`` (e.g. "push") in ``channel``."""
+        rule = self._rules.get(command.lstrip("/"))
+        if rule is None:
+            return
+        if rule.channels and channel not in rule.channels:
+            allowed = ", ".join(f"<#{c}>" for c in rule.channels)
+            raise NotAllowedError(f"`/{command.lstrip('/')}` can only be used in {allowed}.")
+        if not rule.users and not rule.usergroups:
+            return
+        if user in rule.users:
+            return
+        for group in rule.usergroups:
+            members = await self._directory.usergroup_members(group)
+            if members and user in members:
+                return
+        raise NotAllowedError(f"You are not allowed to use `/{command.lstrip('/')}`; ask a release manager.")

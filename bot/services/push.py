@@ -1,0 +1,666 @@
+"""Push upgrades (SPEC §4): plan, create, start, follow, cancel and retry.
+
+The Salesforce writes of a push happen in the poller, step by step, each step recorded before
+the next one starts, so a killed bot resumes where it stopped instead of pushing twice:
+
+    starting/create_request → starting/create_jobs → starting/start → scheduled|running → done
+
+Call budget for N orgs (SPEC §11): version lookup 1–2, subscriber pages ⌈N/2000⌉, request 1,
+Bulk API job 6 + polls, Pending 1 — independent of N beyond the subscriber pages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import logging
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from bot.clients.salesforce.rest import AmbiguousWriteError, SalesforceClient, soql_id_list, soql_literal
+from bot.commands import OrgSelection, VersionSpec
+from bot.errors import ApiError, AuthError, NotFoundError, StateError, TransientError, UpstreamError, UsageError
+from bot.services.approvals import ApprovalFacts, ApprovalRequirement, requirement_for
+from bot.services.operations import Advance, OpEvent, OpFile
+from bot.services.orgs import OrgRegistry
+from bot.settings import Settings
+from bot.store import repo
+from bot.store.db import Database
+from bot.store.models import Operation, OpKind, OpState, PushTarget
+
+log = logging.getLogger(__name__)
+
+BULK_THRESHOLD = 400  # above this many orgs, jobs go through one Bulk API 2.0 ingest job
+IN_CHUNK = 200  # ids per IN (...) clause: keeps SOQL well under its 100,000-character limit
+NOT_RETRYABLE_ERRORS = {
+    "IneligibleUpgrade": "not eligible for this upgrade",
+    "FeatureMissing": "a required feature is missing in the org",
+}
+JOB_DONE_STATES = {"Succeeded", "Failed", "Canceled", "Cancelled"}
+REQUEST_TERMINAL = {"Succeeded", "Failed", "Canceled", "Cancelled"}
+
+
+def _canon(status: str) -> str:
+    """Salesforce has spelled it both ways over the years."""
+    return "Canceled" if status == "Cancelled" else status
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    id: str
+    package_id: str
+    package_name: str
+    number: tuple[int, int, int, int]
+    release_state: str
+    deprecated: bool
+
+    @property
+    def label(self) -> str:
+        return ".".join(str(part) for part in self.number[:3])
+
+
+@dataclass(frozen=True)
+class Target:
+    org_key: str
+    org_name: str
+    org_type: str
+    org_status: str
+    from_version: str
+
+
+@dataclass
+class PushPlan:
+    version: VersionInfo
+    selection: OrgSelection
+    targets: list[Target]
+    not_eligible: list[tuple[str, str]] = field(default_factory=list)  # (org id, why) for listed ids
+    skipped: Counter[str] = field(default_factory=Counter)  # why → how many subscribers left out
+
+    @property
+    def org_kinds(self) -> frozenset[str]:
+        return frozenset(target.org_type.lower() for target in self.targets)
+
+    def by_version_and_type(self) -> list[tuple[str, str, int]]:
+        counts = Counter((t.from_version, t.org_type) for t in self.targets)
+        return sorted(((v, k, n) for (v, k), n in counts.items()), key=lambda row: (_version_key(row[0]), row[1]))
+
+
+def _version_key(label: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in label.split("."))
+    except ValueError:
+        return (0,)
+
+
+@dataclass(frozen=True)
+class RetryPlan:
+    plan: PushPlan
+    previous: Operation
+    left_out: Counter[str]
+
+
+class PushService:
+    def __init__(self, *, db: Database, orgs: OrgRegistry, settings: Settings) -> None:
+        self._db = db
+        self._orgs = orgs
+        self._settings = settings
+
+    # -- reading Salesforce ------------------------------------------------------------------
+    def _client(self) -> tuple[str, SalesforceClient]:
+        alias = self._orgs.packaging_alias()
+        return alias, self._orgs.client(alias)
+
+    async def _versions(self, client: SalesforceClient, where: str) -> list[VersionInfo]:
+        records = await client.query(
+            "SELECT Id, MetadataPackageId, MetadataPackage.Name, MajorVersion, MinorVersion, PatchVersion, "
+            f"BuildNumber, ReleaseState, IsDeprecated FROM MetadataPackageVersion WHERE {where}")
+        return [
+            VersionInfo(
+                id=record["Id"], package_id=record["MetadataPackageId"],
+                package_name=(record.get("MetadataPackage") or {}).get("Name") or "",
+                number=(int(record.get("MajorVersion") or 0), int(record.get("MinorVersion") or 0),
+                        int(record.get("PatchVersion") or 0), int(record.get("BuildNumber") or 0)),
+                release_state=record.get("ReleaseState") or "", deprecated=bool(record.get("IsDeprecated")))
+            for record in records
+        ]
+
+    async def resolve_version(self, spec: VersionSpec) -> tuple[VersionInfo, list[VersionInfo]]:
+        """The target version and every version of its package (to place subscribers)."""
+        _, client = self._client()
+        if spec.version_id:
+            found = await self._versions(client, f"Id = {soql_literal(spec.version_id)}")
+            if not found:
+                raise NotFoundError(f"No package version `{spec.version_id}` in the packaging org.")
+            versions = await self._versions(client, f"MetadataPackageId = {soql_literal(found[0].package_id)}")
+            target = found[0]
+        else:
+            assert spec.package_name is not None and spec.number is not None
+            versions = await self._versions(client, f"MetadataPackage.Name = {soql_literal(spec.package_name)}")
+            if not versions:
+                raise NotFoundError(f"No package called `{spec.package_name}` in the packaging org "
+                                    "(names are matched exactly).")
+            matches = [v for v in versions if v.number[:3] == spec.number]
+            released = [v for v in matches if v.release_state == "Released"]
+            target_list = sorted(released or matches, key=lambda v: v.number)
+            if not target_list:
+                available = ", ".join(v.label for v in sorted(versions, key=lambda v: v.number)
+                                      if v.release_state == "Released" and not v.deprecated)
+                raise NotFoundError(f"{spec.package_name} has no version {'.'.join(map(str, spec.number))}. "
+                                    f"Released versions: {available or 'none'}.")
+            target = target_list[-1]
+        if target.release_state != "Released":
+            raise StateError(f"{target.package_name} {target.label} is {target.release_state or 'not released'}; "
+                             "only Released versions can be pushed.")
+        if target.deprecated:
+            raise StateError(f"{target.package_name} {target.label} is deprecated; push a current version.")
+        return target, versions
+
+    async def plan(self, spec: VersionSpec, selection: OrgSelection) -> PushPlan:
+        target, versions = await self.resolve_version(spec)
+        by_id = {v.id[:15]: v for v in versions}
+        _, client = self._client()
+        fields = "OrgKey, OrgName, OrgType, OrgStatus, InstalledStatus, MetadataPackageVersionId"
+        base = f"SELECT {fields} FROM PackageSubscriber WHERE MetadataPackageId = {soql_literal(target.package_id)}"
+        plan = PushPlan(version=target, selection=selection, targets=[])
+        if selection.scope == "ids":
+            records: list[dict[str, Any]] = []
+            for start in range(0, len(selection.org_ids), IN_CHUNK):
+                chunk = selection.org_ids[start : start + IN_CHUNK]
+                records.extend(await client.query(f"{base} AND OrgKey IN {soql_id_list(chunk)}"))
+            seen = {str(r["OrgKey"])[:15] for r in records}
+            plan.not_eligible.extend((org_id, "not a subscriber of this package")
+                                     for org_id in selection.org_ids if org_id[:15] not in seen)
+        else:
+            where = " AND InstalledStatus = 'i' AND OrgStatus != 'Inactive'"
+            if selection.scope in {"production", "sandbox"}:
+                where += f" AND OrgType = {soql_literal(selection.scope.capitalize())}"
+            records = await client.query(base + where)
+        for record in records:
+            key = str(record["OrgKey"])[:15]
+            current = by_id.get(str(record.get("MetadataPackageVersionId") or "")[:15])
+            reason = None
+            if record.get("InstalledStatus") != "i":
+                reason = "package uninstalled"
+            elif record.get("OrgStatus") == "Inactive":
+                reason = "org inactive (expired or deleted)"
+            elif current is None:
+                reason = "on a version this packaging org does not know"
+            elif current.number >= target.number:
+                reason = "already on this version" if current.number == target.number else (
+                    f"already on a newer version ({current.label})")
+            if reason:
+                plan.skipped["already on this version or newer" if reason.startswith("already") else reason] += 1
+                if selection.scope == "ids":
+                    plan.not_eligible.append((key, reason))
+                continue
+            assert current is not None
+            plan.targets.append(Target(org_key=key, org_name=str(record.get("OrgName") or ""),
+                                       org_type=str(record.get("OrgType") or ""),
+                                       org_status=str(record.get("OrgStatus") or ""), from_version=current.label))
+        return plan
+
+    # -- creating ------------------------------------------------------------------------------
+    def approval_for(self, plan: PushPlan) -> ApprovalRequirement | None:
+        facts = ApprovalFacts(action="push", org=self._orgs.packaging_alias(), org_kinds=plan.org_kinds,
+                              package=plan.version.package_name)
+        return requirement_for(facts, self._settings.approval)
+
+    async def create(
+        self, plan: PushPlan, *, requester: str, channel: str, idempotency_key: str,
+        scheduled_for: datetime | None = None, retry_of: str | None = None, now: datetime | None = None,
+    ) -> tuple[Operation, bool]:
+        """Record the push; the poller performs the Salesforce writes. Returns (operation, created)."""
+        if not plan.targets:
+            raise StateError(_nothing_to_push(plan))
+        now = now or datetime.now(UTC)
+        requirement = self.approval_for(plan)
+        data: dict[str, Any] = {
+            "plan": {"total": len(plan.targets), "rows": plan.by_version_and_type(),
+                     "not_eligible": len(plan.not_eligible), "skipped": dict(plan.skipped)},
+        }
+        if requirement:
+            data["approval"] = requirement.to_data(now=now)
+        operation = Operation(
+            kind=OpKind.PUSH, state=OpState.AWAITING_APPROVAL if requirement else OpState.STARTING,
+            step="create_request", org=self._orgs.packaging_alias(),
+            summary=f"{plan.version.package_name} {plan.version.label} → {len(plan.targets):,} orgs",
+            params={"version_id": plan.version.id, "package_id": plan.version.package_id,
+                    "package": plan.version.package_name, "version": plan.version.label,
+                    "orgs": str(plan.selection), "retry_of": retry_of,
+                    "scheduled_for": scheduled_for.isoformat() if scheduled_for else None},
+            data=data, requester=requester, channel=channel, idempotency_key=idempotency_key,
+            scheduled_for=scheduled_for, next_poll_at=now,
+            approval_expires_at=(now + requirement.expires_after) if requirement else None,
+        )
+        operation, created = await repo.insert_operation(self._db, operation=operation)
+        if created:
+            assert operation.id is not None
+            await repo.add_push_targets(self._db, operation_id=operation.id, targets=[
+                {"org_key": t.org_key, "org_name": t.org_name, "org_type": t.org_type, "org_status": t.org_status,
+                 "from_version": t.from_version} for t in plan.targets])
+        return operation, created
+
+    async def get(self, ref: str) -> Operation:
+        operation_id = repo.parse_ref(ref, kind=OpKind.PUSH)
+        operation = await repo.get_operation(self._db, operation_id=operation_id) if operation_id else None
+        if operation is None or operation.kind != OpKind.PUSH:
+            raise NotFoundError(f"No push `{ref}`. `/push list` shows recent ones.")
+        return operation
+
+    async def recent(self, limit: int = 15) -> Sequence[Operation]:
+        return await repo.list_operations(self._db, kind=OpKind.PUSH, limit=limit)
+
+    async def retry_plan(self, ref: str) -> RetryPlan:
+        previous = await self.get(ref)
+        if not previous.is_terminal or previous.state in {OpState.REJECTED, OpState.EXPIRED}:
+            raise StateError(f"{previous.ref} is {previous.state.replace('_', ' ')}; only a finished push can be retried.")
+        assert previous.id is not None
+        targets = await repo.push_targets(self._db, operation_id=previous.id)
+        failed = [t for t in targets if t.job_status == "Failed"]
+        if not failed:
+            raise StateError(f"{previous.ref} has no failed orgs to retry.")
+        left_out: Counter[str] = Counter()
+        retryable: list[PushTarget] = []
+        for target in failed:
+            why = NOT_RETRYABLE_ERRORS.get(target.error_type or "")
+            if why:
+                left_out[f"{target.error_type}: {why}"] += 1
+            else:
+                retryable.append(target)
+        selection = OrgSelection(scope="ids", org_ids=tuple(t.org_key for t in retryable))
+        spec = VersionSpec(version_id=str(previous.params["version_id"]))
+        if retryable:
+            plan = await self.plan(spec, selection)
+        else:
+            version, _ = await self.resolve_version(spec)
+            plan = PushPlan(version=version, selection=selection, targets=[])
+        for _, why in plan.not_eligible:
+            left_out[why] += 1
+        plan.not_eligible = []  # already counted in left_out, with the reason
+        return RetryPlan(plan=plan, previous=previous, left_out=left_out)
+
+    # -- cancel ------------------------------------------------------------------------------
+    async def cancel(self, ref: str, *, user: str) -> Operation:
+        operation = await self.get(ref)
+        assert operation.id is not None
+        if operation.is_terminal:
+            raise StateError(f"{operation.ref} already ended ({operation.state}); nothing to cancel.")
+        if operation.external_id is None:
+            # Nothing exists in Salesforce yet; if the poller creates the request meanwhile it sees
+            # the canceled state when saving and cancels that request itself.
+            done = await repo.update_operation(
+                self._db, operation_id=operation.id,
+                expect_states=[OpState.AWAITING_APPROVAL, OpState.STARTING],
+                values={"state": OpState.CANCELED, "next_poll_at": datetime.now(UTC),
+                        "data": {**operation.data, "canceled_by": user}})
+            if done:
+                return await self.get(ref)
+            operation = await self.get(ref)
+            if operation.external_id is None:
+                raise StateError(f"{operation.ref} changed while canceling ({operation.state}); try again.")
+        _, client = self._client()
+        request = await client.get_record("PackagePushRequest", operation.external_id or "")
+        status = _canon(str(request.get("Status") or ""))
+        if status not in {"Created", "Pending"}:
+            raise StateError(f"{operation.ref} is {status} in Salesforce. A push can only be canceled while "
+                             "Created or Pending; Salesforce does not stop upgrades already in progress.")
+        try:
+            await client.update("PackagePushRequest", operation.external_id or "", {"Status": "Canceled"})
+        except ApiError as exc:
+            raise StateError(f"Salesforce refused to cancel {operation.ref}: {exc.message}") from None
+        await repo.update_operation(
+            self._db, operation_id=operation.id, expect_states=[s for s in OpState if s not in _TERMINAL],
+            values={"state": OpState.CANCELED, "next_poll_at": datetime.now(UTC),
+                    "data": {**operation.data, "canceled_by": user, "request_status": "Canceled"}})
+        return await self.get(ref)
+
+    # -- the poller's side ---------------------------------------------------------------------
+    async def advance(self, operations: Sequence[Operation], *, lease_token: str) -> dict[int, Advance]:
+        results: dict[int, Advance] = {}
+        watching: list[Operation] = []
+        for operation in operations:
+            assert operation.id is not None
+            try:
+                if operation.state == OpState.AWAITING_APPROVAL:
+                    results[operation.id] = await self._check_expiry(operation, lease_token)
+                elif operation.state == OpState.STARTING:
+                    results[operation.id] = await self._start(operation, lease_token)
+                elif operation.state in {OpState.SCHEDULED, OpState.RUNNING}:
+                    watching.append(operation)
+                else:
+                    results[operation.id] = Advance()
+            except TransientError as exc:
+                results[operation.id] = await self._transient(operation, lease_token, exc)
+            except AuthError as exc:
+                results[operation.id] = await self._transient(operation, lease_token, exc, delay=300)
+        if watching:
+            try:
+                results.update(await self._watch(watching, lease_token))
+            except (TransientError, AuthError) as exc:
+                for operation in watching:
+                    assert operation.id is not None
+                    results[operation.id] = await self._transient(operation, lease_token, exc)
+        return results
+
+    async def _transient(self, operation: Operation, lease_token: str, exc: UpstreamError,
+                         delay: float | None = None) -> Advance:
+        """Keep the operation as it is; show a warning on the card; try again later."""
+        assert operation.id is not None
+        failures = int(operation.data.get("transient_failures", 0)) + 1
+        log.warning("push %s: transient failure %s: %s", operation.ref, failures, exc.message)
+        await repo.update_operation(self._db, operation_id=operation.id, lease_token=lease_token, values={
+            "data": {**operation.data, "transient_failures": failures, "last_problem": exc.message[:200]}})
+        return Advance(next_poll_in=delay or min(5.0 * failures, 120.0))
+
+    async def _save(self, operation: Operation, lease_token: str, *, expect: Iterable[str] | None = None,
+                    **values: Any) -> bool:
+        assert operation.id is not None
+        if "data" in values:
+            values["data"] = {key: value for key, value in values["data"].items()
+                              if key not in {"transient_failures", "last_problem"}}
+        ok = await repo.update_operation(self._db, operation_id=operation.id, lease_token=lease_token,
+                                         expect_states=list(expect) if expect is not None else [operation.state],
+                                         values=values)
+        if ok:
+            for key, value in values.items():
+                setattr(operation, key, value)
+        return ok
+
+    async def _check_expiry(self, operation: Operation, lease_token: str) -> Advance:
+        now = datetime.now(UTC)
+        expires = operation.approval_expires_at
+        if expires is not None and expires.replace(tzinfo=expires.tzinfo or UTC) <= now:
+            await self._save(operation, lease_token, state=OpState.EXPIRED)
+            return Advance(events=[OpEvent("expired")])
+        remaining = (expires.replace(tzinfo=expires.tzinfo or UTC) - now).total_seconds() if expires else 3600.0
+        return Advance(next_poll_in=max(1.0, min(remaining, 300.0)))
+
+    async def _start(self, operation: Operation, lease_token: str) -> Advance:
+        _, client = self._client()
+        events: list[OpEvent] = []
+        if operation.step == "create_request":
+            events.extend(await self._create_request(operation, lease_token, client))
+            if operation.state != OpState.STARTING:
+                return Advance(events=events)
+        if operation.step == "create_jobs":
+            events.extend(await self._create_jobs(operation, lease_token, client))
+            if operation.state != OpState.STARTING:
+                return Advance(events=events)
+        if operation.step == "start":
+            events.extend(await self._set_pending(operation, lease_token, client))
+        return Advance(events=events, next_poll_in=2.0)
+
+    async def _create_request(self, operation: Operation, lease_token: str, client: SalesforceClient) -> list[OpEvent]:
+        fields: dict[str, Any] = {"PackageVersionId": operation.params["version_id"]}
+        if operation.scheduled_for:
+            fields["ScheduledStartTime"] = _sf_datetime(operation.scheduled_for)
+        try:
+            request_id = await client.create("PackagePushRequest", fields)
+        except AmbiguousWriteError:
+            request_id = await self._find_orphan_request(operation, client)
+            if request_id is None:
+                raise
+        except ApiError as exc:
+            await self._save(operation, lease_token, state=OpState.ERROR,
+                             data={**operation.data, "error": f"Salesforce refused the push request: {exc.message}"})
+            return [OpEvent("error")]
+        if not await self._save(operation, lease_token, external_id=request_id, step="create_jobs"):
+            # Canceled (or taken over) while we were creating it: do not leave it behind.
+            await _quietly_cancel(client, request_id)
+            return []
+        return []
+
+    async def _find_orphan_request(self, operation: Operation, client: SalesforceClient) -> str | None:
+        """After a dropped connection, adopt the request we may have created (Created, no jobs, just now)."""
+        since = (operation.created_at.replace(tzinfo=operation.created_at.tzinfo or UTC) - timedelta(minutes=1))
+        records = await client.query(
+            "SELECT Id FROM PackagePushRequest WHERE PackageVersionId = "
+            f"{soql_literal(str(operation.params['version_id']))} AND Status = 'Created' "
+            f"AND CreatedDate >= {since.strftime('%Y-%m-%dT%H:%M:%SZ')} ORDER BY CreatedDate DESC LIMIT 1")
+        return str(records[0]["Id"]) if records else None
+
+    async def _create_jobs(self, operation: Operation, lease_token: str, client: SalesforceClient) -> list[OpEvent]:
+        assert operation.id is not None and operation.external_id is not None
+        targets = [t for t in await repo.push_targets(self._db, operation_id=operation.id)
+                   if t.job_id is None and t.refused_reason is None]
+        if len(targets) > BULK_THRESHOLD or operation.data.get("bulk_job_id"):
+            created, refused = await self._create_jobs_bulk(operation, lease_token, client, targets)
+        else:
+            created, refused = await self._create_jobs_collections(operation, client, targets)
+        await repo.record_push_job_results(self._db, operation_id=operation.id, job_ids=created, refused=refused)
+        jobs = dict(operation.data.get("jobs") or {})
+        jobs["created"] = int(jobs.get("created", 0)) + len(created)
+        jobs["refused"] = int(jobs.get("refused", 0)) + len(refused)
+        data = {**operation.data, "jobs": jobs}
+        data.pop("bulk_job_id", None)
+        events = [OpEvent("jobs_created", {"created": jobs["created"], "refused": sorted(refused.items())[:50],
+                                           "refused_total": jobs["refused"]})]
+        if jobs["created"] == 0:
+            await _quietly_cancel(client, operation.external_id)
+            await self._save(operation, lease_token, state=OpState.ERROR,
+                             data={**data, "error": "Salesforce refused every org; nothing was pushed."})
+            return [*events, OpEvent("error")]
+        await self._save(operation, lease_token, step="start", data=data)
+        return events
+
+    async def _create_jobs_collections(
+        self, operation: Operation, client: SalesforceClient, targets: Sequence[PushTarget]
+    ) -> tuple[dict[str, str], dict[str, str]]:
+        records = [{"PackagePushRequestId": operation.external_id, "SubscriberOrganizationKey": t.org_key}
+                   for t in targets]
+        try:
+            results = await client.create_many("PackagePushJob", records, all_or_none=False)
+        except AmbiguousWriteError:
+            # Some chunks may have been created: read back what exists, then create the rest.
+            existing = await self._existing_jobs(operation, client)
+            remaining = [t for t in targets if t.org_key[:15] not in existing]
+            created, refused = await self._create_jobs_collections(operation, client, remaining) if remaining else ({}, {})
+            return {**existing, **created}, refused
+        created: dict[str, str] = {}
+        refused: dict[str, str] = {}
+        for target, result in zip(targets, results, strict=True):
+            if result.success and result.id:
+                created[target.org_key[:15]] = result.id
+            else:
+                refused[target.org_key[:15]] = result.error_text or "refused"
+        return created, refused
+
+    async def _existing_jobs(self, operation: Operation, client: SalesforceClient) -> dict[str, str]:
+        records = await client.query(
+            "SELECT Id, SubscriberOrganizationKey FROM PackagePushJob WHERE PackagePushRequestId = "
+            f"{soql_literal(operation.external_id or '')}")
+        return {str(r["SubscriberOrganizationKey"])[:15]: str(r["Id"]) for r in records}
+
+    async def _create_jobs_bulk(
+        self, operation: Operation, lease_token: str, client: SalesforceClient, targets: Sequence[PushTarget]
+    ) -> tuple[dict[str, str], dict[str, str]]:
+        job_id = operation.data.get("bulk_job_id")
+        if job_id:
+            info = await client.bulk_job(job_id)
+            if info.get("state") == "Open":
+                # We died between creating and closing it; the upload may be partial. Start over.
+                await client.bulk_set_state(job_id, "Aborted")
+                job_id = None
+            elif info.get("state") in {"Aborted", "Failed"}:
+                job_id = None
+        if not job_id:
+            job_id = await client.bulk_create_insert_job("PackagePushJob")
+            await self._save(operation, lease_token, data={**operation.data, "bulk_job_id": job_id})
+            rows = [{"PackagePushRequestId": operation.external_id or "", "SubscriberOrganizationKey": t.org_key}
+                    for t in targets]
+            try:
+                await client.bulk_upload(job_id, rows, ["PackagePushRequestId", "SubscriberOrganizationKey"])
+            except AmbiguousWriteError:
+                await client.bulk_set_state(job_id, "Aborted")
+                raise
+            await client.bulk_set_state(job_id, "UploadComplete")
+        info = await self._wait_bulk(client, job_id)
+        if info.get("state") != "JobComplete":
+            raise TransientError(f"Bulk API job {job_id} ended {info.get('state')}: "
+                                 f"{str(info.get('errorMessage') or '')[:150]}", system="salesforce")
+        created = {row["SubscriberOrganizationKey"][:15]: row["sf__Id"]
+                   for row in await client.bulk_results(job_id, "successfulResults") if row.get("sf__Id")}
+        refused = {row["SubscriberOrganizationKey"][:15]: _bulk_error(row.get("sf__Error", ""))
+                   for row in await client.bulk_results(job_id, "failedResults")}
+        return created, refused
+
+    async def _wait_bulk(self, client: SalesforceClient, job_id: str) -> dict[str, Any]:
+        """Poll the ingest job with a growing delay; a killed bot resumes from the stored job id."""
+        delay = 0.25
+        for _ in range(40):
+            info = await client.bulk_job(job_id)
+            if info.get("state") in {"JobComplete", "Failed", "Aborted"}:
+                return info
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
+        raise TransientError(f"Bulk API job {job_id} is still processing", system="salesforce")
+
+    async def _set_pending(self, operation: Operation, lease_token: str, client: SalesforceClient) -> list[OpEvent]:
+        request_id = operation.external_id or ""
+        try:
+            await client.update("PackagePushRequest", request_id, {"Status": "Pending"})
+        except ApiError as exc:
+            status = _canon(str((await client.get_record("PackagePushRequest", request_id)).get("Status") or ""))
+            if status == "Canceled":
+                await self._save(operation, lease_token, state=OpState.CANCELED,
+                                 data={**operation.data, "request_status": status})
+                return [OpEvent("canceled")]
+            if status == "Created":
+                await self._save(operation, lease_token, state=OpState.ERROR,
+                                 data={**operation.data, "error": f"Salesforce refused to start it: {exc.message}"})
+                return [OpEvent("error")]
+            # Already Pending or further: an earlier attempt went through.
+        scheduled = operation.scheduled_for is not None and _aware(operation.scheduled_for) > datetime.now(UTC)
+        state = OpState.SCHEDULED if scheduled else OpState.RUNNING
+        if not await self._save(operation, lease_token, state=state, step="",
+                                data={**operation.data, "request_status": "Pending"}):
+            return []
+        return [OpEvent("scheduled" if scheduled else "started")]
+
+    async def _watch(self, operations: list[Operation], lease_token: str) -> dict[int, Advance]:
+        """One status query and one aggregate query for every watched push of the org."""
+        _, client = self._client()
+        now = datetime.now(UTC)
+        due = [op for op in operations
+               if op.state == OpState.RUNNING or op.scheduled_for is None or _aware(op.scheduled_for) <= now]
+        results: dict[int, Advance] = {}
+        for op in operations:
+            if op not in due:
+                assert op.id is not None and op.scheduled_for is not None
+                wait = (_aware(op.scheduled_for) - now).total_seconds()
+                results[op.id] = Advance(next_poll_in=max(1.0, min(wait, 600.0)))
+        if not due:
+            return results
+        ids = [op.external_id or "" for op in due]
+        statuses: dict[str, str] = {}
+        counts: dict[str, Counter[str]] = {request_id[:15]: Counter() for request_id in ids}
+        for start in range(0, len(ids), IN_CHUNK):
+            chunk = ids[start : start + IN_CHUNK]
+            for record in await client.query(f"SELECT Id, Status FROM PackagePushRequest WHERE Id IN {soql_id_list(chunk)}"):
+                statuses[str(record["Id"])[:15]] = _canon(str(record.get("Status") or ""))
+            for record in await client.query(
+                    "SELECT PackagePushRequestId, Status, COUNT(Id) n FROM PackagePushJob WHERE PackagePushRequestId IN "
+                    f"{soql_id_list(chunk)} GROUP BY PackagePushRequestId, Status"):
+                counts[str(record["PackagePushRequestId"])[:15]][_canon(str(record.get("Status") or ""))] += int(
+                    record.get("n") or 0)
+        for op in due:
+            assert op.id is not None
+            key = (op.external_id or "")[:15]
+            results[op.id] = await self._observe(op, lease_token, client, statuses.get(key, ""), counts[key], now)
+        return results
+
+    async def _observe(self, op: Operation, lease_token: str, client: SalesforceClient, status: str,
+                       counts: Counter[str], now: datetime) -> Advance:
+        previous = op.data.get("request_status")
+        data = {**op.data, "request_status": status, "counts": dict(counts)}
+        events: list[OpEvent] = []
+        if status == "In Progress" and previous != "In Progress":
+            events.append(OpEvent("in_progress"))
+        if status in REQUEST_TERMINAL:
+            summary = await self._collect_failures(op, client, counts)
+            final = {"Succeeded": OpState.SUCCEEDED, "Failed": OpState.FAILED}.get(status, OpState.CANCELED)
+            data["summary"] = summary
+            if await self._save(op, lease_token, state=final, data=data):
+                events.append(OpEvent("completed"))
+            return Advance(events=events)
+        state = OpState.RUNNING if status == "In Progress" else op.state
+        await self._save(op, lease_token, state=state, data=data)
+        started = op.data.get("running_since") or now.isoformat()
+        if "running_since" not in op.data:
+            await self._save(op, lease_token, data={**data, "running_since": started})
+        elapsed = (now - datetime.fromisoformat(started)).total_seconds()
+        return Advance(events=events, next_poll_in=max(2.0, min(elapsed / 10.0, 60.0)))
+
+    async def _collect_failures(self, op: Operation, client: SalesforceClient, counts: Counter[str]) -> dict[str, Any]:
+        """Read every PackagePushError of the request into push_targets; return the grouped summary."""
+        assert op.id is not None
+        errors: dict[str, dict[str, str]] = {}
+        if counts.get("Failed"):
+            records = await client.query(
+                "SELECT PackagePushJob.SubscriberOrganizationKey, ErrorType, ErrorTitle, ErrorMessage, ErrorDetails, "
+                "ErrorSeverity FROM PackagePushError WHERE PackagePushJob.PackagePushRequestId = "
+                f"{soql_literal(op.external_id or '')}")
+            for record in records:
+                key = str((record.get("PackagePushJob") or {}).get("SubscriberOrganizationKey") or "")[:15]
+                if key and key not in errors:  # first error per org is the one that stopped it
+                    errors[key] = {name: str(record.get(name) or "") for name in
+                                   ("ErrorType", "ErrorTitle", "ErrorMessage", "ErrorDetails", "ErrorSeverity")}
+        await repo.record_push_failures(self._db, operation_id=op.id, errors=errors)
+        groups = Counter((e["ErrorType"], e["ErrorTitle"], e["ErrorMessage"]) for e in errors.values())
+        failed = int(counts.get("Failed", 0))
+        return {
+            "succeeded": int(counts.get("Succeeded", 0)), "failed": failed,
+            "canceled": int(counts.get("Canceled", 0)), "total": sum(counts.values()),
+            "groups": [{"type": t, "title": title, "message": m, "count": n} for (t, title, m), n in groups.most_common(10)],
+            "group_count": len(groups), "without_error_record": max(0, failed - len(errors)),
+        }
+
+    async def completion_files(self, operation: Operation) -> list[OpFile]:
+        """Every failed org with its error, as CSV for the thread."""
+        assert operation.id is not None
+        failed = [t for t in await repo.push_targets(self._db, operation_id=operation.id) if t.job_status == "Failed"]
+        if not failed:
+            return []
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)
+        writer.writerow(["org_key", "org_name", "org_type", "from_version", "error_type", "error_title",
+                         "error_message", "error_details"])
+        for t in sorted(failed, key=lambda t: (t.error_type or "", t.org_key)):
+            writer.writerow([t.org_key, t.org_name, t.org_type, t.from_version, t.error_type or "", t.error_title or "",
+                             t.error_message or "", t.error_details or ""])
+        return [OpFile(name=f"push-{operation.ref}-failures.csv",
+                       title=f"{operation.ref} failures ({len(failed)} orgs)", content=buffer.getvalue().encode())]
+
+
+_TERMINAL = {OpState.REJECTED, OpState.EXPIRED, OpState.SUCCEEDED, OpState.FAILED, OpState.CANCELED, OpState.ERROR}
+
+
+def _nothing_to_push(plan: PushPlan) -> str:
+    reasons = ", ".join(f"{count:,} {why}" for why, count in plan.skipped.most_common()) or "no matching subscribers"
+    return f"Nothing to push for {plan.version.package_name} {plan.version.label} ({plan.selection}): {reasons}."
+
+
+def _bulk_error(text: str) -> str:
+    """``CODE:message:fields`` as Bulk API 2.0 writes sf__Error; keep code and message."""
+    code, _, rest = text.partition(":")
+    message = rest.rsplit(":", 1)[0] if rest.count(":") else rest
+    return f"{code}: {message}".strip(": ") or "refused"
+
+
+def _sf_datetime(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.000Z")
+
+
+def _aware(moment: datetime) -> datetime:
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+async def _quietly_cancel(client: SalesforceClient, request_id: str) -> None:
+    try:
+        await client.update("PackagePushRequest", request_id, {"Status": "Canceled"})
+    except (UpstreamError, UsageError):
+        log.warning("could not cancel orphaned push request %s", request_id)

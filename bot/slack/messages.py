@@ -1,0 +1,61 @@
+"""Messages shared by every command: errors, refusals, approvals, generic help."""
+
+from __future__ import annotations
+
+from bot.errors import ChatOpsError, UpstreamError, UserError
+from bot.slack import blocks as bk
+
+NOT_YET = {
+    "/deploy": "Metadata deployments are not available in this version yet.",
+    "/sfp": "sfp server tasks are not available in this version yet.",
+    "/fd": "FlexDeploy packages are not available in this version yet.",
+}
+
+
+def error_text(error: ChatOpsError) -> str:
+    """The ephemeral message for an error: what went wrong, then how to use the command."""
+    if isinstance(error, UserError):
+        text = f":warning: {error.message}"
+        if error.usage:
+            text += f"\n\n{error.usage}"
+        return bk.clip(text, bk.MESSAGE_TEXT_MAX)
+    if isinstance(error, UpstreamError):
+        system = {"salesforce": "Salesforce", "slack": "Slack"}.get(error.system, error.system or "An upstream system")
+        return f":x: {system} did not accept that: {bk.clip(error.message, 300)}"
+    return ":x: Something went wrong on our side; it has been logged."
+
+
+def unexpected_error_text() -> str:
+    return ":x: Something went wrong on our side; it has been logged. Nothing was changed."
+
+
+def approval_ack(ref: str, outcome: str, approvals: int, needed: int) -> str:
+    if outcome == "approved":
+        return f"You approved {ref}; it is starting."
+    if outcome == "rejected":
+        return f"You rejected {ref}."
+    return f"Your approval of {ref} is recorded ({approvals}/{needed})."
+
+
+def approval_thread_text(user: str, outcome: str, reason: str = "") -> str:
+    if outcome == "rejected":
+        return f"🚫 Rejected by <@{user}>: {reason or 'no reason given'}"
+    if outcome == "approved":
+        return f"✅ Approved by <@{user}>. Creating it in Salesforce…"
+    return f"👍 <@{user}> approved; more approvals are needed."
+
+
+def reject_modal(operation_id: int, ref: str) -> dict[str, object]:
+    return {
+        "type": "modal",
+        "callback_id": "reject_reason",
+        "private_metadata": str(operation_id),
+        "title": {"type": "plain_text", "text": f"Reject {ref}"[:24]},
+        "submit": {"type": "plain_text", "text": "Reject"},
+        "close": {"type": "plain_text", "text": "Back"},
+        "blocks": [{
+            "type": "input", "block_id": "reason",
+            "label": {"type": "plain_text", "text": "Reason"},
+            "element": {"type": "plain_text_input", "action_id": "reason", "multiline": True, "max_length": 500},
+        }],
+    }

@@ -1,0 +1,255 @@
+"""Everything a person reads about pushes: the status card, thread replies, plans, lists.
+
+Pure functions from plain data to ``(text, blocks)``; no I/O.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from bot.services.operations import OpEvent
+from bot.services.push import PushPlan, RetryPlan
+from bot.slack import blocks as bk
+from bot.slack.blocks import Block
+from bot.store.models import Operation, OpState
+from bot.when import slack_date
+
+STATE_LABEL = {
+    OpState.AWAITING_APPROVAL: "⏸️ Waiting for approval",
+    OpState.REJECTED: "🚫 Rejected",
+    OpState.EXPIRED: "⌛ Approval expired",
+    OpState.STARTING: "⚙️ Creating in Salesforce",
+    OpState.SCHEDULED: "🗓️ Scheduled",
+    OpState.RUNNING: "🚀 Running",
+    OpState.CANCELING: "✋ Canceling",
+    OpState.SUCCEEDED: "✅ Succeeded",
+    OpState.FAILED: "⚠️ Finished with failures",
+    OpState.CANCELED: "✋ Canceled",
+    OpState.ERROR: "❗ Could not run",
+}
+MAX_LISTED_REFUSALS = 20
+
+
+def _n(value: Any) -> str:
+    return f"{int(value or 0):,}"
+
+
+def push_card(op: Operation, *, approvals: Sequence[str] = ()) -> tuple[str, list[Block]]:
+    """The one status message of a push, edited in place as it progresses."""
+    params, data = op.params, op.data
+    state = OpState(op.state)
+    title = f"Push {op.ref} · {params.get('package')} {params.get('version')}"
+    plan = data.get("plan") or {}
+    total = int(plan.get("total") or 0)
+    fields = [
+        f"*Status*\n{STATE_LABEL[state]}",
+        f"*Orgs*\n{_n(total)} ({params.get('orgs')})",
+        f"*Requested by*\n<@{op.requester}>",
+    ]
+    if op.scheduled_for:
+        fields.append(f"*Starts*\n{slack_date(op.scheduled_for)}")
+    else:
+        fields.append(f"*Requested*\n{slack_date(op.created_at)}")
+    if params.get("retry_of"):
+        fields.append(f"*Retry of*\n{params['retry_of']}")
+    blocks: list[Block] = [bk.header(title), bk.fields_section(fields)]
+
+    counts = data.get("counts") or {}
+    summary = data.get("summary")
+    if summary:
+        blocks.append(bk.section(_summary_text(summary)))
+    elif counts:
+        blocks.append(bk.section(_progress_text(counts)))
+    jobs = data.get("jobs") or {}
+    if jobs.get("refused"):
+        blocks.append(bk.context(f"Salesforce refused {_n(jobs['refused'])} org(s) when creating jobs — see the thread."))
+
+    if state == OpState.AWAITING_APPROVAL:
+        blocks.extend(_approval_blocks(op, approvals))
+    elif state == OpState.SCHEDULED:
+        blocks.append(bk.actions([_cancel_button(op)], block_id=f"push:{op.id}"))
+    if state == OpState.REJECTED:
+        reason = data.get("reject_reason") or "no reason given"
+        blocks.append(bk.section(f"Rejected by <@{data.get('rejected_by')}>: {reason}"))
+    if state == OpState.CANCELED and data.get("canceled_by"):
+        blocks.append(bk.section(f"Canceled by <@{data['canceled_by']}>."))
+    if state == OpState.ERROR and data.get("error"):
+        blocks.append(bk.section(f"❗ {data['error']}"))
+    if data.get("last_problem") and not op.is_terminal:
+        blocks.append(bk.context(f"⚠️ Salesforce trouble, retrying automatically: {data['last_problem']}"))
+    context = [f"`{op.ref}`"]
+    if op.external_id:
+        context.append(f"request `{op.external_id}`")
+    if data.get("approved_by"):
+        context.append("approved by " + ", ".join(f"<@{user}>" for user in data["approved_by"]))
+    blocks.append(bk.context(" · ".join(context)))
+    text = f"{title}: {STATE_LABEL[state]}"
+    return text, bk.limit_blocks(blocks)
+
+
+def _progress_text(counts: dict[str, int]) -> str:
+    total = sum(int(v) for v in counts.values())
+    succeeded, failed = int(counts.get("Succeeded", 0)), int(counts.get("Failed", 0))
+    canceled = int(counts.get("Canceled", 0))
+    done = succeeded + failed + canceled
+    percent = round(100 * done / total) if total else 0
+    waiting = int(counts.get("Pending", 0)) + int(counts.get("Created", 0))
+    return (f"`{bk.progress_bar(done, total)}` {percent}% · {_n(done)}/{_n(total)} done\n"
+            f"✅ {_n(succeeded)} succeeded · ❌ {_n(failed)} failed · 🔄 {_n(counts.get('In Progress'))} in progress"
+            f" · ⏳ {_n(waiting)} waiting")
+
+
+def _summary_text(summary: dict[str, Any]) -> str:
+    lines = [f"✅ {_n(summary.get('succeeded'))} succeeded · ❌ {_n(summary.get('failed'))} failed"
+             + (f" · ✋ {_n(summary.get('canceled'))} canceled" if summary.get("canceled") else "")
+             + f" · {_n(summary.get('total'))} jobs"]
+    groups = summary.get("groups") or []
+    if groups:
+        lines.append("*Failures by error:*")
+        for group in groups:
+            message = bk.clip(str(group.get("message") or ""), 160)
+            lines.append(f"• {_n(group['count'])} × *{group['type']}* — {group['title']}: {message}")
+        more = int(summary.get("group_count", 0)) - len(groups)
+        if more > 0:
+            lines.append(f"…and {more} other error kinds (all in the CSV)")
+    if summary.get("without_error_record"):
+        lines.append(f"{_n(summary['without_error_record'])} failed job(s) had no error record in Salesforce.")
+    return "\n".join(lines)
+
+
+def _approval_blocks(op: Operation, approvals: Sequence[str]) -> list[Block]:
+    requirement = op.data.get("approval") or {}
+    approvers = requirement.get("approvers") or []
+    who = ", ".join(f"<!subteam^{a}>" if a.startswith("S") else f"<@{a}>" for a in approvers) or "anyone"
+    count = int(requirement.get("count", 1))
+    text = (f"Needs {count} approval{'s' if count > 1 else ''} from {who}"
+            + ("" if requirement.get("self_approval") else f" other than <@{op.requester}>")
+            + f" ({requirement.get('rule', 'policy')}).")
+    if approvals:
+        text += "\nApproved so far: " + ", ".join(f"<@{user}>" for user in approvals)
+    if op.approval_expires_at:
+        text += f"\nExpires {slack_date(op.approval_expires_at)}."
+    value = str(op.id)
+    return [
+        bk.section(text),
+        bk.actions([
+            bk.button("Approve", action_id="op_approve", value=value, style="primary"),
+            bk.button("Reject", action_id="op_reject", value=value, style="danger"),
+            _cancel_button(op),
+        ], block_id=f"approval:{op.id}"),
+    ]
+
+
+def _cancel_button(op: Operation) -> Block:
+    return bk.button("Cancel", action_id="push_cancel", value=str(op.id),
+                     confirm=("Cancel this push?", f"Cancel push {op.ref}? Nothing will be upgraded.", "Cancel push"))
+
+
+def event_reply(op: Operation, event: OpEvent) -> str | None:
+    """The thread reply for a state change that matters, or None."""
+    name, detail = event.name, event.detail
+    if name == "jobs_created":
+        text = f"Created {_n(detail.get('created'))} push job(s)."
+        refused = detail.get("refused") or []
+        if refused:
+            text += f" Salesforce refused {_n(detail.get('refused_total'))} org(s); the rest go on:"
+            for org_key, reason in refused[:MAX_LISTED_REFUSALS]:
+                text += f"\n• `{org_key}` — {bk.clip(str(reason), 200)}"
+            more = int(detail.get("refused_total", 0)) - min(len(refused), MAX_LISTED_REFUSALS)
+            if more > 0:
+                text += f"\n…and {more} more."
+        return text
+    if name == "scheduled":
+        return f"🗓️ Scheduled: Salesforce starts the upgrade {slack_date(op.scheduled_for or op.created_at)}."
+    if name == "started":
+        return "🚀 Started: the push request is Pending in Salesforce."
+    if name == "in_progress":
+        return "🔄 Salesforce is upgrading orgs now."
+    if name == "expired":
+        return "⌛ Nobody approved in time; the request expired and nothing was pushed."
+    if name == "error":
+        return f"❗ {op.data.get('error', 'The push could not be carried out.')}"
+    if name == "canceled":
+        return "✋ The push request was canceled in Salesforce."
+    return None
+
+
+def completion_text(op: Operation) -> str:
+    """Posted once when a push ends: in the thread and in the notifications channel."""
+    state = OpState(op.state)
+    base = f"{STATE_LABEL[state]}: push {op.ref} of {op.params.get('package')} {op.params.get('version')}"
+    summary = op.data.get("summary")
+    if summary:
+        return f"{base}\n{_summary_text(summary)}"
+    if state == OpState.REJECTED:
+        return f"{base} (rejected by <@{op.data.get('rejected_by')}>: {op.data.get('reject_reason') or 'no reason'})"
+    if state == OpState.CANCELED:
+        who = op.data.get("canceled_by")
+        return base + (f" (canceled by <@{who}>)" if who else "")
+    if state == OpState.ERROR:
+        return f"{base}\n{op.data.get('error', '')}"
+    return base
+
+
+def plan_message(plan: PushPlan, *, dry_run: bool) -> str:
+    version = plan.version
+    lines = [f"*{'Dry run — nothing created. ' if dry_run else ''}Plan for {version.package_name} {version.label}*"
+             f" (`{version.id}`), orgs: {plan.selection}",
+             f"{len(plan.targets):,} org(s) would be upgraded:"]
+    for from_version, org_type, count in plan.by_version_and_type()[:30]:
+        lines.append(f"• {count:,} {org_type} org(s) on {from_version}")
+    if plan.skipped:
+        lines.append("Left out: " + ", ".join(f"{n:,} {why}" for why, n in plan.skipped.most_common()))
+    if plan.not_eligible:
+        lines.append(f"{len(plan.not_eligible):,} listed org(s) are not eligible:")
+        lines.extend(f"• `{org_id}` — {why}" for org_id, why in plan.not_eligible[:20])
+        if len(plan.not_eligible) > 20:
+            lines.append(f"…and {len(plan.not_eligible) - 20} more")
+    return bk.clip("\n".join(lines), bk.SECTION_TEXT_MAX)
+
+
+def retry_message(retry: RetryPlan, *, dry_run: bool) -> str:
+    lines = [plan_message(retry.plan, dry_run=dry_run) if retry.plan.targets else
+             f"Nothing to retry from {retry.previous.ref}."]
+    if retry.left_out:
+        lines.append(f"Left out of the retry of {retry.previous.ref} ({sum(retry.left_out.values()):,} org(s)):")
+        lines.extend(f"• {n:,} — {why}" for why, n in retry.left_out.most_common())
+    return bk.clip("\n".join(lines), bk.SECTION_TEXT_MAX)
+
+
+def created_message(op: Operation, *, created: bool) -> str:
+    if not created:
+        return f"That request was already received as {op.ref}."
+    if op.state == OpState.AWAITING_APPROVAL:
+        return f"{op.ref} is waiting for approval; the card is in the channel."
+    return f"{op.ref} is starting; follow the card in the channel."
+
+
+def list_message(ops: Sequence[Operation]) -> str:
+    if not ops:
+        return "No pushes yet. Start one with `/push create <version>`."
+    lines = ["*Recent pushes*"]
+    for op in ops:
+        counts = (op.data.get("summary") or op.data.get("counts") or {})
+        extra = ""
+        if "succeeded" in counts:
+            extra = f" · ✅ {_n(counts.get('succeeded'))} ❌ {_n(counts.get('failed'))}"
+        elif counts:
+            done = sum(int(counts.get(s, 0)) for s in ("Succeeded", "Failed", "Canceled"))
+            extra = f" · {done:,}/{sum(int(v) for v in counts.values()):,} done"
+        lines.append(f"• `{op.ref}` {op.params.get('package')} {op.params.get('version')} → "
+                     f"{_n((op.data.get('plan') or {}).get('total'))} orgs · {STATE_LABEL[OpState(op.state)]}{extra}"
+                     f" · <@{op.requester}> · {slack_date(op.created_at)}")
+    return bk.clip("\n".join(lines), bk.SECTION_TEXT_MAX)
+
+
+def status_blocks(op: Operation) -> list[Block]:
+    _, blocks = push_card(op)
+    # An ephemeral copy must not carry live buttons: they belong to the channel card.
+    return [block for block in blocks if block.get("type") != "actions"]
+
+
+def when_text(moment: datetime | None) -> str:
+    return slack_date(moment) if moment else "now"

@@ -1,0 +1,137 @@
+"""The Slack Web API as the bot uses it: one AsyncWebClient with retry handlers, paced posting.
+
+slack_sdk retries only connection errors by default; the rate-limit handler (which honours
+``Retry-After``) and the server-error handler are installed here, in one place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from slack_sdk.errors import SlackApiError
+from slack_sdk.http_retry.builtin_async_handlers import (
+    AsyncConnectionErrorRetryHandler,
+    AsyncRateLimitErrorRetryHandler,
+    AsyncServerErrorRetryHandler,
+)
+from slack_sdk.web.async_client import AsyncWebClient
+
+from bot.services.operations import OpFile
+
+log = logging.getLogger(__name__)
+
+COMPLETION_EVENT = "chatops_operation_finished"
+POST_SPACING_SECONDS = 1.0  # chat.postMessage: about one message per second per channel
+
+
+def make_web_client(*, token: str, base_url: str) -> AsyncWebClient:
+    return AsyncWebClient(
+        token=token,
+        base_url=base_url,
+        timeout=30,
+        retry_handlers=[
+            AsyncConnectionErrorRetryHandler(max_retry_count=3),
+            AsyncRateLimitErrorRetryHandler(max_retry_count=5),
+            AsyncServerErrorRetryHandler(max_retry_count=3),
+        ],
+    )
+
+
+class SlackPoster:
+    """Posts and edits the bot's messages, never faster than Slack's per-channel rate."""
+
+    def __init__(self, client: AsyncWebClient) -> None:
+        self.client = client
+        self._last_post: dict[str, float] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    async def _pace(self, channel: str) -> None:
+        lock = self._locks.setdefault(channel, asyncio.Lock())
+        async with lock:
+            wait = self._last_post.get(channel, 0.0) + POST_SPACING_SECONDS - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            self._last_post[channel] = time.monotonic()
+
+    async def post(self, *, channel: str, text: str, blocks: list[dict[str, Any]] | None = None,
+                   thread_ts: str | None = None, metadata: dict[str, Any] | None = None) -> str:
+        await self._pace(channel)
+        kwargs: dict[str, Any] = {"channel": channel, "text": text, "unfurl_links": False, "unfurl_media": False}
+        if blocks is not None:
+            kwargs["blocks"] = blocks
+        if thread_ts:
+            kwargs["thread_ts"] = thread_ts
+        if metadata:
+            kwargs["metadata"] = metadata
+        response = await self.client.chat_postMessage(**kwargs)
+        return str(response["ts"])
+
+    async def update(self, *, channel: str, ts: str, text: str, blocks: list[dict[str, Any]]) -> None:
+        # Always send blocks with text: chat.update with text alone removes the blocks.
+        await self.client.chat_update(channel=channel, ts=ts, text=text, blocks=blocks)
+
+    async def ephemeral(self, *, channel: str, user: str, text: str,
+                        blocks: list[dict[str, Any]] | None = None) -> None:
+        try:
+            await self.client.chat_postEphemeral(channel=channel, user=user, text=text, blocks=blocks)
+        except SlackApiError as exc:
+            log.warning("ephemeral message not delivered: %s", exc.response.get("error"))
+
+    async def upload(self, *, channel: str, thread_ts: str | None, file: OpFile, comment: str | None = None) -> None:
+        await self._pace(channel)
+        await self.client.files_upload_v2(channel=channel, thread_ts=thread_ts, filename=file.name, title=file.title,
+                                          content=file.content, initial_comment=comment)
+
+    async def thread_has_event(self, *, channel: str, thread_ts: str, event_type: str, key: str) -> bool:
+        """Was a message with this metadata already posted in the thread (crash between post and record)?"""
+        cursor: str | None = None
+        while True:
+            response = await self.client.conversations_replies(channel=channel, ts=thread_ts, cursor=cursor,
+                                                               include_all_metadata=True, limit=200)
+            for message in response.get("messages", []):
+                metadata = message.get("metadata") or {}
+                if metadata.get("event_type") == event_type and (metadata.get("event_payload") or {}).get("key") == key:
+                    return True
+            cursor = (response.get("response_metadata") or {}).get("next_cursor")
+            if not cursor:
+                return False
+
+
+class SlackDirectory:
+    """User groups and time zones, cached briefly; user groups need a paid plan."""
+
+    def __init__(self, client: AsyncWebClient, *, ttl_seconds: float = 300.0) -> None:
+        self._client = client
+        self._ttl = ttl_seconds
+        self._groups: dict[str, tuple[float, set[str] | None]] = {}
+        self._zones: dict[str, tuple[float, str]] = {}
+
+    async def usergroup_members(self, group_id: str) -> set[str] | None:
+        cached = self._groups.get(group_id)
+        if cached and cached[0] > time.monotonic():
+            return cached[1]
+        try:
+            response = await self._client.usergroups_users_list(usergroup=group_id)
+            members: set[str] | None = set(response.get("users") or [])
+        except SlackApiError as exc:
+            # plan_upgrade_required on free workspaces: approver lists by user id still work.
+            log.warning("cannot read user group %s: %s", group_id, exc.response.get("error"))
+            members = None
+        self._groups[group_id] = (time.monotonic() + self._ttl, members)
+        return members
+
+    async def time_zone(self, user_id: str) -> str:
+        cached = self._zones.get(user_id)
+        if cached and cached[0] > time.monotonic():
+            return cached[1]
+        try:
+            response = await self._client.users_info(user=user_id)
+            zone = str((response.get("user") or {}).get("tz") or "UTC")
+        except SlackApiError as exc:
+            log.warning("users.info failed for %s: %s", user_id, exc.response.get("error"))
+            zone = "UTC"
+        self._zones[user_id] = (time.monotonic() + self._ttl, zone)
+        return zone

@@ -1,0 +1,249 @@
+"""Keyword-only data access functions. Every write that can race is a conditional UPDATE."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import and_, func, or_, update
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import col, select
+
+from bot.store.db import Database
+from bot.store.models import (
+    REF_PREFIX,
+    TERMINAL_STATES,
+    Approval,
+    AuditEvent,
+    Operation,
+    OpKind,
+    PushTarget,
+    SlackDelivery,
+    utcnow,
+)
+
+async def insert_operation(db: Database, *, operation: Operation) -> tuple[Operation, bool]:
+    """Insert, or return the existing operation with the same idempotency key (Slack retries)."""
+    async with db.session() as session:
+        session.add(operation)
+        try:
+            await session.commit()
+        except IntegrityError:
+            await session.rollback()
+            existing = (
+                await session.exec(select(Operation).where(Operation.idempotency_key == operation.idempotency_key))
+            ).one()
+            return existing, False
+        await session.refresh(operation)
+        return operation, True
+
+
+def parse_ref(ref: str, *, kind: OpKind) -> int | None:
+    text = ref.strip().upper()
+    prefix = REF_PREFIX[kind]
+    if text.startswith(prefix):
+        text = text[len(prefix):]
+    return int(text) if text.isdigit() and len(text) < 12 else None
+
+
+async def get_operation(db: Database, *, operation_id: int) -> Operation | None:
+    async with db.session() as session:
+        return await session.get(Operation, operation_id)
+
+
+async def list_operations(db: Database, *, kind: OpKind, limit: int = 15) -> Sequence[Operation]:
+    async with db.session() as session:
+        query = select(Operation).where(Operation.kind == kind).order_by(col(Operation.id).desc()).limit(limit)
+        return (await session.exec(query)).all()
+
+
+async def update_operation(
+    db: Database,
+    *,
+    operation_id: int,
+    expect_states: Iterable[str] | None = None,
+    lease_token: str | None = None,
+    values: dict[str, Any],
+) -> bool:
+    """Compare-and-set: applies ``values`` only if the state (and lease) still match."""
+    conditions = [col(Operation.id) == operation_id]
+    if expect_states is not None:
+        conditions.append(col(Operation.state).in_(list(expect_states)))
+    if lease_token is not None:
+        conditions.append(col(Operation.lease_owner) == lease_token)
+    values = {**values, "updated_at": utcnow()}
+    if values.get("state") in TERMINAL_STATES and "finished_at" not in values:
+        values["finished_at"] = utcnow()
+    async with db.session() as session:
+        result = await session.execute(update(Operation).where(and_(*conditions)).values(**values))
+        await session.commit()
+        return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+async def claim_due(
+    db: Database, *, owner: str, now: datetime, lease: timedelta, limit: int
+) -> list[Operation]:
+    """Lease up to ``limit`` due operations to this replica in one conditional UPDATE.
+
+    The lease condition is repeated in the outer WHERE so that under READ COMMITTED two
+    replicas racing for the same row cannot both win: the loser's UPDATE re-checks the row
+    after the winner commits and no longer matches.
+    """
+    token = f"{owner}:{uuid.uuid4().hex[:12]}"
+    free = or_(col(Operation.lease_expires_at).is_(None), col(Operation.lease_expires_at) < now)
+    due = and_(
+        col(Operation.next_poll_at).is_not(None),
+        col(Operation.next_poll_at) <= now,
+        free,
+    )
+    candidates = select(Operation.id).where(due).order_by(col(Operation.next_poll_at)).limit(limit)
+    if db.engine.dialect.name == "postgresql":
+        candidates = candidates.with_for_update(skip_locked=True)
+    async with db.session() as session:
+        await session.execute(
+            update(Operation)
+            .where(col(Operation.id).in_(candidates.scalar_subquery()), due)
+            .values(lease_owner=token, lease_expires_at=now + lease)
+            .execution_options(synchronize_session=False)
+        )
+        await session.commit()
+        claimed = (await session.exec(select(Operation).where(Operation.lease_owner == token))).all()
+        return list(claimed)
+
+
+async def release_lease(db: Database, *, operation_id: int, lease_token: str, next_poll_at: datetime | None) -> None:
+    async with db.session() as session:
+        await session.execute(
+            update(Operation)
+            .where(col(Operation.id) == operation_id, col(Operation.lease_owner) == lease_token)
+            .values(lease_owner=None, lease_expires_at=None, next_poll_at=next_poll_at)
+        )
+        await session.commit()
+
+
+async def mark_announced(db: Database, *, operation_id: int, state: str) -> bool:
+    """True exactly once per (operation, terminal state): whoever flips it posts the notice."""
+    async with db.session() as session:
+        result = await session.execute(
+            update(Operation)
+            .where(
+                col(Operation.id) == operation_id,
+                or_(col(Operation.announced_state).is_(None), col(Operation.announced_state) != state),
+            )
+            .values(announced_state=state)
+        )
+        await session.commit()
+        return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+async def claim_delivery(db: Database, *, key: str) -> bool:
+    """Record a Slack delivery key; False if any replica saw it before."""
+    async with db.session() as session:
+        session.add(SlackDelivery(key=key))
+        try:
+            await session.commit()
+        except IntegrityError:
+            return False
+        return True
+
+
+async def add_push_targets(db: Database, *, operation_id: int, targets: Sequence[dict[str, Any]]) -> None:
+    if not targets:
+        return
+    rows = [{"operation_id": operation_id, **target} for target in targets]
+    async with db.session() as session:
+        for start in range(0, len(rows), 1000):
+            await session.execute(PushTarget.__table__.insert(), rows[start : start + 1000])  # type: ignore[attr-defined]
+        await session.commit()
+
+
+async def push_targets(db: Database, *, operation_id: int) -> Sequence[PushTarget]:
+    async with db.session() as session:
+        return (await session.exec(select(PushTarget).where(PushTarget.operation_id == operation_id))).all()
+
+
+async def record_push_job_results(
+    db: Database, *, operation_id: int, job_ids: dict[str, str], refused: dict[str, str]
+) -> None:
+    """Store the job id or refusal reason per org key (15-char keys)."""
+    async with db.session() as session:
+        targets = (await session.exec(select(PushTarget).where(PushTarget.operation_id == operation_id))).all()
+        for target in targets:
+            key = target.org_key[:15]
+            if key in job_ids:
+                target.job_id = job_ids[key]
+            elif key in refused:
+                target.refused_reason = refused[key]
+            session.add(target)
+        await session.commit()
+
+
+async def add_approval(db: Database, *, approval: Approval) -> bool:
+    """False when this person already decided on this operation (double click)."""
+    async with db.session() as session:
+        session.add(approval)
+        try:
+            await session.commit()
+        except IntegrityError:
+            return False
+        return True
+
+
+async def approvals_for(db: Database, *, operation_id: int) -> Sequence[Approval]:
+    async with db.session() as session:
+        query = select(Approval).where(Approval.operation_id == operation_id).order_by(col(Approval.id))
+        return (await session.exec(query)).all()
+
+
+async def audit(
+    db: Database,
+    *,
+    actor: str,
+    action: str,
+    channel: str = "",
+    operation_ref: str = "",
+    detail: str = "",
+    outcome: str = "",
+) -> None:
+    async with db.session() as session:
+        session.add(
+            AuditEvent(actor=actor, channel=channel, operation_ref=operation_ref, action=action,
+                       detail=detail[:4000], outcome=outcome[:200])
+        )
+        await session.commit()
+
+
+async def audit_events(db: Database, *, since: datetime | None = None) -> Sequence[AuditEvent]:
+    async with db.session() as session:
+        query = select(AuditEvent).order_by(col(AuditEvent.id))
+        if since is not None:
+            query = query.where(col(AuditEvent.at) >= since)
+        return (await session.exec(query)).all()
+
+
+async def count_operations(db: Database) -> int:
+    async with db.session() as session:
+        return (await session.exec(select(func.count()).select_from(Operation))).one()
+
+
+
+
+async def record_push_failures(db: Database, *, operation_id: int, errors: dict[str, dict[str, str]]) -> None:
+    """Mark failed orgs with their first PackagePushError (keys are 15-char org ids)."""
+    if not errors:
+        return
+    async with db.session() as session:
+        targets = (await session.exec(select(PushTarget).where(PushTarget.operation_id == operation_id))).all()
+        for target in targets:
+            error = errors.get(target.org_key[:15])
+            if error is None:
+                continue
+            target.job_status = "Failed"
+            target.error_type = error.get("ErrorType") or None
+            target.error_title = error.get("ErrorTitle") or None
+            target.error_message = error.get("ErrorMessage") or None
+            target.error_details = (error.get("ErrorDetails") or "")[:2000] or None
+            session.add(target)
+        await session.commit()

@@ -1,0 +1,68 @@
+"""Parsing ``--at`` times in the requester's time zone, and formatting them for Slack."""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime, time, timedelta
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from bot.errors import UsageError
+
+AT_USAGE = (
+    "`--at` takes a time in your Slack time zone: `18:30`, `tomorrow 09:00`, `2026-12-01 18:30`, "
+    "`2026-12-01T18:30Z` (UTC), or a delay such as `+2h`, `+45m`."
+)
+_RELATIVE = re.compile(r"^\+(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?$")
+_CLOCK = re.compile(r"^(\d{1,2}):(\d{2})$")
+_MAX_AHEAD = timedelta(days=90)
+
+
+def zone(name: str | None) -> ZoneInfo:
+    try:
+        return ZoneInfo(name or "UTC")
+    except (ZoneInfoNotFoundError, ValueError):
+        return ZoneInfo("UTC")
+
+
+def parse_when(text: str, *, tz_name: str | None, now: datetime | None = None) -> datetime:
+    """An aware UTC datetime strictly in the future (and within 90 days), or UsageError."""
+    now = now or datetime.now(UTC)
+    tz = zone(tz_name)
+    raw = " ".join(text.split())
+    lowered = raw.lower()
+    result: datetime | None = None
+    if match := _RELATIVE.match(lowered):
+        if not any(match.groups()):
+            raise UsageError(f"`{raw}` is not a time.", usage=AT_USAGE)
+        days, hours, minutes = (int(g) if g else 0 for g in match.groups())
+        result = now + timedelta(days=days, hours=hours, minutes=minutes)
+    else:
+        day_word, _, clock = lowered.partition(" ") if lowered.startswith(("today ", "tomorrow ")) else ("", "", lowered)
+        if match := _CLOCK.match(clock):
+            hour, minute = int(match.group(1)), int(match.group(2))
+            if hour > 23 or minute > 59:
+                raise UsageError(f"`{raw}` is not a valid time of day.", usage=AT_USAGE)
+            local_now = now.astimezone(tz)
+            day = local_now.date() + timedelta(days=1 if day_word == "tomorrow" else 0)
+            result = datetime.combine(day, time(hour, minute), tzinfo=tz)
+            if not day_word and result <= local_now:
+                result += timedelta(days=1)  # "18:30" after 18:30 means tomorrow
+        else:
+            try:
+                parsed = datetime.fromisoformat(raw.replace(" ", "T", 1).replace("z", "Z"))
+            except ValueError:
+                raise UsageError(f"I can't read `{raw}` as a time.", usage=AT_USAGE) from None
+            result = parsed if parsed.tzinfo else parsed.replace(tzinfo=tz)
+    result = result.astimezone(UTC)
+    if result <= now:
+        raise UsageError(f"`{raw}` is in the past ({result:%Y-%m-%d %H:%M} UTC).", usage=AT_USAGE)
+    if result - now > _MAX_AHEAD:
+        raise UsageError(f"`{raw}` is more than 90 days ahead.", usage=AT_USAGE)
+    return result
+
+
+def slack_date(moment: datetime, *, style: str = "{date_short_pretty} {time}") -> str:
+    """``<!date^…>`` so every reader sees the time in their own zone; the fallback is UTC."""
+    epoch = int(moment.timestamp())
+    fallback = moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    return f"<!date^{epoch}^{style}|{fallback}>"

@@ -1,0 +1,25 @@
+"""What the handlers are given: services and Slack helpers, built once by bot.runtime."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from bot.services.access import AccessPolicy
+from bot.services.approvals import ApprovalService
+from bot.services.push import PushService
+from bot.settings import Settings
+from bot.slack.web import SlackDirectory, SlackPoster
+from bot.store.db import Database
+
+
+@dataclass(frozen=True)
+class HandlerDeps:
+    settings: Settings
+    db: Database
+    push: PushService
+    approvals: ApprovalService
+    access: AccessPolicy
+    poster: SlackPoster
+    directory: SlackDirectory
+    kick_poller: Callable[[], None]
