@@ -52,5 +52,6 @@ def configure_logging(*, level: str = "INFO", secrets: Iterable[str] = (), strea
         root.removeHandler(existing)
     root.addHandler(handler)
     root.setLevel(level)
-    for noisy in ("aiohttp.access", "apscheduler.executors.default", "apscheduler.scheduler"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    # "skipped: maximum number of running instances" is expected: a long cycle simply delays the next.
+    logging.getLogger("apscheduler").setLevel(logging.ERROR)

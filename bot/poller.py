@@ -70,9 +70,16 @@ class Poller:
                                 max_instances=1, coalesce=True, next_run_time=datetime.now(UTC))
         self._scheduler.start()
 
-    def shutdown(self) -> None:
+    async def stop(self, *, grace_seconds: float = 10.0) -> None:
+        """Stop scheduling and let a tick in flight finish (it holds leases and half-sent cards)."""
         if self._scheduler is not None and self._scheduler.running:
             self._scheduler.shutdown(wait=False)
+        try:
+            await asyncio.wait_for(self._tick_lock.acquire(), timeout=grace_seconds)
+        except TimeoutError:
+            log.warning("a poll cycle was still running at shutdown; its leases will expire")
+        else:
+            self._tick_lock.release()
 
     def kick(self) -> None:
         """Run a tick now (a new operation, an approval): users should not wait a whole interval."""

@@ -33,7 +33,7 @@ class Runtime:
     push: PushService
 
     async def close(self) -> None:
-        self.poller.shutdown()
+        await self.poller.stop()
         with contextlib.suppress(Exception):
             await self.app.client.session.close() if self.app.client.session else None  # type: ignore[func-returns-value]
         await self.http.close()

@@ -9,6 +9,7 @@ from slack_bolt.async_app import AsyncAck, AsyncApp, AsyncRespond
 from bot.commands import PUSH_USAGE, Help, PushCreate, PushList, PushRef, PushRetry, parse_push
 from bot.errors import UsageError
 from bot.slack import push_messages
+from bot.slack.blocks import escape
 from bot.slack.messages import error_text
 from bot.store import repo
 from bot.when import parse_when
@@ -33,7 +34,7 @@ def register(app: AsyncApp, deps: HandlerDeps) -> None:
         async def work() -> None:
             await deps.access.check(command="push", user=user, channel=channel)
             if isinstance(parsed, Help):
-                await reply_ephemeral(respond, PUSH_USAGE)
+                await reply_ephemeral(respond, escape(PUSH_USAGE))
             elif isinstance(parsed, PushList):
                 await reply_ephemeral(respond, push_messages.list_message(await deps.push.recent()))
             elif isinstance(parsed, PushRef) and parsed.action == "status":

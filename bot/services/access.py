@@ -18,8 +18,8 @@ class AccessPolicy:
         if rule is None:
             return
         if rule.channels and channel not in rule.channels:
-            allowed = ", ".join(f"<#{c}>" for c in rule.channels)
-            raise NotAllowedError(f"`/{command.lstrip('/')}` can only be used in {allowed}.")
+            allowed = ", ".join(rule.channels)
+            raise NotAllowedError(f"`/{command.lstrip('/')}` can only be used in these channels: {allowed}.")
         if not rule.users and not rule.usergroups:
             return
         if user in rule.users:

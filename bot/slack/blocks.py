@@ -18,6 +18,12 @@ MESSAGE_TEXT_MAX = 3900  # fallback text; Slack truncates past 40,000 but notifi
 Block = dict[str, Any]
 
 
+def escape(text: str) -> str:
+    """Slack's three control characters; anything a user or Salesforce wrote goes through this,
+    so that text such as ``<!channel>`` or ``<version>`` shows as typed instead of acting."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
 def clip(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 

@@ -15,13 +15,13 @@ NOT_YET = {
 def error_text(error: ChatOpsError) -> str:
     """The ephemeral message for an error: what went wrong, then how to use the command."""
     if isinstance(error, UserError):
-        text = f":warning: {error.message}"
+        text = f":warning: {bk.escape(error.message)}"
         if error.usage:
-            text += f"\n\n{error.usage}"
+            text += f"\n\n{bk.escape(error.usage)}"
         return bk.clip(text, bk.MESSAGE_TEXT_MAX)
     if isinstance(error, UpstreamError):
         system = {"salesforce": "Salesforce", "slack": "Slack"}.get(error.system, error.system or "An upstream system")
-        return f":x: {system} did not accept that: {bk.clip(error.message, 300)}"
+        return f":x: {system} did not accept that: {bk.escape(bk.clip(error.message, 300))}"
     return ":x: Something went wrong on our side; it has been logged."
 
 

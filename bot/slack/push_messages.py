@@ -40,7 +40,7 @@ def push_card(op: Operation, *, approvals: Sequence[str] = ()) -> tuple[str, lis
     """The one status message of a push, edited in place as it progresses."""
     params, data = op.params, op.data
     state = OpState(op.state)
-    title = f"Push {op.ref} · {params.get('package')} {params.get('version')}"
+    title = f"Push {op.ref} · {params.get('package')} {params.get('version')}"  # header: plain text
     plan = data.get("plan") or {}
     total = int(plan.get("total") or 0)
     fields = [
@@ -71,14 +71,14 @@ def push_card(op: Operation, *, approvals: Sequence[str] = ()) -> tuple[str, lis
     elif state == OpState.SCHEDULED:
         blocks.append(bk.actions([_cancel_button(op)], block_id=f"push:{op.id}"))
     if state == OpState.REJECTED:
-        reason = data.get("reject_reason") or "no reason given"
+        reason = bk.escape(data.get("reject_reason") or "no reason given")
         blocks.append(bk.section(f"Rejected by <@{data.get('rejected_by')}>: {reason}"))
     if state == OpState.CANCELED and data.get("canceled_by"):
         blocks.append(bk.section(f"Canceled by <@{data['canceled_by']}>."))
     if state == OpState.ERROR and data.get("error"):
-        blocks.append(bk.section(f"❗ {data['error']}"))
+        blocks.append(bk.section(f"❗ {bk.escape(data['error'])}"))
     if data.get("last_problem") and not op.is_terminal:
-        blocks.append(bk.context(f"⚠️ Salesforce trouble, retrying automatically: {data['last_problem']}"))
+        blocks.append(bk.context(f"⚠️ Salesforce trouble, retrying automatically: {bk.escape(data['last_problem'])}"))
     context = [f"`{op.ref}`"]
     if op.external_id:
         context.append(f"request `{op.external_id}`")
@@ -109,8 +109,9 @@ def _summary_text(summary: dict[str, Any]) -> str:
     if groups:
         lines.append("*Failures by error:*")
         for group in groups:
-            message = bk.clip(str(group.get("message") or ""), 160)
-            lines.append(f"• {_n(group['count'])} × *{group['type']}* — {group['title']}: {message}")
+            message = bk.escape(bk.clip(str(group.get("message") or ""), 160))
+            lines.append(f"• {_n(group['count'])} × *{bk.escape(str(group['type']))}* — "
+                         f"{bk.escape(str(group['title']))}: {message}")
         more = int(summary.get("group_count", 0)) - len(groups)
         if more > 0:
             lines.append(f"…and {more} other error kinds (all in the CSV)")
@@ -156,7 +157,7 @@ def event_reply(op: Operation, event: OpEvent) -> str | None:
         if refused:
             text += f" Salesforce refused {_n(detail.get('refused_total'))} org(s); the rest go on:"
             for org_key, reason in refused[:MAX_LISTED_REFUSALS]:
-                text += f"\n• `{org_key}` — {bk.clip(str(reason), 200)}"
+                text += f"\n• `{org_key}` — {bk.escape(bk.clip(str(reason), 200))}"
             more = int(detail.get("refused_total", 0)) - min(len(refused), MAX_LISTED_REFUSALS)
             if more > 0:
                 text += f"\n…and {more} more."
@@ -170,7 +171,7 @@ def event_reply(op: Operation, event: OpEvent) -> str | None:
     if name == "expired":
         return "⌛ Nobody approved in time; the request expired and nothing was pushed."
     if name == "error":
-        return f"❗ {op.data.get('error', 'The push could not be carried out.')}"
+        return f"❗ {bk.escape(op.data.get('error', 'The push could not be carried out.'))}"
     if name == "canceled":
         return "✋ The push request was canceled in Salesforce."
     return None
@@ -179,23 +180,24 @@ def event_reply(op: Operation, event: OpEvent) -> str | None:
 def completion_text(op: Operation) -> str:
     """Posted once when a push ends: in the thread and in the notifications channel."""
     state = OpState(op.state)
-    base = f"{STATE_LABEL[state]}: push {op.ref} of {op.params.get('package')} {op.params.get('version')}"
+    base = f"{STATE_LABEL[state]}: push {op.ref} of {bk.escape(str(op.params.get('package')))} {op.params.get('version')}"
     summary = op.data.get("summary")
     if summary:
         return f"{base}\n{_summary_text(summary)}"
     if state == OpState.REJECTED:
-        return f"{base} (rejected by <@{op.data.get('rejected_by')}>: {op.data.get('reject_reason') or 'no reason'})"
+        reason = bk.escape(op.data.get("reject_reason") or "no reason")
+        return f"{base} (rejected by <@{op.data.get('rejected_by')}>: {reason})"
     if state == OpState.CANCELED:
         who = op.data.get("canceled_by")
         return base + (f" (canceled by <@{who}>)" if who else "")
     if state == OpState.ERROR:
-        return f"{base}\n{op.data.get('error', '')}"
+        return f"{base}\n{bk.escape(op.data.get('error', ''))}"
     return base
 
 
 def plan_message(plan: PushPlan, *, dry_run: bool) -> str:
     version = plan.version
-    lines = [f"*{'Dry run — nothing created. ' if dry_run else ''}Plan for {version.package_name} {version.label}*"
+    lines = [f"*{'Dry run — nothing created. ' if dry_run else ''}Plan for {bk.escape(version.package_name)} {version.label}*"
              f" (`{version.id}`), orgs: {plan.selection}",
              f"{len(plan.targets):,} org(s) would be upgraded:"]
     for from_version, org_type, count in plan.by_version_and_type()[:30]:
@@ -204,7 +206,7 @@ def plan_message(plan: PushPlan, *, dry_run: bool) -> str:
         lines.append("Left out: " + ", ".join(f"{n:,} {why}" for why, n in plan.skipped.most_common()))
     if plan.not_eligible:
         lines.append(f"{len(plan.not_eligible):,} listed org(s) are not eligible:")
-        lines.extend(f"• `{org_id}` — {why}" for org_id, why in plan.not_eligible[:20])
+        lines.extend(f"• `{org_id}` — {bk.escape(why)}" for org_id, why in plan.not_eligible[:20])
         if len(plan.not_eligible) > 20:
             lines.append(f"…and {len(plan.not_eligible) - 20} more")
     return bk.clip("\n".join(lines), bk.SECTION_TEXT_MAX)
@@ -239,7 +241,7 @@ def list_message(ops: Sequence[Operation]) -> str:
         elif counts:
             done = sum(int(counts.get(s, 0)) for s in ("Succeeded", "Failed", "Canceled"))
             extra = f" · {done:,}/{sum(int(v) for v in counts.values()):,} done"
-        lines.append(f"• `{op.ref}` {op.params.get('package')} {op.params.get('version')} → "
+        lines.append(f"• `{op.ref}` {bk.escape(str(op.params.get('package')))} {op.params.get('version')} → "
                      f"{_n((op.data.get('plan') or {}).get('total'))} orgs · {STATE_LABEL[OpState(op.state)]}{extra}"
                      f" · <@{op.requester}> · {slack_date(op.created_at)}")
     return bk.clip("\n".join(lines), bk.SECTION_TEXT_MAX)
