@@ -77,7 +77,7 @@ async def update_operation(
     if values.get("state") in TERMINAL_STATES and "finished_at" not in values:
         values["finished_at"] = utcnow()
     async with db.session() as session:
-        result = await session.execute(update(Operation).where(and_(*conditions)).values(**values))
+        result = await session.exec(update(Operation).where(and_(*conditions)).values(**values))
         await session.commit()
         return bool(result.rowcount)  # type: ignore[attr-defined]
 
@@ -102,7 +102,7 @@ async def claim_due(
     if db.engine.dialect.name == "postgresql":
         candidates = candidates.with_for_update(skip_locked=True)
     async with db.session() as session:
-        await session.execute(
+        await session.exec(
             update(Operation)
             .where(col(Operation.id).in_(candidates.scalar_subquery()), due)
             .values(lease_owner=token, lease_expires_at=now + lease)
@@ -115,7 +115,7 @@ async def claim_due(
 
 async def release_lease(db: Database, *, operation_id: int, lease_token: str, next_poll_at: datetime | None) -> None:
     async with db.session() as session:
-        await session.execute(
+        await session.exec(
             update(Operation)
             .where(col(Operation.id) == operation_id, col(Operation.lease_owner) == lease_token)
             .values(lease_owner=None, lease_expires_at=None, next_poll_at=next_poll_at)
@@ -126,7 +126,7 @@ async def release_lease(db: Database, *, operation_id: int, lease_token: str, ne
 async def mark_announced(db: Database, *, operation_id: int, state: str) -> bool:
     """True exactly once per (operation, terminal state): whoever flips it posts the notice."""
     async with db.session() as session:
-        result = await session.execute(
+        result = await session.exec(
             update(Operation)
             .where(
                 col(Operation.id) == operation_id,
@@ -155,7 +155,7 @@ async def add_push_targets(db: Database, *, operation_id: int, targets: Sequence
     rows = [{"operation_id": operation_id, **target} for target in targets]
     async with db.session() as session:
         for start in range(0, len(rows), 1000):
-            await session.execute(PushTarget.__table__.insert(), rows[start : start + 1000])  # type: ignore[attr-defined]
+            await session.exec(PushTarget.__table__.insert().values(rows[start : start + 1000]))  # type: ignore[attr-defined]
         await session.commit()
 
 
