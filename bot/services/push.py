@@ -398,16 +398,24 @@ class PushService:
         fields: dict[str, Any] = {"PackageVersionId": operation.params["version_id"]}
         if operation.scheduled_for:
             fields["ScheduledStartTime"] = _sf_datetime(operation.scheduled_for)
-        try:
-            request_id = await client.create("PackagePushRequest", fields)
-        except AmbiguousWriteError:
+        request_id: str | None = None
+        if operation.data.get("request_attempted_at"):
+            # A previous attempt may have created it and died before recording the id.
             request_id = await self._find_orphan_request(operation, client)
-            if request_id is None:
-                raise
-        except ApiError as exc:
-            await self._save(operation, lease_token, state=OpState.ERROR,
-                             data={**operation.data, "error": f"Salesforce refused the push request: {exc.message}"})
-            return [OpEvent("error")]
+        if request_id is None:
+            attempted = {**operation.data, "request_attempted_at": datetime.now(UTC).isoformat()}
+            if not await self._save(operation, lease_token, data=attempted):
+                return []
+            try:
+                request_id = await client.create("PackagePushRequest", fields)
+            except AmbiguousWriteError:
+                request_id = await self._find_orphan_request(operation, client)
+                if request_id is None:
+                    raise
+            except ApiError as exc:
+                await self._save(operation, lease_token, state=OpState.ERROR,
+                                 data={**operation.data, "error": f"Salesforce refused the push request: {exc.message}"})
+                return [OpEvent("error")]
         if not await self._save(operation, lease_token, external_id=request_id, step="create_jobs"):
             # Canceled (or taken over) while we were creating it: do not leave it behind.
             await _quietly_cancel(client, request_id)
@@ -415,8 +423,11 @@ class PushService:
         return []
 
     async def _find_orphan_request(self, operation: Operation, client: SalesforceClient) -> str | None:
-        """After a dropped connection, adopt the request we may have created (Created, no jobs, just now)."""
-        since = (operation.created_at.replace(tzinfo=operation.created_at.tzinfo or UTC) - timedelta(minutes=1))
+        """Adopt the request an interrupted attempt may have created: same version, still Created,
+        created since that attempt (less a minute of clock skew). Salesforce has no field to tag
+        it with, so this is the closest match; a Created request without jobs never runs anyway."""
+        attempted = datetime.fromisoformat(operation.data.get("request_attempted_at") or operation.created_at.isoformat())
+        since = _aware(attempted) - timedelta(minutes=1)
         records = await client.query(
             "SELECT Id FROM PackagePushRequest WHERE PackageVersionId = "
             f"{soql_literal(str(operation.params['version_id']))} AND Status = 'Created' "
@@ -425,19 +436,21 @@ class PushService:
 
     async def _create_jobs(self, operation: Operation, lease_token: str, client: SalesforceClient) -> list[OpEvent]:
         assert operation.id is not None and operation.external_id is not None
-        targets = [t for t in await repo.push_targets(self._db, operation_id=operation.id)
-                   if t.job_id is None and t.refused_reason is None]
-        if len(targets) > BULK_THRESHOLD or operation.data.get("bulk_job_id"):
-            created, refused = await self._create_jobs_bulk(operation, lease_token, client, targets)
-        else:
-            created, refused = await self._create_jobs_collections(operation, client, targets)
-        await repo.record_push_job_results(self._db, operation_id=operation.id, job_ids=created, refused=refused)
-        jobs = dict(operation.data.get("jobs") or {})
-        jobs["created"] = int(jobs.get("created", 0)) + len(created)
-        jobs["refused"] = int(jobs.get("refused", 0)) + len(refused)
-        data = {**operation.data, "jobs": jobs}
-        data.pop("bulk_job_id", None)
-        events = [OpEvent("jobs_created", {"created": jobs["created"], "refused": sorted(refused.items())[:50],
+        targets = await repo.push_targets(self._db, operation_id=operation.id)
+        pending = [t for t in targets if t.job_id is None and t.refused_reason is None]
+        if pending:
+            if len(pending) > BULK_THRESHOLD or operation.data.get("bulk_job_id"):
+                created, refused = await self._create_jobs_bulk(operation, lease_token, client, pending)
+            else:
+                created, refused = await self._create_jobs_collections(operation, client, pending)
+            await repo.record_push_job_results(self._db, operation_id=operation.id, job_ids=created, refused=refused)
+            targets = await repo.push_targets(self._db, operation_id=operation.id)
+        # Counted from the stored targets, so a resumed step never counts twice.
+        refusals = sorted((t.org_key, t.refused_reason or "") for t in targets if t.refused_reason)
+        jobs = {"created": sum(1 for t in targets if t.job_id), "refused": len(refusals)}
+        data = {key: value for key, value in operation.data.items() if key != "bulk_job_id"}
+        data["jobs"] = jobs
+        events = [OpEvent("jobs_created", {"created": jobs["created"], "refused": refusals[:50],
                                            "refused_total": jobs["refused"]})]
         if jobs["created"] == 0:
             await _quietly_cancel(client, operation.external_id)

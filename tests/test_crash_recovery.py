@@ -1,0 +1,142 @@
+"""SIGKILL the bot mid-push and start it again: the push completes, announced exactly once.
+
+The bot runs as a real process (`python -m bot serve`, configured through the documented
+environment variables and TOML file); the simulated org and the fake Slack live in the test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from bot.sandbox.embedded import NOTIFY_CHANNEL, RELEASES_CHANNEL
+from bot.sandbox.fake_slack import FakeSlack
+from bot.sandbox.salesforce_org import SalesforceOrgSim, build_auth_url
+from bot.sandbox.slack_user import SlackUserAgent
+
+pytestmark = pytest.mark.slow
+SIGNING_SECRET = "crash-test-signing-secret"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Harness:
+    sim: SalesforceOrgSim
+    slack: FakeSlack
+    agent: SlackUserAgent
+    workdir: Path
+    port: int
+    env: dict[str, str]
+    config: Path
+
+    async def start_bot(self, name: str) -> asyncio.subprocess.Process:
+        log = (self.workdir / f"{name}.log").open("wb")
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bot", "--config", str(self.config), "serve", "--host", "127.0.0.1",
+            env=self.env, stdout=log, stderr=log, cwd=self.workdir)
+        async with aiohttp.ClientSession() as session:
+            for _ in range(200):
+                try:
+                    async with session.get(f"http://127.0.0.1:{self.port}/healthz") as response:
+                        if response.status == 200:
+                            return process
+                except aiohttp.ClientError:
+                    pass
+                if process.returncode is not None:
+                    raise AssertionError((self.workdir / f"{name}.log").read_text())
+                await asyncio.sleep(0.1)
+        raise AssertionError("bot did not become healthy")
+
+
+@pytest.fixture
+async def harness(tmp_path: Path) -> AsyncIterator[Harness]:
+    sim = SalesforceOrgSim(org_id="00D00000000PKG1", kind="packaging", job_seconds=0.25)
+    slack = FakeSlack()
+    await sim.start()
+    await slack.start()
+    port = free_port()
+    config = tmp_path / "chatops.toml"
+    config.write_text(
+        "[orgs.packaging]\nkind = \"production\"\npackaging = true\n\n"
+        f"[notifications]\nchannel = \"{NOTIFY_CHANNEL}\"\n\n"
+        "[poller]\ninterval_seconds = 0.5\nlease_seconds = 3\n")
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("SLACK_", "SF_AUTH_URL_"))}
+    env.update({
+        "SLACK_BOT_TOKEN": slack.bot_token, "SLACK_SIGNING_SECRET": SIGNING_SECRET, "SLACK_API_URL": slack.api_url,
+        "DATABASE_URL": f"sqlite:///{tmp_path / 'bot.db'}", "PORT": str(port),
+        "SF_AUTH_URL_PACKAGING": build_auth_url(sim),
+    })
+    async with aiohttp.ClientSession() as session:
+        agent = SlackUserAgent(bot_url=f"http://127.0.0.1:{port}/slack/events", signing_secret=SIGNING_SECRET,
+                               slack=slack, session=session)
+        yield Harness(sim=sim, slack=slack, agent=agent, workdir=tmp_path, port=port, env=env, config=config)
+    await slack.stop()
+    await sim.stop()
+
+
+def completions(slack: FakeSlack) -> tuple[list[object], list[object]]:
+    in_thread = [m for m in slack.messages.get(RELEASES_CHANNEL, [])
+                 if (m.metadata or {}).get("event_type") == "chatops_operation_finished"]
+    notices = [m for m in slack.messages.get(NOTIFY_CHANNEL, []) if "push P1 " in (m.text or "")]
+    return in_thread, notices
+
+
+def push_requests(sim: SalesforceOrgSim) -> list[dict[str, object]]:
+    ids = [row["Id"] for row in sim.state.table("PackagePushRequest").rows]
+    return [request for request in (sim.push_request(i) for i in ids) if request]
+
+
+def request_status(sim: SalesforceOrgSim) -> str:
+    requests = push_requests(sim)
+    return str(requests[0]["Status"]) if requests else ""
+
+
+@pytest.mark.parametrize("kill_when", ["creating", "running"])
+async def test_sigkill_mid_push_then_restart_completes_once(harness: Harness, kill_when: str) -> None:
+    first = await harness.start_bot("first")
+    try:
+        result = await harness.agent.command(user="U0ALICE", channel=RELEASES_CHANNEL, command="/push",
+                                             text="create Acme Billing@1.4.0 --orgs sandbox")
+        assert result.status == 200
+        if kill_when == "running":
+            await harness.slack.wait_for(lambda: request_status(harness.sim) == "In Progress" or None, 30)
+            assert request_status(harness.sim) == "In Progress"
+        else:
+            await harness.slack.wait_for(lambda: request_status(harness.sim) or None, 30)
+    finally:
+        first.send_signal(signal.SIGKILL)
+        await first.wait()
+    assert completions(harness.slack) == ([], [])
+
+    second = await harness.start_bot("second")
+    try:
+        done = await harness.slack.wait_for(lambda: completions(harness.slack)[1] or None, 90)
+        assert done, (harness.workdir / "second.log").read_text()[-3000:]
+        await asyncio.sleep(3)  # time for a duplicate to show up, if there were going to be one
+    finally:
+        second.send_signal(signal.SIGTERM)
+        await second.wait()
+
+    in_thread, notices = completions(harness.slack)
+    assert len(in_thread) == 1 and len(notices) == 1
+    requests = push_requests(harness.sim)
+    assert len(requests) == 1 and requests[0]["Status"] in {"Succeeded", "Failed"}  # pushed once, not twice
+    jobs = harness.sim.push_jobs(str(requests[0]["Id"]))
+    assert len({job["SubscriberOrganizationKey"] for job in jobs}) == len(jobs)
+    cards = [m for m in harness.slack.messages[RELEASES_CHANNEL]
+             if not m.is_reply and not m.ephemeral_for and "Push P1 " in (m.text or "")]
+    assert len(cards) == 1
