@@ -20,13 +20,14 @@ simulated Salesforce orgs, a fake Slack and a console that plays Slack."""
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m bot", description=DESCRIPTION,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bot", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config", type=Path, help="TOML configuration file (default: $CHATOPS_CONFIG)")
     parser.add_argument("--log-level", default="INFO")
     sub = parser.add_subparsers(dest="command")
     serve = sub.add_parser("serve", help="run the bot against Slack (HTTP mode or Socket Mode)")
-    serve.add_argument("--host", default="0.0.0.0")  # noqa: S104
+    serve.add_argument("--host", default="0.0.0.0")
     sandbox = sub.add_parser("sandbox", help="the local sandbox with a console that plays Slack (the default)")
     sandbox.add_argument("--fast", action="store_true", help="run simulated pushes quickly")
     demo = sub.add_parser("demo", help="run a scripted tour against the sandbox; non-zero exit if a step fails")
@@ -49,16 +50,24 @@ def main(argv: list[str] | None = None) -> int:
     except (ValidationError, ValueError) as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
-    secrets = [s.get_secret_value() for s in (settings.slack_bot_token, settings.slack_signing_secret,
-                                                settings.slack_app_token, settings.sfp_token,
-                                                settings.flexdeploy_password) if s is not None]
+    secrets = [
+        s.get_secret_value()
+        for s in (
+            settings.slack_bot_token,
+            settings.slack_signing_secret,
+            settings.slack_app_token,
+            settings.sfp_token,
+            settings.flexdeploy_password,
+        )
+        if s is not None
+    ]
     secrets += [org.auth_url.get_secret_value() for org in settings.orgs.values() if org.auth_url]
     command = args.command
     if command is None:
         command = "serve" if settings.slack_configured or settings.orgs else "sandbox"
     configure_logging(level=args.log_level if command == "serve" else "WARNING", secrets=secrets)
     if command == "serve":
-        return asyncio.run(_serve(settings, host=args.host if args.command else "0.0.0.0"))  # noqa: S104
+        return asyncio.run(_serve(settings, host=args.host if args.command else "0.0.0.0"))
     if command == "sandbox":
         from bot.sandbox.embedded import run_console_sandbox
 

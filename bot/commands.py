@@ -84,8 +84,13 @@ PushCommand = PushCreate | PushRetry | PushRef | PushList | Help
 
 def tokenize(text: str, *, usage: str) -> list[str]:
     try:
-        return shlex.split(text.replace("\u201c", '"').replace("\u201d", '"').replace("\u2018", "'")
-                           .replace("\u2019", "'").replace("\u2014", "--"))
+        return shlex.split(
+            text.replace("\u201c", '"')
+            .replace("\u201d", '"')
+            .replace("\u2018", "'")
+            .replace("\u2019", "'")
+            .replace("\u2014", "--")
+        )
     except ValueError as exc:
         raise UsageError(f"I couldn't read that: {exc}.", usage=usage) from None
 
@@ -132,19 +137,26 @@ def parse_version_spec(text: str) -> VersionSpec:
         raise UsageError("Which version? Give a `04t…` id or `<Package Name>@<x.y.z>`.", usage=PUSH_USAGE)
     if text.startswith("04t"):
         if not VERSION_ID_RE.match(text):
-            raise UsageError(f"`{text[:40]}` is not a package version id (15 or 18 characters starting `04t`).",
-                             usage=PUSH_USAGE)
+            raise UsageError(
+                f"`{text[:40]}` is not a package version id (15 or 18 characters starting `04t`).", usage=PUSH_USAGE
+            )
         return VersionSpec(version_id=text)
     match = PACKAGE_VERSION_RE.match(text)
     if not match:
-        raise UsageError(f"`{text[:80]}` is not a version. Use a `04t…` id or `<Package Name>@<major>.<minor>.<patch>`"
-                         " such as `Acme Billing@1.4.0`.", usage=PUSH_USAGE)
+        raise UsageError(
+            f"`{text[:80]}` is not a version. Use a `04t…` id or `<Package Name>@<major>.<minor>.<patch>`"
+            " such as `Acme Billing@1.4.0`.",
+            usage=PUSH_USAGE,
+        )
     name = match.group("name").strip()
     if not PACKAGE_NAME_RE.match(name):
-        raise UsageError(f"`{name[:80]}` is not a package name I can look up (letters, digits, spaces and . & ' ( ) + , : - only).",
-                         usage=PUSH_USAGE)
-    return VersionSpec(package_name=name,
-                       number=(int(match.group("major")), int(match.group("minor")), int(match.group("patch"))))
+        raise UsageError(
+            f"`{name[:80]}` is not a package name I can look up (letters, digits, spaces and . & ' ( ) + , : - only).",
+            usage=PUSH_USAGE,
+        )
+    return VersionSpec(
+        package_name=name, number=(int(match.group("major")), int(match.group("minor")), int(match.group("patch")))
+    )
 
 
 def parse_org_selection(text: str) -> OrgSelection:
@@ -155,8 +167,11 @@ def parse_org_selection(text: str) -> OrgSelection:
     bad = [org_id for org_id in ids if not ORG_ID_RE.match(org_id)]
     if bad or not ids:
         shown = ", ".join(f"`{org_id[:24]}`" for org_id in bad[:5]) or "`(empty)`"
-        raise UsageError(f"`--orgs` takes all, production, sandbox or org ids (15/18 characters starting `00D`); "
-                         f"not valid: {shown}.", usage=PUSH_USAGE)
+        raise UsageError(
+            f"`--orgs` takes all, production, sandbox or org ids (15/18 characters starting `00D`); "
+            f"not valid: {shown}.",
+            usage=PUSH_USAGE,
+        )
     if len(ids) > 50_000:
         raise UsageError("`--orgs` lists more than 50,000 org ids.", usage=PUSH_USAGE)
     unique = tuple(dict.fromkeys(org_id[:15] for org_id in ids))
@@ -177,8 +192,9 @@ def parse_push(text: str) -> PushCommand:
         return Help()
     sub, rest = tokens[0].lower(), tokens[1:]
     if sub == "create":
-        words, options = split_options(rest, flags={"--dry-run"}, valued={"--orgs", "--at"}, multiword={"--at"},
-                                       usage=PUSH_USAGE)
+        words, options = split_options(
+            rest, flags={"--dry-run"}, valued={"--orgs", "--at"}, multiword={"--at"}, usage=PUSH_USAGE
+        )
         return PushCreate(
             version=parse_version_spec(" ".join(words)),
             orgs=parse_org_selection(str(options["--orgs"])) if "--orgs" in options else OrgSelection(),
@@ -187,9 +203,11 @@ def parse_push(text: str) -> PushCommand:
         )
     if sub == "retry":
         words, options = split_options(rest, flags={"--dry-run"}, valued={"--at"}, multiword={"--at"}, usage=PUSH_USAGE)
-        return PushRetry(ref=parse_ref(words, usage=PUSH_USAGE, action="retry"),
-                         at=str(options["--at"]) if "--at" in options else None,
-                         dry_run=bool(options.get("--dry-run", False)))
+        return PushRetry(
+            ref=parse_ref(words, usage=PUSH_USAGE, action="retry"),
+            at=str(options["--at"]) if "--at" in options else None,
+            dry_run=bool(options.get("--dry-run", False)),
+        )
     if sub in {"status", "cancel"}:
         words, _ = split_options(rest, flags=set(), valued=set(), multiword=set(), usage=PUSH_USAGE)
         return PushRef(action=sub, ref=parse_ref(words, usage=PUSH_USAGE, action=sub))

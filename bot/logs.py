@@ -14,7 +14,9 @@ _PATTERNS = [
     re.compile(r"xapp-[A-Za-z0-9-]+"),
     re.compile(r"force://[^\s'\"]+"),
     re.compile(r"(?i)(bearer\s+)[A-Za-z0-9!._~+/=-]{8,}"),
-    re.compile(r"(?i)((?:access_token|refresh_token|client_secret|password|assertion)[\"']?\s*[:=]\s*[\"']?)[^\s\"'&,}]+"),
+    re.compile(
+        r"(?i)((?:access_token|refresh_token|client_secret|password|assertion)[\"']?\s*[:=]\s*[\"']?)[^\s\"'&,}]+"
+    ),
 ]
 
 

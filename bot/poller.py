@@ -51,8 +51,16 @@ class KindView:
 
 
 class Poller:
-    def __init__(self, *, db: Database, views: dict[str, KindView], poster: SlackPoster, config: PollerConfig,
-                 notifications_channel: str | None = None, owner: str | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        db: Database,
+        views: dict[str, KindView],
+        poster: SlackPoster,
+        config: PollerConfig,
+        notifications_channel: str | None = None,
+        owner: str | None = None,
+    ) -> None:
         self._db = db
         self._views = views
         self._poster = poster
@@ -66,8 +74,15 @@ class Poller:
     # -- scheduling -----------------------------------------------------------------------
     def start(self) -> None:
         self._scheduler = AsyncIOScheduler(timezone=UTC)
-        self._scheduler.add_job(self.tick, "interval", seconds=self._config.interval_seconds, id="poll",
-                                max_instances=1, coalesce=True, next_run_time=datetime.now(UTC))
+        self._scheduler.add_job(
+            self.tick,
+            "interval",
+            seconds=self._config.interval_seconds,
+            id="poll",
+            max_instances=1,
+            coalesce=True,
+            next_run_time=datetime.now(UTC),
+        )
         self._scheduler.start()
 
     async def stop(self, *, grace_seconds: float = 10.0) -> None:
@@ -94,9 +109,13 @@ class Poller:
         """Advance every due operation once; returns how many were handled."""
         async with self._tick_lock:
             now = datetime.now(UTC)
-            claimed = await repo.claim_due(self._db, owner=self.owner, now=now,
-                                           lease=timedelta(seconds=self._config.lease_seconds),
-                                           limit=self._config.batch_size)
+            claimed = await repo.claim_due(
+                self._db,
+                owner=self.owner,
+                now=now,
+                lease=timedelta(seconds=self._config.lease_seconds),
+                limit=self._config.batch_size,
+            )
             if not claimed:
                 return 0
             by_kind: dict[str, list[Operation]] = defaultdict(list)
@@ -114,8 +133,9 @@ class Poller:
                     log.exception("advancing %d %s operation(s) failed", len(operations), kind)
             fresh = await self._reload([op.id for op in claimed if op.id is not None])
             approvals = await self._approvals([op for op in fresh if op.state == OpState.AWAITING_APPROVAL])
-            await asyncio.gather(*(self._publish(op, advances.get(op.id or 0, Advance()), approvals.get(op.id or 0, []))
-                                   for op in fresh))
+            await asyncio.gather(
+                *(self._publish(op, advances.get(op.id or 0, Advance()), approvals.get(op.id or 0, [])) for op in fresh)
+            )
             return len(claimed)
 
     async def _reload(self, ids: Sequence[int]) -> list[Operation]:
@@ -126,8 +146,13 @@ class Poller:
         if not operations:
             return {}
         async with self._db.session() as session:
-            rows = (await session.exec(select(Approval).where(
-                col(Approval.operation_id).in_([op.id for op in operations]), Approval.decision == "approve"))).all()
+            rows = (
+                await session.exec(
+                    select(Approval).where(
+                        col(Approval.operation_id).in_([op.id for op in operations]), Approval.decision == "approve"
+                    )
+                )
+            ).all()
         result: dict[int, list[str]] = defaultdict(list)
         for row in rows:
             result[row.operation_id].append(row.approver)
@@ -168,24 +193,29 @@ class Poller:
         if op.card_ts is None:
             ts = await self._poster.post(channel=op.channel, text=text, blocks=blocks)
             op.card_ts = ts
-            await repo.update_operation(self._db, operation_id=op.id or 0, lease_token=token,
-                                        values={"card_ts": ts, "card_digest": digest})
+            await repo.update_operation(
+                self._db, operation_id=op.id or 0, lease_token=token, values={"card_ts": ts, "card_digest": digest}
+            )
         elif digest != op.card_digest:
             await self._poster.update(channel=op.channel, ts=op.card_ts, text=text, blocks=blocks)
-            await repo.update_operation(self._db, operation_id=op.id or 0, lease_token=token,
-                                        values={"card_digest": digest})
+            await repo.update_operation(
+                self._db, operation_id=op.id or 0, lease_token=token, values={"card_digest": digest}
+            )
 
     async def _announce(self, op: Operation, view: KindView, token: str) -> None:
         assert op.id is not None and op.card_ts is not None
         marker = f"posting:{op.state}"
         key = f"{op.id}:{op.state}"
         if op.announced_state == marker and await self._poster.thread_has_event(
-                channel=op.channel, thread_ts=op.card_ts, event_type=COMPLETION_EVENT, key=key):
-            await repo.update_operation(self._db, operation_id=op.id, lease_token=token,
-                                        values={"announced_state": op.state})
+            channel=op.channel, thread_ts=op.card_ts, event_type=COMPLETION_EVENT, key=key
+        ):
+            await repo.update_operation(
+                self._db, operation_id=op.id, lease_token=token, values={"announced_state": op.state}
+            )
             return
-        if not await repo.update_operation(self._db, operation_id=op.id, lease_token=token,
-                                           values={"announced_state": marker}):
+        if not await repo.update_operation(
+            self._db, operation_id=op.id, lease_token=token, values={"announced_state": marker}
+        ):
             return  # the lease was lost: whoever holds it now will announce
         text = view.completion_text(op)
         metadata = {"event_type": COMPLETION_EVENT, "event_payload": {"key": key, "ref": op.ref}}
@@ -195,7 +225,9 @@ class Poller:
             await self._poster.upload(channel=op.channel, thread_ts=op.card_ts, file=file)
         if self._notify_channel and self._notify_channel != op.channel:
             await self._poster.post(channel=self._notify_channel, text=text)
-        await repo.update_operation(self._db, operation_id=op.id, lease_token=token,
-                                    values={"announced_state": op.state})
-        await repo.audit(self._db, actor="bot", channel=op.channel, operation_ref=op.ref, action="completed",
-                         outcome=op.state)
+        await repo.update_operation(
+            self._db, operation_id=op.id, lease_token=token, values={"announced_state": op.state}
+        )
+        await repo.audit(
+            self._db, actor="bot", channel=op.channel, operation_ref=op.ref, action="completed", outcome=op.state
+        )

@@ -40,8 +40,9 @@ class Runtime:
         await self.db.close()
 
 
-async def build_runtime(settings: Settings, *, retry: RetryPolicy | None = None, owner: str | None = None,
-                        run_migrations: bool = True) -> Runtime:
+async def build_runtime(
+    settings: Settings, *, retry: RetryPolicy | None = None, owner: str | None = None, run_migrations: bool = True
+) -> Runtime:
     settings.require_slack()
     assert settings.slack_bot_token is not None
     if run_migrations:
@@ -55,10 +56,19 @@ async def build_runtime(settings: Settings, *, retry: RetryPolicy | None = None,
     push = PushService(db=db, orgs=orgs, settings=settings)
     approvals = ApprovalService(db=db, directory=directory)
     poller = Poller(
-        db=db, poster=poster, config=settings.poller, notifications_channel=settings.notifications.channel, owner=owner,
-        views={OpKind.PUSH: KindView(advancer=push, card=push_messages.push_card,
-                                     event_reply=push_messages.event_reply,
-                                     completion_text=push_messages.completion_text)},
+        db=db,
+        poster=poster,
+        config=settings.poller,
+        notifications_channel=settings.notifications.channel,
+        owner=owner,
+        views={
+            OpKind.PUSH: KindView(
+                advancer=push,
+                card=push_messages.push_card,
+                event_reply=push_messages.event_reply,
+                completion_text=push_messages.completion_text,
+            )
+        },
     )
     socket_mode = settings.slack_signing_secret is None
     app = AsyncApp(
@@ -67,8 +77,15 @@ async def build_runtime(settings: Settings, *, retry: RetryPolicy | None = None,
         request_verification_enabled=not socket_mode,
         process_before_response=False,
     )
-    deps = HandlerDeps(settings=settings, db=db, push=push, approvals=approvals,
-                       access=AccessPolicy(rules=settings.access, directory=directory), poster=poster,
-                       directory=directory, kick_poller=poller.kick)
+    deps = HandlerDeps(
+        settings=settings,
+        db=db,
+        push=push,
+        approvals=approvals,
+        access=AccessPolicy(rules=settings.access, directory=directory),
+        poster=poster,
+        directory=directory,
+        kick_poller=poller.kick,
+    )
     handlers.register(app, deps)
     return Runtime(settings=settings, db=db, http=http, app=app, poller=poller, push=push)

@@ -34,14 +34,14 @@ def http_app(bolt: AsyncApp, *, health: dict[str, str] | None = None) -> web.App
     return application
 
 
-async def start_http(runtime: Runtime, *, host: str = "0.0.0.0", port: int) -> web.AppRunner:  # noqa: S104
+async def start_http(runtime: Runtime, *, host: str = "0.0.0.0", port: int) -> web.AppRunner:
     runner = web.AppRunner(http_app(runtime.app, health={"replica": runtime.poller.owner}), access_log=None)
     await runner.setup()
     await web.TCPSite(runner, host, port).start()
     return runner
 
 
-async def serve_forever(runtime: Runtime, *, host: str = "0.0.0.0", stop: asyncio.Event | None = None) -> None:  # noqa: S104
+async def serve_forever(runtime: Runtime, *, host: str = "0.0.0.0", stop: asyncio.Event | None = None) -> None:
     """Run until SIGINT/SIGTERM: HTTP mode when a signing secret is set, else Socket Mode."""
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()

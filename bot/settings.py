@@ -181,8 +181,7 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls), file_secret_settings)
 
-    @field_validator("slack_bot_token", "slack_signing_secret", "slack_app_token", "sfp_token",
-                     "flexdeploy_password")
+    @field_validator("slack_bot_token", "slack_signing_secret", "slack_app_token", "sfp_token", "flexdeploy_password")
     @classmethod
     def _no_placeholder(cls, value: SecretStr | None, info: Any) -> SecretStr | None:
         if value is not None and value.get_secret_value().strip().lower() in PLACEHOLDER_SECRETS:

@@ -37,7 +37,9 @@ def parse_when(text: str, *, tz_name: str | None, now: datetime | None = None) -
         days, hours, minutes = (int(g) if g else 0 for g in match.groups())
         result = now + timedelta(days=days, hours=hours, minutes=minutes)
     else:
-        day_word, _, clock = lowered.partition(" ") if lowered.startswith(("today ", "tomorrow ")) else ("", "", lowered)
+        day_word, _, clock = (
+            lowered.partition(" ") if lowered.startswith(("today ", "tomorrow ")) else ("", "", lowered)
+        )
         if match := _CLOCK.match(clock):
             hour, minute = int(match.group(1)), int(match.group(2))
             if hour > 23 or minute > 59:

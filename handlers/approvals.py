@@ -9,7 +9,7 @@ from slack_sdk.web.async_client import AsyncWebClient
 
 from bot.slack.messages import approval_ack, approval_thread_text, reject_modal
 from bot.store import repo
-from bot.store.models import OpKind, REF_PREFIX
+from bot.store.models import REF_PREFIX, OpKind
 from handlers.context import HandlerDeps
 from handlers.errors import guarded, reply_ephemeral
 
@@ -20,16 +20,25 @@ def _operation_id(body: dict[str, Any]) -> int:
 
 
 def register(app: AsyncApp, deps: HandlerDeps) -> None:
-    async def decide(*, operation_id: int, user: str, channel: str, approve: bool, reason: str,
-                     respond: AsyncRespond | None) -> None:
+    async def decide(
+        *, operation_id: int, user: str, channel: str, approve: bool, reason: str, respond: AsyncRespond | None
+    ) -> None:
         decision = await deps.approvals.decide(operation_id=operation_id, user=user, approve=approve, reason=reason)
         op = decision.operation
-        await repo.audit(deps.db, actor=user, channel=channel, operation_ref=op.ref,
-                         action="approve" if approve else "reject", detail=reason[:500], outcome=decision.outcome)
+        await repo.audit(
+            deps.db,
+            actor=user,
+            channel=channel,
+            operation_ref=op.ref,
+            action="approve" if approve else "reject",
+            detail=reason[:500],
+            outcome=decision.outcome,
+        )
         deps.kick_poller()
         if op.card_ts and decision.outcome != "rejected":  # a rejection is announced with the completion
-            await deps.poster.post(channel=op.channel, thread_ts=op.card_ts,
-                                   text=approval_thread_text(user, decision.outcome, reason))
+            await deps.poster.post(
+                channel=op.channel, thread_ts=op.card_ts, text=approval_thread_text(user, decision.outcome, reason)
+            )
         text = approval_ack(op.ref, decision.outcome, decision.approvals, decision.needed)
         if respond is not None:
             await reply_ephemeral(respond, text)
@@ -40,10 +49,17 @@ def register(app: AsyncApp, deps: HandlerDeps) -> None:
         await ack()
         user, channel = body["user"]["id"], (body.get("channel") or {}).get("id", "")
         operation_id = _operation_id(body)
-        await guarded(lambda: decide(operation_id=operation_id, user=user, channel=channel, approve=True, reason="",
-                                     respond=respond),
-                      respond=respond, db=deps.db, actor=user, channel=channel, action="approve",
-                      detail=f"operation {operation_id}")
+        await guarded(
+            lambda: decide(
+                operation_id=operation_id, user=user, channel=channel, approve=True, reason="", respond=respond
+            ),
+            respond=respond,
+            db=deps.db,
+            actor=user,
+            channel=channel,
+            action="approve",
+            detail=f"operation {operation_id}",
+        )
 
     async def on_reject(ack: AsyncAck, body: dict[str, Any], client: AsyncWebClient, respond: AsyncRespond) -> None:
         await ack()
@@ -56,25 +72,40 @@ def register(app: AsyncApp, deps: HandlerDeps) -> None:
             ref = op.ref if op else f"#{operation_id}"
             await client.views_open(trigger_id=body["trigger_id"], view=reject_modal(operation_id, ref))
 
-        await guarded(work, respond=respond, db=deps.db, actor=user, channel=channel, action="reject",
-                      detail=f"operation {operation_id}")
+        await guarded(
+            work,
+            respond=respond,
+            db=deps.db,
+            actor=user,
+            channel=channel,
+            action="reject",
+            detail=f"operation {operation_id}",
+        )
 
     async def on_reject_submit(ack: AsyncAck, body: dict[str, Any], view: dict[str, Any]) -> None:
         await ack()
         user = body["user"]["id"]
         operation_id = int(view.get("private_metadata") or 0)
-        reason = str(((view.get("state") or {}).get("values") or {}).get("reason", {}).get("reason", {}).get("value")
-                     or "").strip()
+        reason = str(
+            ((view.get("state") or {}).get("values") or {}).get("reason", {}).get("reason", {}).get("value") or ""
+        ).strip()
         op = await repo.get_operation(deps.db, operation_id=operation_id)
         channel = op.channel if op else ""
 
         async def respond_via_ephemeral(text: str, **_: Any) -> None:
             await deps.poster.ephemeral(channel=channel, user=user, text=text)
 
-        await guarded(lambda: decide(operation_id=operation_id, user=user, channel=channel, approve=False,
-                                     reason=reason, respond=None),
-                      respond=respond_via_ephemeral,  # type: ignore[arg-type]
-                      db=deps.db, actor=user, channel=channel, action="reject", detail=f"operation {operation_id}")
+        await guarded(
+            lambda: decide(
+                operation_id=operation_id, user=user, channel=channel, approve=False, reason=reason, respond=None
+            ),
+            respond=respond_via_ephemeral,  # type: ignore[arg-type]
+            db=deps.db,
+            actor=user,
+            channel=channel,
+            action="reject",
+            detail=f"operation {operation_id}",
+        )
 
     async def on_push_cancel(ack: AsyncAck, body: dict[str, Any], respond: AsyncRespond) -> None:
         await ack()
@@ -84,13 +115,26 @@ def register(app: AsyncApp, deps: HandlerDeps) -> None:
         async def work() -> None:
             await deps.access.check(command="push", user=user, channel=channel)
             operation = await deps.push.cancel(f"{REF_PREFIX[OpKind.PUSH]}{operation_id}", user=user)
-            await repo.audit(deps.db, actor=user, channel=channel, operation_ref=operation.ref, action="push.cancel",
-                             outcome=operation.state)
+            await repo.audit(
+                deps.db,
+                actor=user,
+                channel=channel,
+                operation_ref=operation.ref,
+                action="push.cancel",
+                outcome=operation.state,
+            )
             deps.kick_poller()
             await reply_ephemeral(respond, f"✋ {operation.ref} is canceled.")
 
-        await guarded(work, respond=respond, db=deps.db, actor=user, channel=channel, action="push.cancel",
-                      detail=f"operation {operation_id}")
+        await guarded(
+            work,
+            respond=respond,
+            db=deps.db,
+            actor=user,
+            channel=channel,
+            action="push.cancel",
+            detail=f"operation {operation_id}",
+        )
 
     app.action("op_approve")(on_approve)
     app.action("op_reject")(on_reject)

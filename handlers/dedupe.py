@@ -29,8 +29,9 @@ def delivery_key(body: dict[str, Any]) -> str | None:
 
 
 def register(app: AsyncApp, deps: HandlerDeps) -> None:
-    async def skip_redeliveries(req: AsyncBoltRequest, resp: BoltResponse,
-                                next: Callable[[], Awaitable[BoltResponse]]) -> BoltResponse:  # noqa: A002
+    async def skip_redeliveries(
+        req: AsyncBoltRequest, resp: BoltResponse, next: Callable[[], Awaitable[BoltResponse]]
+    ) -> BoltResponse:
         key = delivery_key(req.body)
         if key is None:
             return await next()

@@ -21,7 +21,13 @@ async def reply_ephemeral(respond: AsyncRespond, text: str, blocks: list[dict[st
 
 
 async def guarded(
-    work: Callable[[], Awaitable[None]], *, respond: AsyncRespond, db: Database, actor: str, channel: str, action: str,
+    work: Callable[[], Awaitable[None]],
+    *,
+    respond: AsyncRespond,
+    db: Database,
+    actor: str,
+    channel: str,
+    action: str,
     detail: str,
 ) -> None:
     """Run a listener's work after ack(); turn errors into an ephemeral reply and an audit row."""
@@ -31,8 +37,9 @@ async def guarded(
         outcome = "refused" if isinstance(error, UserError) else "upstream-error"
         if not isinstance(error, UserError):
             log.warning("%s failed upstream: %s", action, error.message)
-        await repo.audit(db, actor=actor, channel=channel, action=action, detail=detail,
-                         outcome=f"{outcome}: {error.message[:150]}")
+        await repo.audit(
+            db, actor=actor, channel=channel, action=action, detail=detail, outcome=f"{outcome}: {error.message[:150]}"
+        )
         await reply_ephemeral(respond, error_text(error))
     except Exception:
         log.exception("%s failed", action)

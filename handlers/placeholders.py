@@ -11,6 +11,7 @@ from bot.slack.messages import NOT_YET
 
 def register(app: AsyncApp) -> None:
     for name, text in NOT_YET.items():
+
         async def answer(ack: AsyncAck, command: dict[str, Any], _text: str = text) -> None:
             await ack(text=f":construction: {_text} `/push` works today.")
 

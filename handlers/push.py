@@ -26,8 +26,14 @@ def register(app: AsyncApp, deps: HandlerDeps) -> None:
         except UsageError as error:
             # Syntax errors are answered in the ack itself: fastest, and nothing else happens.
             await ack(text=error_text(error))
-            await repo.audit(deps.db, actor=user, channel=channel, action="command", detail=detail,
-                             outcome=f"refused: {error.message[:150]}")
+            await repo.audit(
+                deps.db,
+                actor=user,
+                channel=channel,
+                action="command",
+                detail=detail,
+                outcome=f"refused: {error.message[:150]}",
+            )
             return
         await ack()
 
@@ -45,11 +51,13 @@ def register(app: AsyncApp, deps: HandlerDeps) -> None:
                 deps.kick_poller()
                 await reply_ephemeral(respond, f"✋ {operation.ref} is canceled; nothing more will be upgraded.")
             elif isinstance(parsed, PushCreate):
-                await create(parsed, user=user, channel=channel, trigger_id=command.get("trigger_id", ""),
-                             respond=respond)
+                await create(
+                    parsed, user=user, channel=channel, trigger_id=command.get("trigger_id", ""), respond=respond
+                )
             elif isinstance(parsed, PushRetry):
-                await retry(parsed, user=user, channel=channel, trigger_id=command.get("trigger_id", ""),
-                            respond=respond)
+                await retry(
+                    parsed, user=user, channel=channel, trigger_id=command.get("trigger_id", ""), respond=respond
+                )
             await repo.audit(deps.db, actor=user, channel=channel, action="command", detail=detail, outcome="ok")
 
         await guarded(work, respond=respond, db=deps.db, actor=user, channel=channel, action="command", detail=detail)
@@ -65,11 +73,19 @@ def register(app: AsyncApp, deps: HandlerDeps) -> None:
         if parsed.dry_run:
             await reply_ephemeral(respond, push_messages.plan_message(plan, dry_run=True))
             return
-        operation, created = await deps.push.create(plan, requester=user, channel=channel,
-                                                    idempotency_key=f"push:{trigger_id}", scheduled_for=scheduled_for)
+        operation, created = await deps.push.create(
+            plan, requester=user, channel=channel, idempotency_key=f"push:{trigger_id}", scheduled_for=scheduled_for
+        )
         deps.kick_poller()
-        await repo.audit(deps.db, actor=user, channel=channel, operation_ref=operation.ref, action="push.create",
-                         detail=operation.summary, outcome=operation.state)
+        await repo.audit(
+            deps.db,
+            actor=user,
+            channel=channel,
+            operation_ref=operation.ref,
+            action="push.create",
+            detail=operation.summary,
+            outcome=operation.state,
+        )
         text = push_messages.created_message(operation, created=created)
         if plan.not_eligible:
             text += "\n" + push_messages.plan_message(plan, dry_run=False).split("\n", 1)[0]
@@ -83,11 +99,23 @@ def register(app: AsyncApp, deps: HandlerDeps) -> None:
             await reply_ephemeral(respond, push_messages.retry_message(retry_plan, dry_run=parsed.dry_run))
             return
         operation, created = await deps.push.create(
-            retry_plan.plan, requester=user, channel=channel, idempotency_key=f"push:{trigger_id}",
-            scheduled_for=scheduled_for, retry_of=retry_plan.previous.ref)
+            retry_plan.plan,
+            requester=user,
+            channel=channel,
+            idempotency_key=f"push:{trigger_id}",
+            scheduled_for=scheduled_for,
+            retry_of=retry_plan.previous.ref,
+        )
         deps.kick_poller()
-        await repo.audit(deps.db, actor=user, channel=channel, operation_ref=operation.ref, action="push.retry",
-                         detail=f"retry of {retry_plan.previous.ref}: {operation.summary}", outcome=operation.state)
+        await repo.audit(
+            deps.db,
+            actor=user,
+            channel=channel,
+            operation_ref=operation.ref,
+            action="push.retry",
+            detail=f"retry of {retry_plan.previous.ref}: {operation.summary}",
+            outcome=operation.state,
+        )
         text = push_messages.created_message(operation, created=created)
         text += "\n" + push_messages.retry_message(retry_plan, dry_run=False).split("\n", 1)[-1]
         await reply_ephemeral(respond, text)

@@ -30,7 +30,8 @@ async def push(sandbox: Sandbox, user: str, text: str) -> str:
 
 async def next_ephemeral(sandbox: Sandbox, user: str, before: int, timeout: float = 20.0) -> str:
     found = await sandbox.slack.wait_for(
-        lambda: ephemerals(sandbox, user)[before] if len(ephemerals(sandbox, user)) > before else None, timeout)
+        lambda: ephemerals(sandbox, user)[before] if len(ephemerals(sandbox, user)) > before else None, timeout
+    )
     assert found is not None, f"no ephemeral answer for {user}"
     return full_text(found)
 
@@ -67,15 +68,26 @@ async def operation(sandbox: Sandbox, ref: str) -> Operation:
     return op
 
 
-async def wait_for_op(sandbox: Sandbox, ref: str, *, states: Iterable[str] | None = None,
-                      announced: bool = False, card: bool = False, timeout: float = 60.0,
-                      predicate: Any = None) -> Operation:
+async def wait_for_op(
+    sandbox: Sandbox,
+    ref: str,
+    *,
+    states: Iterable[str] | None = None,
+    announced: bool = False,
+    card: bool = False,
+    timeout: float = 60.0,
+    predicate: Any = None,
+) -> Operation:
     wanted = set(states or [])
     deadline = time.monotonic() + timeout
     while True:
         op = await operation(sandbox, ref)
-        if ((not wanted or op.state in wanted) and (not announced or op.announced_state == op.state)
-                and (not card or op.card_ts is not None) and (predicate is None or predicate(op))):
+        if (
+            (not wanted or op.state in wanted)
+            and (not announced or op.announced_state == op.state)
+            and (not card or op.card_ts is not None)
+            and (predicate is None or predicate(op))
+        ):
             return op
         if time.monotonic() > deadline:
             raise AssertionError(f"{ref} stayed {op.state} (announced {op.announced_state}), wanted {wanted}")
@@ -102,5 +114,8 @@ def completion_notices(sandbox: Sandbox, op: Operation) -> tuple[list[Message], 
 
 def writes(calls: list[tuple[str, str]]) -> list[tuple[str, str]]:
     """Salesforce calls that change something (token requests excluded)."""
-    return [(method, path) for method, path in calls
-            if method in {"POST", "PATCH", "PUT", "DELETE"} and "/oauth2/" not in path]
+    return [
+        (method, path)
+        for method, path in calls
+        if method in {"POST", "PATCH", "PUT", "DELETE"} and "/oauth2/" not in path
+    ]

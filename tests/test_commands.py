@@ -27,20 +27,23 @@ def test_create_with_version_id_and_org_ids_dedupes_18_to_15() -> None:
     assert parsed.orgs.org_ids == ("00D000000000001", "00D000000000002")
 
 
-@pytest.mark.parametrize(("text", "fragment"), [
-    ("frobnicate", "Unknown subcommand `frobnicate`"),
-    ("create Acme Billing@1.4", "is not a version"),
-    ("create 04tSHORT", "is not a package version id"),
-    ("create Acme@1.0.0 --orgs 00Dnotanid", "not valid: `00Dnotanid`"),
-    ("create Acme@1.0.0 --orgs", "`--orgs` needs a value"),
-    ("create Acme@1.0.0 --colour blue", "Unknown option `--colour`"),
-    ("create Acme@1.0.0 --dry-run --dry-run", "given twice"),
-    ("create \"Acme'); DROP@1.0.0\"", "not a package name"),
-    ("cancel", "takes one reference"),
-    ("status P1 P2", "takes one reference"),
-    ("cancel robert'); --", "I couldn't read that"),
-    ("list everything", "takes no arguments"),
-])
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("frobnicate", "Unknown subcommand `frobnicate`"),
+        ("create Acme Billing@1.4", "is not a version"),
+        ("create 04tSHORT", "is not a package version id"),
+        ("create Acme@1.0.0 --orgs 00Dnotanid", "not valid: `00Dnotanid`"),
+        ("create Acme@1.0.0 --orgs", "`--orgs` needs a value"),
+        ("create Acme@1.0.0 --colour blue", "Unknown option `--colour`"),
+        ("create Acme@1.0.0 --dry-run --dry-run", "given twice"),
+        ('create "Acme\'); DROP@1.0.0"', "not a package name"),
+        ("cancel", "takes one reference"),
+        ("status P1 P2", "takes one reference"),
+        ("cancel robert'); --", "I couldn't read that"),
+        ("list everything", "takes no arguments"),
+    ],
+)
 def test_bad_input_gets_a_specific_message_with_usage(text: str, fragment: str) -> None:
     with pytest.raises(UsageError) as caught:
         parse_push(text)
@@ -58,19 +61,24 @@ def test_other_subcommands() -> None:
 
 def test_when_uses_the_requesters_time_zone() -> None:
     # 09:00 in New York on 24 Nov is 14:00 UTC.
-    assert parse_when("tomorrow 09:00", tz_name="America/New_York", now=NOW) == datetime(2026, 11, 24, 14, 0, tzinfo=UTC)
+    assert parse_when("tomorrow 09:00", tz_name="America/New_York", now=NOW) == datetime(
+        2026, 11, 24, 14, 0, tzinfo=UTC
+    )
     assert parse_when("2026-12-01 18:30", tz_name="Europe/Berlin", now=NOW) == datetime(2026, 12, 1, 17, 30, tzinfo=UTC)
     assert parse_when("+2h", tz_name=None, now=NOW) == datetime(2026, 11, 23, 17, 0, tzinfo=UTC)
     # A clock time already past today means tomorrow.
     assert parse_when("09:00", tz_name="UTC", now=NOW) == datetime(2026, 11, 24, 9, 0, tzinfo=UTC)
 
 
-@pytest.mark.parametrize(("text", "fragment"), [
-    ("2020-01-01 10:00", "is in the past"),
-    ("yesterday", "can't read"),
-    ("25:00", "not a valid time of day"),
-    ("+400d", "more than 90 days ahead"),
-])
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("2020-01-01 10:00", "is in the past"),
+        ("yesterday", "can't read"),
+        ("25:00", "not a valid time of day"),
+        ("+400d", "more than 90 days ahead"),
+    ],
+)
 def test_when_refuses_past_and_nonsense(text: str, fragment: str) -> None:
     with pytest.raises(UsageError) as caught:
         parse_when(text, tz_name="UTC", now=NOW)

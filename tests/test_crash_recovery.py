@@ -46,8 +46,19 @@ class Harness:
     async def start_bot(self, name: str) -> asyncio.subprocess.Process:
         log = (self.workdir / f"{name}.log").open("wb")
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "bot", "--config", str(self.config), "serve", "--host", "127.0.0.1",
-            env=self.env, stdout=log, stderr=log, cwd=self.workdir)
+            sys.executable,
+            "-m",
+            "bot",
+            "--config",
+            str(self.config),
+            "serve",
+            "--host",
+            "127.0.0.1",
+            env=self.env,
+            stdout=log,
+            stderr=log,
+            cwd=self.workdir,
+        )
         async with aiohttp.ClientSession() as session:
             for _ in range(200):
                 try:
@@ -71,26 +82,36 @@ async def harness(tmp_path: Path) -> AsyncIterator[Harness]:
     port = free_port()
     config = tmp_path / "chatops.toml"
     config.write_text(
-        "[orgs.packaging]\nkind = \"production\"\npackaging = true\n\n"
-        f"[notifications]\nchannel = \"{NOTIFY_CHANNEL}\"\n\n"
-        "[poller]\ninterval_seconds = 0.5\nlease_seconds = 3\n")
+        '[orgs.packaging]\nkind = "production"\npackaging = true\n\n'
+        f'[notifications]\nchannel = "{NOTIFY_CHANNEL}"\n\n'
+        "[poller]\ninterval_seconds = 0.5\nlease_seconds = 3\n"
+    )
     env = {key: value for key, value in os.environ.items() if not key.startswith(("SLACK_", "SF_AUTH_URL_"))}
-    env.update({
-        "SLACK_BOT_TOKEN": slack.bot_token, "SLACK_SIGNING_SECRET": SIGNING_SECRET, "SLACK_API_URL": slack.api_url,
-        "DATABASE_URL": f"sqlite:///{tmp_path / 'bot.db'}", "PORT": str(port),
-        "SF_AUTH_URL_PACKAGING": build_auth_url(sim),
-    })
+    env.update(
+        {
+            "SLACK_BOT_TOKEN": slack.bot_token,
+            "SLACK_SIGNING_SECRET": SIGNING_SECRET,
+            "SLACK_API_URL": slack.api_url,
+            "DATABASE_URL": f"sqlite:///{tmp_path / 'bot.db'}",
+            "PORT": str(port),
+            "SF_AUTH_URL_PACKAGING": build_auth_url(sim),
+        }
+    )
     async with aiohttp.ClientSession() as session:
-        agent = SlackUserAgent(bot_url=f"http://127.0.0.1:{port}/slack/events", signing_secret=SIGNING_SECRET,
-                               slack=slack, session=session)
+        agent = SlackUserAgent(
+            bot_url=f"http://127.0.0.1:{port}/slack/events", signing_secret=SIGNING_SECRET, slack=slack, session=session
+        )
         yield Harness(sim=sim, slack=slack, agent=agent, workdir=tmp_path, port=port, env=env, config=config)
     await slack.stop()
     await sim.stop()
 
 
 def completions(slack: FakeSlack) -> tuple[list[object], list[object]]:
-    in_thread = [m for m in slack.messages.get(RELEASES_CHANNEL, [])
-                 if (m.metadata or {}).get("event_type") == "chatops_operation_finished"]
+    in_thread = [
+        m
+        for m in slack.messages.get(RELEASES_CHANNEL, [])
+        if (m.metadata or {}).get("event_type") == "chatops_operation_finished"
+    ]
     notices = [m for m in slack.messages.get(NOTIFY_CHANNEL, []) if "push P1 " in (m.text or "")]
     return in_thread, notices
 
@@ -109,8 +130,9 @@ def request_status(sim: SalesforceOrgSim) -> str:
 async def test_sigkill_mid_push_then_restart_completes_once(harness: Harness, kill_when: str) -> None:
     first = await harness.start_bot("first")
     try:
-        result = await harness.agent.command(user="U0ALICE", channel=RELEASES_CHANNEL, command="/push",
-                                             text="create Acme Billing@1.4.0 --orgs sandbox")
+        result = await harness.agent.command(
+            user="U0ALICE", channel=RELEASES_CHANNEL, command="/push", text="create Acme Billing@1.4.0 --orgs sandbox"
+        )
         assert result.status == 200
         if kill_when == "running":
             await harness.slack.wait_for(lambda: request_status(harness.sim) == "In Progress" or None, 30)
@@ -137,6 +159,34 @@ async def test_sigkill_mid_push_then_restart_completes_once(harness: Harness, ki
     assert len(requests) == 1 and requests[0]["Status"] in {"Succeeded", "Failed"}  # pushed once, not twice
     jobs = harness.sim.push_jobs(str(requests[0]["Id"]))
     assert len({job["SubscriberOrganizationKey"] for job in jobs}) == len(jobs)
-    cards = [m for m in harness.slack.messages[RELEASES_CHANNEL]
-             if not m.is_reply and not m.ephemeral_for and "Push P1 " in (m.text or "")]
+    cards = [
+        m
+        for m in harness.slack.messages[RELEASES_CHANNEL]
+        if not m.is_reply and not m.ephemeral_for and "Push P1 " in (m.text or "")
+    ]
     assert len(cards) == 1
+
+
+async def test_logs_of_a_full_run_hold_no_secrets(harness: Harness) -> None:
+    bot = await harness.start_bot("secrets")
+    try:
+        await harness.agent.command(
+            user="U0ALICE", channel=RELEASES_CHANNEL, command="/push", text="create Acme Billing@1.4.0 --orgs sandbox"
+        )
+        assert await harness.slack.wait_for(lambda: completions(harness.slack)[1] or None, 90)
+        harness.sim.expire_sessions()  # force a token refresh to be logged around
+        await harness.agent.command(user="U0ALICE", channel=RELEASES_CHANNEL, command="/push", text="list")
+        await asyncio.sleep(1)
+    finally:
+        bot.send_signal(signal.SIGTERM)
+        await bot.wait()
+    log = (harness.workdir / "secrets.log").read_text()
+    assert "serving Slack over HTTP" in log
+    for secret in (
+        harness.slack.bot_token,
+        SIGNING_SECRET,
+        harness.sim.refresh_token,
+        harness.sim.client_secret,
+        build_auth_url(harness.sim),
+    ):
+        assert secret not in log

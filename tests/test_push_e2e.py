@@ -40,9 +40,13 @@ def expected_targets(sandbox: Sandbox, *, org_type: str | None = None) -> set[st
     versions = {v["Id"]: (v["MajorVersion"], v["MinorVersion"], v["PatchVersion"]) for v in sandbox.packaging.versions}
     billing = next(p["Id"] for p in sandbox.packaging.packages if p["Name"] == "Acme Billing")
     return {
-        s["OrgKey"][:15] for s in sandbox.packaging.subscribers
-        if s["MetadataPackageId"] == billing and s["InstalledStatus"] == "i" and s["OrgStatus"] != "Inactive"
-        and versions[s["MetadataPackageVersionId"]] < TARGET and (org_type is None or s["OrgType"] == org_type)
+        s["OrgKey"][:15]
+        for s in sandbox.packaging.subscribers
+        if s["MetadataPackageId"] == billing
+        and s["InstalledStatus"] == "i"
+        and s["OrgStatus"] != "Inactive"
+        and versions[s["MetadataPackageVersionId"]] < TARGET
+        and (org_type is None or s["OrgType"] == org_type)
     }
 
 
@@ -84,8 +88,12 @@ async def test_push_to_all_orgs_with_approval_bulk_jobs_failures_and_csv(sandbox
 
     # Bob double-clicks: two deliveries at once, one start.
     before = len(ephemerals(sandbox, BOB))
-    await asyncio.gather(*(sandbox.agent.click_label(user=BOB, channel=CHANNEL, label="Approve", message_ts=op.card_ts)
-                           for _ in range(2)))
+    await asyncio.gather(
+        *(
+            sandbox.agent.click_label(user=BOB, channel=CHANNEL, label="Approve", message_ts=op.card_ts)
+            for _ in range(2)
+        )
+    )
     await next_ephemeral(sandbox, BOB, before + 1)
     answers = sorted(full_text(m) for m in ephemerals(sandbox, BOB)[before:])
     assert len(answers) == 2 and "You approved" in answers[1], answers
@@ -133,8 +141,11 @@ async def test_push_to_all_orgs_with_approval_bulk_jobs_failures_and_csv(sandbox
     assert len(rows) == 1 + len(failed)
 
     # The card was edited in place: one top-level message for this push.
-    cards = [m for m in sandbox.slack.messages[CHANNEL] if not m.is_reply and not m.ephemeral_for
-             and f"Push {ref} " in (m.text or "")]
+    cards = [
+        m
+        for m in sandbox.slack.messages[CHANNEL]
+        if not m.is_reply and not m.ephemeral_for and f"Push {ref} " in (m.text or "")
+    ]
     assert len(cards) == 1 and cards[0].edited
 
 
@@ -143,14 +154,16 @@ async def test_retry_leaves_out_what_retrying_cannot_fix(sandbox: Sandbox) -> No
     ref = ref_in(answer)
     op = await wait_for_op(sandbox, ref, states=[OpState.FAILED], announced=True, timeout=60)
     assert sandbox.runtime is not None
-    failed = [t for t in await repo.push_targets(sandbox.runtime.db, operation_id=op.id or 0) if t.job_status == "Failed"]
+    failed = [
+        t for t in await repo.push_targets(sandbox.runtime.db, operation_id=op.id or 0) if t.job_status == "Failed"
+    ]
     sticky = [t for t in failed if t.error_type in {"IneligibleUpgrade", "FeatureMissing"}]
     assert failed and sticky
 
     text = await push(sandbox, ALICE, f"retry {ref}")
     retry_ref = ref_in(text.replace(ref, ""))
     assert f"Left out of the retry of {ref}" in text
-    assert f"{len(sticky)} — " in text or f"— IneligibleUpgrade" in text
+    assert f"{len(sticky)} — " in text or "— IneligibleUpgrade" in text
     retry = await wait_for_op(sandbox, retry_ref, states=[OpState.SUCCEEDED, OpState.FAILED], announced=True)
     jobs = {j["SubscriberOrganizationKey"][:15] for j in sandbox.packaging.push_jobs(retry.external_id or "")}
     assert jobs == {t.org_key for t in failed} - {t.org_key for t in sticky}
@@ -165,10 +178,13 @@ async def test_cancel_scheduled_push_and_refuse_in_progress(slow_sandbox: Sandbo
     assert sim.push_request(op.external_id or "")["Status"] == "Pending"
 
     running = ref_in(await push(sandbox, ALICE, "create Acme Billing@1.4.0 --orgs sandbox"))
-    run_op = await wait_for_op(sandbox, running, states=[OpState.RUNNING],
-                               predicate=lambda o: o.data.get("request_status") == "In Progress")
+    run_op = await wait_for_op(
+        sandbox, running, states=[OpState.RUNNING], predicate=lambda o: o.data.get("request_status") == "In Progress"
+    )
     refusal = await push(sandbox, ALICE, f"cancel {running}")
-    assert f"{running} is In Progress in Salesforce" in refusal and "only be canceled while Created or Pending" in refusal
+    assert (
+        f"{running} is In Progress in Salesforce" in refusal and "only be canceled while Created or Pending" in refusal
+    )
     assert sim.push_request(run_op.external_id or "")["Status"] == "In Progress"
 
     answer = await push(sandbox, ALICE, f"cancel {scheduled}")
@@ -191,18 +207,22 @@ async def test_cancel_while_waiting_for_approval_writes_nothing(sandbox: Sandbox
     assert writes(sandbox.packaging.calls) == []
 
 
-@pytest.mark.parametrize(("text", "fragment"), [
-    ("create Nope Package@1.0.0", "No package called `Nope Package`"),
-    ("create Acme Billing@1.x.0", "is not a version"),
-    ("create Acme Billing@1.4.0 --orgs 00Dbogus", "not valid: `00Dbogus`"),
-    ("create \"Acme Billing' OR Name LIKE 'A@1.4.0\"", "No package called `Acme Billing' OR Name LIKE 'A`"),
-    ("create Acme Billing@1.4.0 --at 2020-01-01 10:00", "is in the past"),
-    ("promote Acme Billing@1.4.0", "Unknown subcommand `promote`"),
-    ("create Acme Billing@1.5.0", "is Beta; only Released versions"),
-    ("status P999", "No push `P999`"),
-])
-async def test_bad_input_is_refused_specifically_and_changes_nothing(sandbox: Sandbox, text: str,
-                                                                     fragment: str) -> None:
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("create Nope Package@1.0.0", "No package called `Nope Package`"),
+        ("create Acme Billing@1.x.0", "is not a version"),
+        ("create Acme Billing@1.4.0 --orgs 00Dbogus", "not valid: `00Dbogus`"),
+        ("create \"Acme Billing' OR Name LIKE 'A@1.4.0\"", "No package called `Acme Billing' OR Name LIKE 'A`"),
+        ("create Acme Billing@1.4.0 --at 2020-01-01 10:00", "is in the past"),
+        ("promote Acme Billing@1.4.0", "Unknown subcommand `promote`"),
+        ("create Acme Billing@1.5.0", "is Beta; only Released versions"),
+        ("status P999", "No push `P999`"),
+    ],
+)
+async def test_bad_input_is_refused_specifically_and_changes_nothing(
+    sandbox: Sandbox, text: str, fragment: str
+) -> None:
     sandbox.packaging.reset_calls()
     answer = await push(sandbox, ALICE, text)
     assert fragment in answer.replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&")
@@ -239,11 +259,17 @@ async def test_session_expiry_mid_push_is_invisible_to_the_user(sandbox: Sandbox
 
 
 async def test_slack_retry_of_the_same_command_creates_one_push(sandbox: Sandbox) -> None:
-    first = await sandbox.agent.command(user=ALICE, channel=CHANNEL, command="/push",
-                                        text="create Acme Billing@1.4.0 --orgs sandbox")
-    again = await sandbox.agent.command(user=ALICE, channel=CHANNEL, command="/push",
-                                        text="create Acme Billing@1.4.0 --orgs sandbox",
-                                        retry_num=1, trigger_id=first.trigger_id)
+    first = await sandbox.agent.command(
+        user=ALICE, channel=CHANNEL, command="/push", text="create Acme Billing@1.4.0 --orgs sandbox"
+    )
+    again = await sandbox.agent.command(
+        user=ALICE,
+        channel=CHANNEL,
+        command="/push",
+        text="create Acme Billing@1.4.0 --orgs sandbox",
+        retry_num=1,
+        trigger_id=first.trigger_id,
+    )
     assert first.status == 200 and again.status == 200
     await asyncio.sleep(1.0)
     assert sandbox.runtime is not None

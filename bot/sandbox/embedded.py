@@ -46,9 +46,16 @@ class Sandbox:
     signing_secret: str
 
 
-def sandbox_settings(*, slack: FakeSlack, packaging: SalesforceOrgSim, production: SalesforceOrgSim,
-                     sandbox_org: SalesforceOrgSim, database_url: str, signing_secret: str,
-                     **overrides: Any) -> Settings:
+def sandbox_settings(
+    *,
+    slack: FakeSlack,
+    packaging: SalesforceOrgSim,
+    production: SalesforceOrgSim,
+    sandbox_org: SalesforceOrgSim,
+    database_url: str,
+    signing_secret: str,
+    **overrides: Any,
+) -> Settings:
     """What `python -m bot` configures for itself; tests reuse it with overrides."""
     values: dict[str, Any] = {
         "slack_bot_token": SecretStr(slack.bot_token),
@@ -69,11 +76,13 @@ def sandbox_settings(*, slack: FakeSlack, packaging: SalesforceOrgSim, productio
 
 
 @asynccontextmanager
-async def running_sandbox(*, workdir: Path, job_seconds: float = 0.25, subscribers: int = 2400,
-                          start_bot: bool = True, **overrides: Any) -> AsyncIterator[Sandbox]:
+async def running_sandbox(
+    *, workdir: Path, job_seconds: float = 0.25, subscribers: int = 2400, start_bot: bool = True, **overrides: Any
+) -> AsyncIterator[Sandbox]:
     """Start the simulators, the fake Slack and (unless ``start_bot`` is False) the bot."""
-    packaging = SalesforceOrgSim(org_id="00D00000000PKG1", kind="packaging", subscribers=subscribers,
-                                 job_seconds=job_seconds)
+    packaging = SalesforceOrgSim(
+        org_id="00D00000000PKG1", kind="packaging", subscribers=subscribers, job_seconds=job_seconds
+    )
     production = SalesforceOrgSim(org_id="00D00000000PRD1", kind="production", subscribers=0)
     sandbox_org = SalesforceOrgSim(org_id="00D00000000UAT1", kind="sandbox", subscribers=0)
     slack = FakeSlack()
@@ -81,9 +90,15 @@ async def running_sandbox(*, workdir: Path, job_seconds: float = 0.25, subscribe
         await server.start()
     await slack.start()
     signing_secret = secrets.token_hex(16)
-    settings = sandbox_settings(slack=slack, packaging=packaging, production=production, sandbox_org=sandbox_org,
-                                database_url=f"sqlite:///{workdir / 'chatops.db'}", signing_secret=signing_secret,
-                                **overrides)
+    settings = sandbox_settings(
+        slack=slack,
+        packaging=packaging,
+        production=production,
+        sandbox_org=sandbox_org,
+        database_url=f"sqlite:///{workdir / 'chatops.db'}",
+        signing_secret=signing_secret,
+        **overrides,
+    )
     runtime: Runtime | None = None
     runner: web.AppRunner | None = None
     bot_url = ""
@@ -99,8 +114,17 @@ async def running_sandbox(*, workdir: Path, job_seconds: float = 0.25, subscribe
             bot_url = f"http://127.0.0.1:{port}{EVENTS_PATH}"
             runtime.poller.start()
         agent = SlackUserAgent(bot_url=bot_url, signing_secret=signing_secret, slack=slack, session=session)
-        yield Sandbox(packaging=packaging, production=production, sandbox_org=sandbox_org, slack=slack,
-                      settings=settings, runtime=runtime, bot_url=bot_url, agent=agent, signing_secret=signing_secret)
+        yield Sandbox(
+            packaging=packaging,
+            production=production,
+            sandbox_org=sandbox_org,
+            slack=slack,
+            settings=settings,
+            runtime=runtime,
+            bot_url=bot_url,
+            agent=agent,
+            signing_secret=signing_secret,
+        )
     finally:
         if runner is not None:
             await runner.cleanup()
@@ -138,12 +162,14 @@ async def run_demo(script: Path | None) -> int:
 
 
 def _banner(sandbox: Sandbox) -> str:
-    return "\n".join([
-        "Release ChatOps — local sandbox (nothing here touches real Slack or Salesforce)",
-        f"  packaging org (Acme Billing, {len(sandbox.packaging.subscribers):,} subscribers): {sandbox.packaging.url}",
-        f"  production org: {sandbox.production.url}   sandbox org: {sandbox.sandbox_org.url}",
-        f"  fake Slack: {sandbox.slack.url}   bot: {sandbox.bot_url}",
-        "  channel #releases; users alice (requester), bob and dave (approvers), carol (not an approver).",
-        "Try:  /push create Acme Billing@1.4.0 --orgs all --dry-run     then without --dry-run,",
-        "      as bob, click Approve.   Type `help` for console commands.",
-    ])
+    return "\n".join(
+        [
+            "Release ChatOps — local sandbox (nothing here touches real Slack or Salesforce)",
+            f"  packaging org ({len(sandbox.packaging.subscribers):,} subscribers): {sandbox.packaging.url}",
+            f"  production org: {sandbox.production.url}   sandbox org: {sandbox.sandbox_org.url}",
+            f"  fake Slack: {sandbox.slack.url}   bot: {sandbox.bot_url}",
+            "  channel #releases; users alice (requester), bob and dave (approvers), carol (not an approver).",
+            "Try:  /push create Acme Billing@1.4.0 --orgs all --dry-run     then without --dry-run,",
+            "      as bob, click Approve.   Type `help` for console commands.",
+        ]
+    )

@@ -91,39 +91,78 @@ SCHEMAS: dict[str, ObjectSchema] = {
     ),
     "MetadataPackageVersion": ObjectSchema(
         "MetadataPackageVersion",
-        {**_SYSTEM, "Name": "string", "MetadataPackageId": "reference", "ReleaseState": "picklist",
-         "MajorVersion": "int", "MinorVersion": "int", "PatchVersion": "int", "BuildNumber": "int",
-         "IsDeprecated": "boolean"},
+        {
+            **_SYSTEM,
+            "Name": "string",
+            "MetadataPackageId": "reference",
+            "ReleaseState": "picklist",
+            "MajorVersion": "int",
+            "MinorVersion": "int",
+            "PatchVersion": "int",
+            "BuildNumber": "int",
+            "IsDeprecated": "boolean",
+        },
         {"MetadataPackage": ("MetadataPackageId", "MetadataPackage")},
     ),
     "PackageSubscriber": ObjectSchema(
         "PackageSubscriber",
-        {**_SYSTEM, "OrgKey": "string", "OrgName": "string", "OrgType": "picklist",
-         "OrgStatus": "picklist", "InstalledStatus": "picklist", "InstanceName": "string",
-         "MetadataPackageId": "reference", "MetadataPackageVersionId": "reference",
-         "ParentOrg": "string"},
-        {"MetadataPackage": ("MetadataPackageId", "MetadataPackage"),
-         "MetadataPackageVersion": ("MetadataPackageVersionId", "MetadataPackageVersion")},
+        {
+            **_SYSTEM,
+            "OrgKey": "string",
+            "OrgName": "string",
+            "OrgType": "picklist",
+            "OrgStatus": "picklist",
+            "InstalledStatus": "picklist",
+            "InstanceName": "string",
+            "MetadataPackageId": "reference",
+            "MetadataPackageVersionId": "reference",
+            "ParentOrg": "string",
+        },
+        {
+            "MetadataPackage": ("MetadataPackageId", "MetadataPackage"),
+            "MetadataPackageVersion": ("MetadataPackageVersionId", "MetadataPackageVersion"),
+        },
     ),
     "PackagePushRequest": ObjectSchema(
         "PackagePushRequest",
-        {**_SYSTEM, "PackageVersionId": "reference", "Status": "picklist",
-         "ScheduledStartTime": "datetime", "StartTime": "datetime", "EndTime": "datetime",
-         "DurationSeconds": "int", "CreatedDate": "datetime", "CreatedById": "reference"},
+        {
+            **_SYSTEM,
+            "PackageVersionId": "reference",
+            "Status": "picklist",
+            "ScheduledStartTime": "datetime",
+            "StartTime": "datetime",
+            "EndTime": "datetime",
+            "DurationSeconds": "int",
+            "CreatedDate": "datetime",
+            "CreatedById": "reference",
+        },
         {"PackageVersion": ("PackageVersionId", "MetadataPackageVersion")},
     ),
     "PackagePushJob": ObjectSchema(
         "PackagePushJob",
-        {**_SYSTEM, "PackagePushRequestId": "reference", "SubscriberOrganizationKey": "string",
-         "Status": "picklist", "StartTime": "datetime", "EndTime": "datetime",
-         "DurationSeconds": "int", "CreatedDate": "datetime"},
+        {
+            **_SYSTEM,
+            "PackagePushRequestId": "reference",
+            "SubscriberOrganizationKey": "string",
+            "Status": "picklist",
+            "StartTime": "datetime",
+            "EndTime": "datetime",
+            "DurationSeconds": "int",
+            "CreatedDate": "datetime",
+        },
         {"PackagePushRequest": ("PackagePushRequestId", "PackagePushRequest")},
     ),
     "PackagePushError": ObjectSchema(
         "PackagePushError",
-        {**_SYSTEM, "PackagePushJobId": "reference", "ErrorSeverity": "picklist",
-         "ErrorType": "picklist", "ErrorTitle": "string", "ErrorMessage": "string",
-         "ErrorDetails": "string"},
+        {
+            **_SYSTEM,
+            "PackagePushJobId": "reference",
+            "ErrorSeverity": "picklist",
+            "ErrorType": "picklist",
+            "ErrorTitle": "string",
+            "ErrorMessage": "string",
+            "ErrorDetails": "string",
+        },
         {"PackagePushJob": ("PackagePushJobId", "PackagePushJob")},
     ),
 }
@@ -158,18 +197,78 @@ _NOTABLE_NAMES = [
     "Zürich Rückversicherung AG",
 ]
 _NAME_HEADS = [
-    "Northwind", "Contoso", "Globex", "Initech", "Umbrella", "Stark", "Wayne", "Tyrell", "Cyberdyne",
-    "Hooli", "Vandelay", "Wonka", "Acme Widgets", "Blue Harbor", "Cedar Ridge", "Silverline",
-    "Brightwater", "Ironwood", "Red Rock", "Summit Peak", "Granite State", "Evergreen", "Pioneer",
-    "Harbor Point", "Lakeside", "Oakmont", "Riverbend", "Sterling", "Keystone", "Maple Leaf",
-    "Bluebird", "Copperfield", "Falcon Ridge", "Golden Gate", "Highland", "Juniper", "Kingsbridge",
-    "Larkspur", "Meridian", "Northstar", "Orchard", "Pinecrest", "Quarry Hill", "Redwood",
-    "Seabright", "Trailhead", "Union Square", "Valley Forge", "Westbrook", "Yellowstone",
+    "Northwind",
+    "Contoso",
+    "Globex",
+    "Initech",
+    "Umbrella",
+    "Stark",
+    "Wayne",
+    "Tyrell",
+    "Cyberdyne",
+    "Hooli",
+    "Vandelay",
+    "Wonka",
+    "Acme Widgets",
+    "Blue Harbor",
+    "Cedar Ridge",
+    "Silverline",
+    "Brightwater",
+    "Ironwood",
+    "Red Rock",
+    "Summit Peak",
+    "Granite State",
+    "Evergreen",
+    "Pioneer",
+    "Harbor Point",
+    "Lakeside",
+    "Oakmont",
+    "Riverbend",
+    "Sterling",
+    "Keystone",
+    "Maple Leaf",
+    "Bluebird",
+    "Copperfield",
+    "Falcon Ridge",
+    "Golden Gate",
+    "Highland",
+    "Juniper",
+    "Kingsbridge",
+    "Larkspur",
+    "Meridian",
+    "Northstar",
+    "Orchard",
+    "Pinecrest",
+    "Quarry Hill",
+    "Redwood",
+    "Seabright",
+    "Trailhead",
+    "Union Square",
+    "Valley Forge",
+    "Westbrook",
+    "Yellowstone",
 ]
 _NAME_TAILS = [
-    "Inc.", "LLC", "Ltd", "Group", "Holdings", "Partners", "Corporation", "Co.", "Systems",
-    "Logistics", "Health", "Financial", "Energy", "Retail", "Manufacturing", "Insurance",
-    "Software", "Foods", "Media", "Capital",
+    "Inc.",
+    "LLC",
+    "Ltd",
+    "Group",
+    "Holdings",
+    "Partners",
+    "Corporation",
+    "Co.",
+    "Systems",
+    "Logistics",
+    "Health",
+    "Financial",
+    "Energy",
+    "Retail",
+    "Manufacturing",
+    "Insurance",
+    "Software",
+    "Foods",
+    "Media",
+    "Capital",
 ]
 _PRODUCTION_INSTANCES = [("NA", 100, 250), ("EU", 10, 50), ("AP", 10, 30), ("USA", 100, 900)]
 
@@ -227,8 +326,13 @@ def _company_names(rng: random.Random) -> Iterator[str]:
 
 
 def _package(ids: IdFactory, name: str, namespace: str, created: datetime) -> Row:
-    return {"Id": ids.new("MetadataPackage"), "Name": name, "NamespacePrefix": namespace,
-            "PackageCategory": "Package", "SystemModstamp": format_sf_datetime(created)}
+    return {
+        "Id": ids.new("MetadataPackage"),
+        "Name": name,
+        "NamespacePrefix": namespace,
+        "PackageCategory": "Package",
+        "SystemModstamp": format_sf_datetime(created),
+    }
 
 
 def _versions(ids: IdFactory, package: Row, specs: list[Any], start: datetime) -> list[Row]:
@@ -236,11 +340,20 @@ def _versions(ids: IdFactory, package: Row, specs: list[Any], start: datetime) -
     for build, (numbers, name, state, deprecated, _share) in enumerate(specs, start=1):
         major, minor, patch = numbers
         stamp = start + timedelta(days=91 * (build - 1))
-        rows.append({
-            "Id": ids.new("MetadataPackageVersion"), "Name": name, "MetadataPackageId": package["Id"],
-            "ReleaseState": state, "MajorVersion": major, "MinorVersion": minor, "PatchVersion": patch,
-            "BuildNumber": build, "IsDeprecated": deprecated, "SystemModstamp": format_sf_datetime(stamp),
-        })
+        rows.append(
+            {
+                "Id": ids.new("MetadataPackageVersion"),
+                "Name": name,
+                "MetadataPackageId": package["Id"],
+                "ReleaseState": state,
+                "MajorVersion": major,
+                "MinorVersion": minor,
+                "PatchVersion": patch,
+                "BuildNumber": build,
+                "IsDeprecated": deprecated,
+                "SystemModstamp": format_sf_datetime(stamp),
+            }
+        )
     return rows
 
 
@@ -250,8 +363,7 @@ class _SubscriberFactory:
     ids: IdFactory
     names: Iterator[str]
 
-    def row(self, *, package: Row, version: Row, org_key: str, name: str, org_type: str,
-            parent: str | None) -> Row:
+    def row(self, *, package: Row, version: Row, org_key: str, name: str, org_type: str, parent: str | None) -> Row:
         rng = self.rng
         status = _weighted(rng, [("Active", 75), ("Trial", 10), ("Demo", 3), ("Inactive", 12)])
         if org_type == "Sandbox":
@@ -260,11 +372,16 @@ class _SubscriberFactory:
             region, low, high = rng.choice(_PRODUCTION_INSTANCES)
             instance = f"{region}{rng.randint(low, high)}"
         return {
-            "Id": self.ids.new("PackageSubscriber"), "OrgKey": org_key, "OrgName": name,
-            "OrgType": org_type, "OrgStatus": status,
+            "Id": self.ids.new("PackageSubscriber"),
+            "OrgKey": org_key,
+            "OrgName": name,
+            "OrgType": org_type,
+            "OrgStatus": status,
             "InstalledStatus": "i" if rng.random() < 0.95 else "u",
-            "InstanceName": instance, "MetadataPackageId": package["Id"],
-            "MetadataPackageVersionId": version["Id"], "ParentOrg": parent,
+            "InstanceName": instance,
+            "MetadataPackageId": package["Id"],
+            "MetadataPackageVersionId": version["Id"],
+            "ParentOrg": parent,
             "SystemModstamp": format_sf_datetime(_SEED_EPOCH + timedelta(days=rng.randint(0, 600))),
         }
 
@@ -274,49 +391,86 @@ def _version_picker(rng: random.Random, versions: list[Row], specs: list[Any]) -
     return lambda: _weighted(rng, weighted)
 
 
-def _billing_subscribers(factory: _SubscriberFactory, package: Row, versions: list[Row],
-                         count: int, keys: Iterator[str]) -> list[Row]:
+def _billing_subscribers(
+    factory: _SubscriberFactory, package: Row, versions: list[Row], count: int, keys: Iterator[str]
+) -> list[Row]:
     rng = factory.rng
     pick_version = _version_picker(rng, versions, _BILLING_VERSIONS)
     productions = round(count * 0.6)
     rows: list[Row] = []
     for _ in range(productions):
-        rows.append(factory.row(package=package, version=pick_version(), org_key=next(keys),
-                                name=next(factory.names), org_type="Production", parent=None))
+        rows.append(
+            factory.row(
+                package=package,
+                version=pick_version(),
+                org_key=next(keys),
+                name=next(factory.names),
+                org_type="Production",
+                parent=None,
+            )
+        )
     for _ in range(count - productions):
         parent = rng.choice(rows[:productions]) if productions else None
-        rows.append(factory.row(
-            package=package, version=pick_version(), org_key=next(keys),
-            name=parent["OrgName"] if parent else next(factory.names), org_type="Sandbox",
-            parent=parent["OrgKey"] if parent else None,
-        ))
+        rows.append(
+            factory.row(
+                package=package,
+                version=pick_version(),
+                org_key=next(keys),
+                name=parent["OrgName"] if parent else next(factory.names),
+                org_type="Sandbox",
+                parent=parent["OrgKey"] if parent else None,
+            )
+        )
     # Keep the notable names near the top of an unordered query, sandboxes mixed in after.
     head, tail = rows[: len(_NOTABLE_NAMES)], rows[len(_NOTABLE_NAMES) :]
     rng.shuffle(tail)
     return head + tail
 
 
-def _insights_subscribers(factory: _SubscriberFactory, package: Row, versions: list[Row],
-                          billing: list[Row], keys: Iterator[str]) -> list[Row]:
+def _insights_subscribers(
+    factory: _SubscriberFactory, package: Row, versions: list[Row], billing: list[Row], keys: Iterator[str]
+) -> list[Row]:
     """Acme Insights shares some customers with Acme Billing, so queries must filter by package."""
     rng = factory.rng
     pick_version = _version_picker(rng, versions, _INSIGHTS_VERSIONS)
-    shared = rng.sample([row for row in billing if row["OrgType"] == "Production"],
-                        k=min(30, sum(row["OrgType"] == "Production" for row in billing)))
-    rows = [factory.row(package=package, version=pick_version(), org_key=row["OrgKey"],
-                        name=row["OrgName"], org_type="Production", parent=None) for row in shared]
+    shared = rng.sample(
+        [row for row in billing if row["OrgType"] == "Production"],
+        k=min(30, sum(row["OrgType"] == "Production" for row in billing)),
+    )
+    rows = [
+        factory.row(
+            package=package,
+            version=pick_version(),
+            org_key=row["OrgKey"],
+            name=row["OrgName"],
+            org_type="Production",
+            parent=None,
+        )
+        for row in shared
+    ]
     while len(rows) < INSIGHTS_SUBSCRIBERS:
-        rows.append(factory.row(package=package, version=pick_version(), org_key=next(keys),
-                                name=next(factory.names), org_type="Production", parent=None))
+        rows.append(
+            factory.row(
+                package=package,
+                version=pick_version(),
+                org_key=next(keys),
+                name=next(factory.names),
+                org_type="Production",
+                parent=None,
+            )
+        )
     return rows
 
 
 def _blocked_orgs(subscribers: list[Row], newest_release: Row) -> dict[str, str]:
     """A few eligible-looking production orgs whose push jobs Salesforce refuses."""
     eligible = [
-        row for row in subscribers
-        if row["OrgType"] == "Production" and row["OrgStatus"] == "Active"
-        and row["InstalledStatus"] == "i" and row["MetadataPackageVersionId"] != newest_release["Id"]
+        row
+        for row in subscribers
+        if row["OrgType"] == "Production"
+        and row["OrgStatus"] == "Active"
+        and row["InstalledStatus"] == "i"
+        and row["MetadataPackageVersionId"] != newest_release["Id"]
     ]
     return {row["OrgKey"]: reason for row, reason in zip(eligible[-3:], _BLOCKED_REASONS, strict=False)}
 
@@ -334,8 +488,7 @@ def generate_seed(*, seed: int, subscriber_count: int, ids: IdFactory) -> SeedDa
     factory = _SubscriberFactory(rng, ids, _company_names(rng))
     keys = _org_keys(rng)
     billing_subscribers = _billing_subscribers(factory, billing, billing_versions, subscriber_count, keys)
-    insights_subscribers = _insights_subscribers(factory, insights, insights_versions,
-                                                 billing_subscribers, keys)
+    insights_subscribers = _insights_subscribers(factory, insights, insights_versions, billing_subscribers, keys)
     data.subscribers = billing_subscribers + insights_subscribers
     data.refused_org_keys = _blocked_orgs(billing_subscribers, billing_versions[5])
     return data
@@ -356,41 +509,112 @@ class PushErrorKind:
 
 
 PUSH_ERROR_KINDS: tuple[PushErrorKind, ...] = (
-    PushErrorKind("LockingFailure", 20, 0.1, (
-        ("Record locking failure", "UNABLE_TO_LOCK_ROW: unable to obtain exclusive access to this record",
-         "Another process was updating acmebill__Invoice__c records in {org} while the upgrade ran."),
-    )),
-    PushErrorKind("ApexTestFailure", 15, 0.5, (
-        ("Apex test failure", "Test failure: InvoiceTriggerTest.testBulkInsert",
-         "System.AssertException: Assertion Failed: Expected: 200, Actual: 199. "
-         "Class.acmebill.InvoiceTriggerTest.testBulkInsert: line 42, column 1"),
-    )),
-    PushErrorKind("DeployError", 12, 0.5, (
-        ("Deployment error", "Field acmebill__Invoice__c.acmebill__TaxRegion__c: Picklist value 'EMEA' "
-         "already exists", "The subscriber added a value with the same API name to a packaged picklist."),
-        ("Deployment error", "Validation rule acmebill__Invoice__c.Require_PO is invalid",
-         "Field PO_Number__c referenced by the packaged validation rule was deleted in {org}."),
-    )),
-    PushErrorKind("UnclassifiedError", 12, 0.1, (
-        ("Internal server error", "An unexpected error occurred. Please include this ErrorId if you "
-         "contact support: 1934261182-77421 (-1093283713)", "The upgrade of {package} stopped unexpectedly."),
-    )),
-    PushErrorKind("IneligibleUpgrade", 12, 1.0, (
-        ("Ineligible upgrade", "The subscriber's license for {package} has expired",
-         "Push upgrades need an active license; the subscription of {org} ended."),
-        ("Ineligible upgrade", "The package was uninstalled from the subscriber org",
-         "{package} is no longer installed in {org}."),
-    )),
-    PushErrorKind("FeatureMissing", 10, 1.0, (
-        ("Required feature missing", "Multi-Currency must be enabled to install this version",
-         "Version {version} of {package} depends on Multi-Currency, which {org} doesn't have."),
-    )),
-    PushErrorKind("LimitExceeded", 10, 0.1, (
-        ("Org limit exceeded", "Maximum number of custom fields (800) on Account exceeded",
-         "The upgrade adds 3 custom fields to Account; {org} has 799."),
-    )),
-    PushErrorKind("PACError", 9, 0.5, (
-        ("Package access error", "Package Access Control blocked access to Account.AnnualRevenue",
-         "The new version reads a field that the subscriber has not granted to the package."),
-    )),
+    PushErrorKind(
+        "LockingFailure",
+        20,
+        0.1,
+        (
+            (
+                "Record locking failure",
+                "UNABLE_TO_LOCK_ROW: unable to obtain exclusive access to this record",
+                "Another process was updating acmebill__Invoice__c records in {org} while the upgrade ran.",
+            ),
+        ),
+    ),
+    PushErrorKind(
+        "ApexTestFailure",
+        15,
+        0.5,
+        (
+            (
+                "Apex test failure",
+                "Test failure: InvoiceTriggerTest.testBulkInsert",
+                "System.AssertException: Assertion Failed: Expected: 200, Actual: 199. "
+                "Class.acmebill.InvoiceTriggerTest.testBulkInsert: line 42, column 1",
+            ),
+        ),
+    ),
+    PushErrorKind(
+        "DeployError",
+        12,
+        0.5,
+        (
+            (
+                "Deployment error",
+                "Field acmebill__Invoice__c.acmebill__TaxRegion__c: Picklist value 'EMEA' already exists",
+                "The subscriber added a value with the same API name to a packaged picklist.",
+            ),
+            (
+                "Deployment error",
+                "Validation rule acmebill__Invoice__c.Require_PO is invalid",
+                "Field PO_Number__c referenced by the packaged validation rule was deleted in {org}.",
+            ),
+        ),
+    ),
+    PushErrorKind(
+        "UnclassifiedError",
+        12,
+        0.1,
+        (
+            (
+                "Internal server error",
+                "An unexpected error occurred. Please include this ErrorId if you "
+                "contact support: 1934261182-77421 (-1093283713)",
+                "The upgrade of {package} stopped unexpectedly.",
+            ),
+        ),
+    ),
+    PushErrorKind(
+        "IneligibleUpgrade",
+        12,
+        1.0,
+        (
+            (
+                "Ineligible upgrade",
+                "The subscriber's license for {package} has expired",
+                "Push upgrades need an active license; the subscription of {org} ended.",
+            ),
+            (
+                "Ineligible upgrade",
+                "The package was uninstalled from the subscriber org",
+                "{package} is no longer installed in {org}.",
+            ),
+        ),
+    ),
+    PushErrorKind(
+        "FeatureMissing",
+        10,
+        1.0,
+        (
+            (
+                "Required feature missing",
+                "Multi-Currency must be enabled to install this version",
+                "Version {version} of {package} depends on Multi-Currency, which {org} doesn't have.",
+            ),
+        ),
+    ),
+    PushErrorKind(
+        "LimitExceeded",
+        10,
+        0.1,
+        (
+            (
+                "Org limit exceeded",
+                "Maximum number of custom fields (800) on Account exceeded",
+                "The upgrade adds 3 custom fields to Account; {org} has 799.",
+            ),
+        ),
+    ),
+    PushErrorKind(
+        "PACError",
+        9,
+        0.5,
+        (
+            (
+                "Package access error",
+                "Package Access Control blocked access to Account.AnnualRevenue",
+                "The new version reads a field that the subscriber has not granted to the package.",
+            ),
+        ),
+    ),
 )

@@ -56,8 +56,7 @@ MAX_LOCATORS = 256  # open query cursors kept; older ones answer INVALID_QUERY_L
 FIRST_API_VERSION = 31
 
 REQUEST_STATUSES = ("Created", "Pending", "In Progress", "Succeeded", "Failed", "Canceled")
-BULK_DELIMITERS = {"COMMA": ",", "TAB": "\t", "PIPE": "|", "SEMICOLON": ";", "CARET": "^",
-                   "BACKQUOTE": "`"}
+BULK_DELIMITERS = {"COMMA": ",", "TAB": "\t", "PIPE": "|", "SEMICOLON": ";", "CARET": "^", "BACKQUOTE": "`"}
 INSERTABLE = ("PackagePushRequest", "PackagePushJob")
 _ID_RE = re.compile(r"[A-Za-z0-9]{15}(?:[A-Za-z0-9]{3})?")
 _ORG_KEY_RE = re.compile(r"00D[A-Za-z0-9]{12}(?:[A-Za-z0-9]{3})?")
@@ -77,8 +76,15 @@ GATEWAY_PAGE = "<html><head><title>{status} Gateway Error</title></head><body>{s
 class ApiError(Exception):
     """An error answer in Salesforce's REST shape: a JSON list of {message, errorCode[, fields]}."""
 
-    def __init__(self, status: int, code: str, message: str, *, fields: list[str] | None = None,
-                 headers: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        *,
+        fields: list[str] | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.body: list[Row] = [error_body(code, message, fields)]
@@ -102,8 +108,11 @@ class RecordError(Exception):
 
     def as_bulk_error(self) -> str:
         """Bulk API 2.0 sf__Error text: CODE:message:fields -- (or CODE:message:-- with no fields)."""
-        return f"{self.code}:{self.message}:{','.join(self.fields)} --" if self.fields \
+        return (
+            f"{self.code}:{self.message}:{','.join(self.fields)} --"
+            if self.fields
             else f"{self.code}:{self.message}:--"
+        )
 
 
 def error_body(code: str, message: str, fields: list[str] | None = None) -> Row:
@@ -127,7 +136,8 @@ def parse_datetime_input(value: Any, field_name: str) -> str | None:
         raise RecordError(
             "JSON_PARSER_ERROR",
             f"Cannot deserialize instance of datetime from VALUE_STRING value {value} or request may "
-            f"be missing a required field", [field_name],
+            f"be missing a required field",
+            [field_name],
         ) from None
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
@@ -165,9 +175,20 @@ class _JobPlan:
 class PackagingState:
     """Records of the org and the rules that change them; knows nothing about HTTP."""
 
-    def __init__(self, *, ids: IdFactory, tables: dict[str, Table], refuse_org_keys: dict[str, str],
-                 user_id: str, clock: Callable[[], float], seed: int, failure_rate: float,
-                 job_seconds: float, lanes: int, cancelled_spelling: bool) -> None:
+    def __init__(
+        self,
+        *,
+        ids: IdFactory,
+        tables: dict[str, Table],
+        refuse_org_keys: dict[str, str],
+        user_id: str,
+        clock: Callable[[], float],
+        seed: int,
+        failure_rate: float,
+        job_seconds: float,
+        lanes: int,
+        cancelled_spelling: bool,
+    ) -> None:
         self.ids = ids
         self.tables = tables
         self.refuse_org_keys = refuse_org_keys
@@ -256,27 +277,31 @@ class PackagingState:
     def _require(self, fields: Mapping[str, Any], *names: str) -> None:
         missing = [name for name in names if fields.get(name) in (None, "")]
         if missing:
-            raise RecordError("REQUIRED_FIELD_MISSING",
-                              f"Required fields are missing: [{', '.join(missing)}]", missing)
+            raise RecordError("REQUIRED_FIELD_MISSING", f"Required fields are missing: [{', '.join(missing)}]", missing)
 
     def _check_initial_status(self, fields: Mapping[str, Any]) -> None:
         """The docs say not to set Status on create; only the default Created is accepted."""
         if fields.get("Status") not in (None, "Created"):
-            raise RecordError("FIELD_INTEGRITY_EXCEPTION",
-                              "Status must be Created when the record is created", ["Status"])
+            raise RecordError(
+                "FIELD_INTEGRITY_EXCEPTION", "Status must be Created when the record is created", ["Status"]
+            )
 
     def _prepare_request(self, fields: Mapping[str, Any]) -> Row:
-        values = self._check_fields("PackagePushRequest", fields,
-                                    {"PackageVersionId", "ScheduledStartTime", "Status"})
+        values = self._check_fields("PackagePushRequest", fields, {"PackageVersionId", "ScheduledStartTime", "Status"})
         self._require(values, "PackageVersionId")
         self._check_initial_status(values)
         version = self._pushable_version(str(values["PackageVersionId"]))
         now = self._now_text()
         return {
-            "PackageVersionId": version["Id"], "Status": "Created",
+            "PackageVersionId": version["Id"],
+            "Status": "Created",
             "ScheduledStartTime": parse_datetime_input(values.get("ScheduledStartTime"), "ScheduledStartTime"),
-            "StartTime": None, "EndTime": None, "DurationSeconds": None, "CreatedDate": now,
-            "CreatedById": self.user_id, "SystemModstamp": now,
+            "StartTime": None,
+            "EndTime": None,
+            "DurationSeconds": None,
+            "CreatedDate": now,
+            "CreatedById": self.user_id,
+            "SystemModstamp": now,
         }
 
     def _pushable_version(self, version_id: str) -> Row:
@@ -285,21 +310,26 @@ class PackagingState:
         version = self.table("MetadataPackageVersion").get(version_id) if _ID_RE.fullmatch(version_id) else None
         fields = ["PackageVersionId"]
         if version is None:
-            raise RecordError("FIELD_INTEGRITY_EXCEPTION",
-                              f"Package version {version_id} does not exist in this organization", fields)
+            raise RecordError(
+                "FIELD_INTEGRITY_EXCEPTION", f"Package version {version_id} does not exist in this organization", fields
+            )
         label = self._version_label(version)
         if version["ReleaseState"] != "Released":
-            raise RecordError("FIELD_INTEGRITY_EXCEPTION",
-                              f"Package version {label} is a {version['ReleaseState']} version; only "
-                              "released versions can be pushed", fields)
+            raise RecordError(
+                "FIELD_INTEGRITY_EXCEPTION",
+                f"Package version {label} is a {version['ReleaseState']} version; only released versions can be pushed",
+                fields,
+            )
         if version["IsDeprecated"]:
-            raise RecordError("FIELD_INTEGRITY_EXCEPTION",
-                              f"Package version {label} is deprecated and can't be pushed", fields)
+            raise RecordError(
+                "FIELD_INTEGRITY_EXCEPTION", f"Package version {label} is deprecated and can't be pushed", fields
+            )
         return version
 
     def _prepare_job(self, fields: Mapping[str, Any], batch: set[tuple[str, str]]) -> Row:
-        values = self._check_fields("PackagePushJob", fields,
-                                    {"PackagePushRequestId", "SubscriberOrganizationKey", "Status"})
+        values = self._check_fields(
+            "PackagePushJob", fields, {"PackagePushRequestId", "SubscriberOrganizationKey", "Status"}
+        )
         self._require(values, "PackagePushRequestId", "SubscriberOrganizationKey")
         self._check_initial_status(values)
         request = self._open_request(str(values["PackagePushRequestId"]))
@@ -310,24 +340,33 @@ class PackagingState:
         batch.add(pair)
         now = self._now_text()
         return {
-            "PackagePushRequestId": request["Id"], "SubscriberOrganizationKey": org_key,
-            "Status": "Created", "StartTime": None, "EndTime": None, "DurationSeconds": None,
-            "CreatedDate": now, "SystemModstamp": now,
+            "PackagePushRequestId": request["Id"],
+            "SubscriberOrganizationKey": org_key,
+            "Status": "Created",
+            "StartTime": None,
+            "EndTime": None,
+            "DurationSeconds": None,
+            "CreatedDate": now,
+            "SystemModstamp": now,
         }
 
     def _open_request(self, request_id: str) -> Row:
         fields = ["PackagePushRequestId"]
         if not _ID_RE.fullmatch(request_id):
-            raise RecordError("MALFORMED_ID",
-                              f"Package Push Request ID: id value of incorrect type: {request_id}", fields)
+            raise RecordError(
+                "MALFORMED_ID", f"Package Push Request ID: id value of incorrect type: {request_id}", fields
+            )
         request = self.table("PackagePushRequest").get(request_id)
         if request is None:
             raise RecordError("INVALID_CROSS_REFERENCE_KEY", "invalid cross reference id", fields)
         if request["Status"] != "Created":
             # Not documented; FIELD_INTEGRITY_EXCEPTION as for the other push rules.
-            raise RecordError("FIELD_INTEGRITY_EXCEPTION",
-                              f"Push jobs can only be added to a push request in status Created; "
-                              f"{request['Id']} is {request['Status']}", fields)
+            raise RecordError(
+                "FIELD_INTEGRITY_EXCEPTION",
+                f"Push jobs can only be added to a push request in status Created; "
+                f"{request['Id']} is {request['Status']}",
+                fields,
+            )
         return request
 
     def _check_eligible(self, org_key: str, request: Row) -> None:
@@ -354,9 +393,11 @@ class PackagingState:
             raise refuse(f"Organization {org_key} is inactive and can't receive push upgrades")
         installed = self.table("MetadataPackageVersion").get(subscriber["MetadataPackageVersionId"])
         if self._version_tuple(installed) >= self._version_tuple(target):
-            raise refuse(f"Organization {org_key} already has version "
-                         f"{self._version_label(installed) if installed else '?'} of {package_name}, "
-                         f"which is not older than {self._version_label(target)}")
+            raise refuse(
+                f"Organization {org_key} already has version "
+                f"{self._version_label(installed) if installed else '?'} of {package_name}, "
+                f"which is not older than {self._version_label(target)}"
+            )
         reason = {id15(key): text for key, text in self.refuse_org_keys.items()}.get(id15(org_key))
         if reason:
             raise refuse(reason)
@@ -364,14 +405,18 @@ class PackagingState:
     def _check_not_duplicate(self, pair: tuple[str, str], batch: set[tuple[str, str]]) -> None:
         existing = self._request_orgs.get(pair[0], {}).get(pair[1])
         if existing:
-            raise RecordError("DUPLICATE_VALUE",
-                              "duplicate value found: SubscriberOrganizationKey duplicates value on "
-                              f"record with id: {existing}", ["SubscriberOrganizationKey"])
+            raise RecordError(
+                "DUPLICATE_VALUE",
+                f"duplicate value found: SubscriberOrganizationKey duplicates value on record with id: {existing}",
+                ["SubscriberOrganizationKey"],
+            )
         if pair in batch:
             # Salesforce's wording when the duplicate is in the same call and has no id yet.
-            raise RecordError("DUPLICATE_VALUE",
-                              "duplicate value found: <unknown> duplicates value on record with id: "
-                              "<unknown>", ["SubscriberOrganizationKey"])
+            raise RecordError(
+                "DUPLICATE_VALUE",
+                "duplicate value found: <unknown> duplicates value on record with id: <unknown>",
+                ["SubscriberOrganizationKey"],
+            )
 
     # ---- update (PATCH of a push request)
 
@@ -393,7 +438,8 @@ class PackagingState:
     def _reschedule(self, request: Row, value: Any) -> None:
         if request["Status"] not in ("Created", "Pending"):
             raise self._invalid_transition(
-                f"ScheduledStartTime can't be changed once the push request is {request['Status']}")
+                f"ScheduledStartTime can't be changed once the push request is {request['Status']}"
+            )
         request["ScheduledStartTime"] = parse_datetime_input(value, "ScheduledStartTime")
         request["SystemModstamp"] = self._now_text()
         run = self._runs.get(id15(request["Id"]))
@@ -402,8 +448,11 @@ class PackagingState:
 
     def _change_status(self, request: Row, status: Any) -> None:
         if status not in REQUEST_STATUSES:
-            raise RecordError("INVALID_OR_NULL_FOR_RESTRICTED_PICKLIST",
-                              f"Status: bad value for restricted picklist field: {status}", ["Status"])
+            raise RecordError(
+                "INVALID_OR_NULL_FOR_RESTRICTED_PICKLIST",
+                f"Status: bad value for restricted picklist field: {status}",
+                ["Status"],
+            )
         current = request["Status"]
         if status == current and status in ("Pending", "Canceled"):
             return  # repeating a change that already happened is harmless
@@ -416,7 +465,8 @@ class PackagingState:
         else:
             raise self._invalid_transition(
                 f"A push request in status {current} can't be set to {status}; only requests in status "
-                "Created or Pending can be scheduled or canceled")
+                "Created or Pending can be scheduled or canceled"
+            )
 
     def _start_time(self, request: Row, *, pending_at: float) -> float:
         """A push starts when it is Pending and its ScheduledStartTime (none = now) has passed."""
@@ -428,11 +478,9 @@ class PackagingState:
     def _schedule(self, request: Row) -> None:
         jobs = self.jobs_of(request["Id"])
         if not jobs:
-            raise self._invalid_transition("A push request needs at least one push job before it can "
-                                           "be set to Pending")
+            raise self._invalid_transition("A push request needs at least one push job before it can be set to Pending")
         now = self.clock()
-        run = _PushRun(start_at=self._start_time(request, pending_at=now),
-                       job_ids=[job["Id"] for job in jobs])
+        run = _PushRun(start_at=self._start_time(request, pending_at=now), job_ids=[job["Id"] for job in jobs])
         self._runs[id15(request["Id"])] = run
         stamp = format_sf_datetime(now)
         request.update(Status="Pending", SystemModstamp=stamp)
@@ -462,8 +510,11 @@ class PackagingState:
 
     def _begin(self, request: Row, run: _PushRun) -> None:
         run.started_at = run.start_at
-        request.update(Status="In Progress", StartTime=format_sf_datetime(run.start_at),
-                       SystemModstamp=format_sf_datetime(run.start_at))
+        request.update(
+            Status="In Progress",
+            StartTime=format_sf_datetime(run.start_at),
+            SystemModstamp=format_sf_datetime(run.start_at),
+        )
         version_key = id15(request["PackageVersionId"])
         jobs = self.table("PackagePushJob")
         for job_id in run.job_ids:
@@ -509,8 +560,9 @@ class PackagingState:
             start, _ = self._slot_times(run, index)
             job = jobs.get(run.job_ids[index])
             assert job is not None
-            job.update(Status="In Progress", StartTime=format_sf_datetime(start),
-                       SystemModstamp=format_sf_datetime(start))
+            job.update(
+                Status="In Progress", StartTime=format_sf_datetime(start), SystemModstamp=format_sf_datetime(start)
+            )
         run.started = max(run.started, started_target)
         for index in range(run.finished, finished_target):
             self._finish_job(request, run, index)
@@ -527,8 +579,9 @@ class PackagingState:
         version_key = id15(request["PackageVersionId"])
         self._attempts[(org, version_key)] = plan.attempt
         stamp = format_sf_datetime(end)
-        job.update(StartTime=format_sf_datetime(start), EndTime=stamp,
-                   DurationSeconds=round(end - start), SystemModstamp=stamp)
+        job.update(
+            StartTime=format_sf_datetime(start), EndTime=stamp, DurationSeconds=round(end - start), SystemModstamp=stamp
+        )
         if plan.error is None:
             job["Status"] = "Succeeded"
             self._upgrade_subscriber(org, request["PackageVersionId"], stamp)
@@ -550,13 +603,23 @@ class PackagingState:
         assert version is not None
         package = self.table("MetadataPackage").get(version["MetadataPackageId"])
         title, message, details = plan.error.texts[plan.text_index]
-        values = {"package": package["Name"] if package else "the package",
-                  "org": job["SubscriberOrganizationKey"], "version": self._version_label(version)}
-        self.commit("PackagePushError", {
-            "PackagePushJobId": job["Id"], "ErrorSeverity": "Error", "ErrorType": plan.error.error_type,
-            "ErrorTitle": title.format(**values), "ErrorMessage": message.format(**values),
-            "ErrorDetails": details.format(**values), "SystemModstamp": stamp,
-        })
+        values = {
+            "package": package["Name"] if package else "the package",
+            "org": job["SubscriberOrganizationKey"],
+            "version": self._version_label(version),
+        }
+        self.commit(
+            "PackagePushError",
+            {
+                "PackagePushJobId": job["Id"],
+                "ErrorSeverity": "Error",
+                "ErrorType": plan.error.error_type,
+                "ErrorTitle": title.format(**values),
+                "ErrorMessage": message.format(**values),
+                "ErrorDetails": details.format(**values),
+                "SystemModstamp": stamp,
+            },
+        )
 
     def _finish_request(self, request: Row, run: _PushRun) -> None:
         """The object reference lists Succeeded and Failed but does not say which a push with
@@ -564,8 +627,12 @@ class PackagingState:
         assert run.started_at is not None
         end = run.started_at + math.ceil(len(run.job_ids) / self.lanes) * self.job_seconds
         stamp = format_sf_datetime(end)
-        request.update(Status="Failed" if run.failed else "Succeeded", EndTime=stamp,
-                       DurationSeconds=round(end - run.started_at), SystemModstamp=stamp)
+        request.update(
+            Status="Failed" if run.failed else "Succeeded",
+            EndTime=stamp,
+            DurationSeconds=round(end - run.started_at),
+            SystemModstamp=stamp,
+        )
         self._runs.pop(id15(request["Id"]), None)
 
 
@@ -612,19 +679,31 @@ class BulkJob:
     def info(self, *, full: bool) -> Row:
         """Job info as the Bulk API 2.0 returns it; full adds the processing counters."""
         body: Row = {
-            "id": self.id, "operation": self.operation, "object": self.sobject,
-            "createdById": self.created_by, "createdDate": format_sf_datetime(self.created),
-            "systemModstamp": format_sf_datetime(self.modified or self.created), "state": self.state,
-            "concurrencyMode": "Parallel", "contentType": "CSV", "apiVersion": float(self.api_version),
+            "id": self.id,
+            "operation": self.operation,
+            "object": self.sobject,
+            "createdById": self.created_by,
+            "createdDate": format_sf_datetime(self.created),
+            "systemModstamp": format_sf_datetime(self.modified or self.created),
+            "state": self.state,
+            "concurrencyMode": "Parallel",
+            "contentType": "CSV",
+            "apiVersion": float(self.api_version),
             "jobType": "V2Ingest",
             "contentUrl": f"services/data/v{self.api_version}/jobs/ingest/{self.id}/batches",
-            "lineEnding": self.line_ending, "columnDelimiter": self.column_delimiter,
+            "lineEnding": self.line_ending,
+            "columnDelimiter": self.column_delimiter,
         }
         if full:
             elapsed_ms = int(self.duration * 1000) if self.state == "JobComplete" else 0
-            body.update(numberRecordsProcessed=self.processed, numberRecordsFailed=self.failed,
-                        retries=0, totalProcessingTime=elapsed_ms, apiActiveProcessingTime=elapsed_ms,
-                        apexProcessingTime=0)
+            body.update(
+                numberRecordsProcessed=self.processed,
+                numberRecordsFailed=self.failed,
+                retries=0,
+                totalProcessingTime=elapsed_ms,
+                apiActiveProcessingTime=elapsed_ms,
+                apexProcessingTime=0,
+            )
             if self.error_message:
                 body["errorMessage"] = self.error_message
         return body
@@ -651,9 +730,11 @@ class BulkIngest:
     def create(self, body: Mapping[str, Any], api_version: str) -> BulkJob:
         sobject = self._insertable_object(str(body.get("object") or ""))
         if body.get("operation") != "insert":
-            raise bulk_error(400, "INVALIDJOB",
-                             f"InvalidJob : Operation {body.get('operation')!r} is not supported for "
-                             f"{sobject}; only insert is")
+            raise bulk_error(
+                400,
+                "INVALIDJOB",
+                f"InvalidJob : Operation {body.get('operation')!r} is not supported for {sobject}; only insert is",
+            )
         if body.get("contentType", "CSV") != "CSV":
             raise bulk_error(400, "INVALIDJOB", "InvalidJob : contentType must be CSV")
         line_ending = body.get("lineEnding", "LF")
@@ -661,8 +742,17 @@ class BulkIngest:
         if line_ending not in ("LF", "CRLF") or delimiter not in BULK_DELIMITERS:
             raise bulk_error(400, "INVALIDJOB", "InvalidJob : unsupported lineEnding or columnDelimiter")
         now = self.state.clock()
-        job = BulkJob(self.state.ids.new("BulkJob"), sobject, "insert", line_ending, delimiter,
-                      api_version, now, self.state.user_id, modified=now)
+        job = BulkJob(
+            self.state.ids.new("BulkJob"),
+            sobject,
+            "insert",
+            line_ending,
+            delimiter,
+            api_version,
+            now,
+            self.state.user_id,
+            modified=now,
+        )
         self.jobs[id15(job.id)] = job
         return job
 
@@ -671,8 +761,9 @@ class BulkIngest:
             if sobject.lower() == name.lower():
                 return sobject
         if name.lower() in {known.lower() for known in self.state.tables}:
-            raise bulk_error(400, "INVALIDJOB", f"InvalidJob : Entity '{name}' is not supported by the "
-                             "Bulk API for insert")
+            raise bulk_error(
+                400, "INVALIDJOB", f"InvalidJob : Entity '{name}' is not supported by the Bulk API for insert"
+            )
         raise bulk_error(400, "INVALIDJOB", f"InvalidJob : Unable to find object: {name}")
 
     def upload(self, job: BulkJob, content_type: str, data: bytes) -> None:
@@ -683,10 +774,13 @@ class BulkIngest:
         if job.state != "Open":
             raise bulk_error(409, "INVALIDJOBSTATE", f"Job {job.id} is not Open; it is {job.state}")
         if job.uploaded:
-            raise bulk_error(400, "INVALIDJOBSTATE",
-                             f"Found multiple contents for job: <{job.id}>, please 'Close' / 'Abort' / "
-                             "'Delete' the current Job then create a new Job and make sure you only "
-                             "do 'PUT' once on a given Job.")
+            raise bulk_error(
+                400,
+                "INVALIDJOBSTATE",
+                f"Found multiple contents for job: <{job.id}>, please 'Close' / 'Abort' / "
+                "'Delete' the current Job then create a new Job and make sure you only "
+                "do 'PUT' once on a given Job.",
+            )
         job.uploaded = True
         job.modified = self.state.clock()
         text = data.decode("utf-8-sig")
@@ -703,8 +797,9 @@ class BulkIngest:
         elif wanted == "Aborted" and job.state in ("Open", "UploadComplete", "InProgress"):
             job.state, job.modified = "Aborted", now
         elif wanted in ("UploadComplete", "Aborted"):
-            raise bulk_error(400, "INVALIDJOBSTATE",
-                             f"Job {job.id} is in state {job.state} and can't be changed to {wanted}")
+            raise bulk_error(
+                400, "INVALIDJOBSTATE", f"Job {job.id} is in state {job.state} and can't be changed to {wanted}"
+            )
         else:
             raise bulk_error(400, "INVALIDJOBSTATE", f"Invalid state: {wanted}")
 
@@ -752,8 +847,9 @@ class BulkIngest:
     def _insert_row(self, job: BulkJob, row: list[str]) -> _BulkResult:
         padded = row + [""] * (len(job.header) - len(row))
         # Bulk API treats an empty cell (or #N/A) as null.
-        fields = {name: (None if value in ("", "#N/A") else value)
-                  for name, value in zip(job.header, padded, strict=False)}
+        fields = {
+            name: (None if value in ("", "#N/A") else value) for name, value in zip(job.header, padded, strict=False)
+        }
         try:
             record_id = self.state.create(job.sobject, fields)
         except RecordError as error:
@@ -764,16 +860,23 @@ class BulkIngest:
 
     def results_csv(self, job: BulkJob, kind: str) -> str:
         if kind != "unprocessedrecords" and job.state not in ("JobComplete", "Failed", "Aborted"):
-            raise bulk_error(400, "INVALIDJOBSTATE",
-                             f"Results are available once the job is complete; it is {job.state}")
+            raise bulk_error(
+                400, "INVALIDJOBSTATE", f"Results are available once the job is complete; it is {job.state}"
+            )
         if kind == "successfulResults":
             lines = [self._line(job, ["sf__Id", "sf__Created"], quote=True, raw_tail=job.header)]
-            lines += [self._line(job, [result.record_id or "", "true", *result.row], quote=True)
-                      for result in job.results if result.record_id]
+            lines += [
+                self._line(job, [result.record_id or "", "true", *result.row], quote=True)
+                for result in job.results
+                if result.record_id
+            ]
         elif kind == "failedResults":
             lines = [self._line(job, ["sf__Id", "sf__Error"], quote=True, raw_tail=job.header)]
-            lines += [self._line(job, ["", result.error or "", *result.row], quote=True)
-                      for result in job.results if result.error]
+            lines += [
+                self._line(job, ["", result.error or "", *result.row], quote=True)
+                for result in job.results
+                if result.error
+            ]
         else:
             lines = [self._line(job, [], quote=False, raw_tail=job.header)]
             lines += [self._line(job, row, quote=True) for row in job.rows[job.processed :]]
@@ -799,8 +902,13 @@ def release_label(version: int) -> str:
 
 
 def json_response(body: Any, *, status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:
-    return web.Response(status=status, body=json.dumps(body, ensure_ascii=False).encode(),
-                        content_type="application/json", charset="UTF-8", headers=headers)
+    return web.Response(
+        status=status,
+        body=json.dumps(body, ensure_ascii=False).encode(),
+        content_type="application/json",
+        charset="UTF-8",
+        headers=headers,
+    )
 
 
 @dataclass
@@ -830,13 +938,25 @@ class SalesforceOrgSim:
     jobs run at once; ``cancelled_spelling`` makes canceled push jobs say "Cancelled".
     """
 
-    def __init__(self, *, org_id: str = "00D000000000001EAA", kind: str = "packaging",
-                 client_id: str = "sandbox-client", client_secret: str = "sandbox-secret",
-                 refresh_token: str = "sandbox-refresh", jwt_public_key: str | None = None,
-                 subscribers: int = 2400, seed: int = 7, failure_rate: float = 0.05,
-                 job_seconds: float = 0.004, latency: float = 0.0, api_version: str = "61.0",
-                 cancelled_spelling: bool = False, lanes: int = LANES,
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        *,
+        org_id: str = "00D000000000001EAA",
+        kind: str = "packaging",
+        client_id: str = "sandbox-client",
+        client_secret: str = "sandbox-secret",
+        refresh_token: str = "sandbox-refresh",
+        jwt_public_key: str | None = None,
+        subscribers: int = 2400,
+        seed: int = 7,
+        failure_rate: float = 0.05,
+        job_seconds: float = 0.004,
+        latency: float = 0.0,
+        api_version: str = "61.0",
+        cancelled_spelling: bool = False,
+        lanes: int = LANES,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         if kind not in ("packaging", "production", "sandbox"):
             raise ValueError(f"kind must be packaging, production or sandbox, not {kind!r}")
         self.org_id = org_id
@@ -857,8 +977,15 @@ class SalesforceOrgSim:
         if kind == "packaging":
             self._seed(tables, seed=seed, subscriber_count=subscribers)
         self.state = PackagingState(
-            ids=self._ids, tables=tables, refuse_org_keys=self.refuse_org_keys, user_id=self.user_id,
-            clock=clock, seed=seed, failure_rate=failure_rate, job_seconds=job_seconds, lanes=lanes,
+            ids=self._ids,
+            tables=tables,
+            refuse_org_keys=self.refuse_org_keys,
+            user_id=self.user_id,
+            clock=clock,
+            seed=seed,
+            failure_rate=failure_rate,
+            job_seconds=job_seconds,
+            lanes=lanes,
             cancelled_spelling=cancelled_spelling,
         )
         self.bulk = BulkIngest(self.state)
@@ -871,8 +998,11 @@ class SalesforceOrgSim:
 
     def _seed(self, tables: dict[str, Table], *, seed: int, subscriber_count: int) -> None:
         data = org_data.generate_seed(seed=seed, subscriber_count=subscriber_count, ids=self._ids)
-        for sobject, rows in (("MetadataPackage", data.packages), ("MetadataPackageVersion", data.versions),
-                              ("PackageSubscriber", data.subscribers)):
+        for sobject, rows in (
+            ("MetadataPackage", data.packages),
+            ("MetadataPackageVersion", data.versions),
+            ("PackageSubscriber", data.subscribers),
+        ):
             for row in rows:
                 tables[sobject].insert(row)
         self.refuse_org_keys.update(data.refused_org_keys)
@@ -975,8 +1105,10 @@ class SalesforceOrgSim:
             web.patch(data + "/jobs/ingest/{job_id}" + slash, self._bulk_patch),
             web.delete(data + "/jobs/ingest/{job_id}" + slash, self._bulk_delete),
             web.put(data + "/jobs/ingest/{job_id}/batches" + slash, self._bulk_upload),
-            web.get(data + "/jobs/ingest/{job_id}/{kind:successfulResults|failedResults|unprocessedrecords}"
-                    + slash, self._bulk_results),
+            web.get(
+                data + "/jobs/ingest/{job_id}/{kind:successfulResults|failedResults|unprocessedrecords}" + slash,
+                self._bulk_results,
+            ),
         ]
         app.add_routes(routes)
         return app
@@ -1001,13 +1133,18 @@ class SalesforceOrgSim:
         except ApiError as error:
             response = json_response(error.body, status=error.status, headers=error.headers)
         except web.HTTPNotFound:
-            response = json_response([error_body("NOT_FOUND", "The requested resource does not exist")],
-                                     status=404)
+            response = json_response([error_body("NOT_FOUND", "The requested resource does not exist")], status=404)
         except web.HTTPMethodNotAllowed as error:
             allowed = ",".join(sorted(error.allowed_methods))
-            response = json_response([error_body(
-                "METHOD_NOT_ALLOWED", f"HTTP Method '{request.method}' not allowed. Allowed are {allowed}",
-            )], status=405)
+            response = json_response(
+                [
+                    error_body(
+                        "METHOD_NOT_ALLOWED",
+                        f"HTTP Method '{request.method}' not allowed. Allowed are {allowed}",
+                    )
+                ],
+                status=405,
+            )
         if is_data:
             self._api_calls += 1
             response.headers["Sforce-Limit-Info"] = f"api-usage={self._api_calls}/15000"
@@ -1029,8 +1166,10 @@ class SalesforceOrgSim:
             return web.Response(status=503, text=MAINTENANCE_PAGE, content_type="text/html")
         if status in (502, 504):
             return web.Response(status=status, text=GATEWAY_PAGE.format(status=status), content_type="text/html")
-        message = ("An unexpected error occurred. Please include this ErrorId if you contact support: "
-                   "1376546413-93216 (-1093283713)")
+        message = (
+            "An unexpected error occurred. Please include this ErrorId if you contact support: "
+            "1376546413-93216 (-1093283713)"
+        )
         return json_response([error_body("UNKNOWN_EXCEPTION", message)], status=status)
 
     def _authenticate(self, request: web.Request) -> None:
@@ -1038,8 +1177,9 @@ class SalesforceOrgSim:
         scheme, _, token = header.partition(" ")
         # Salesforce accepts "OAuth <token>" as well as "Bearer <token>".
         if scheme.lower() not in ("bearer", "oauth") or token.strip() not in self._tokens:
-            raise ApiError(401, "INVALID_SESSION_ID", "Session expired or invalid",
-                           headers={"WWW-Authenticate": "Token"})
+            raise ApiError(
+                401, "INVALID_SESSION_ID", "Session expired or invalid", headers={"WWW-Authenticate": "Token"}
+            )
 
     def _check_version(self, request: web.Request) -> None:
         version = request.match_info["version"]
@@ -1056,14 +1196,16 @@ class SalesforceOrgSim:
         try:
             return json.loads(text)
         except json.JSONDecodeError as error:
-            raise ApiError(400, "JSON_PARSER_ERROR",
-                           f"Unexpected character at [line:{error.lineno}, column:{error.colno}]") from None
+            raise ApiError(
+                400, "JSON_PARSER_ERROR", f"Unexpected character at [line:{error.lineno}, column:{error.colno}]"
+            ) from None
 
     async def _json_object(self, request: web.Request) -> dict[str, Any]:
         body = await self._json_body(request)
         if not isinstance(body, dict):
-            raise ApiError(400, "JSON_PARSER_ERROR", "Cannot deserialize instance of object from a "
-                           "non-object JSON value")
+            raise ApiError(
+                400, "JSON_PARSER_ERROR", "Cannot deserialize instance of object from a non-object JSON value"
+            )
         return body
 
     # ---- OAuth
@@ -1116,8 +1258,14 @@ class SalesforceOrgSim:
     def _decode_assertion(self, assertion: str) -> dict[str, Any]:
         # Claims are checked by hand above, so pyjwt only checks the signature here.
         if self.jwt_public_key:
-            return dict(jwt.decode(assertion, self.jwt_public_key, algorithms=["RS256"], options={
-                "verify_exp": False, "verify_aud": False, "verify_iat": False, "verify_nbf": False}))
+            return dict(
+                jwt.decode(
+                    assertion,
+                    self.jwt_public_key,
+                    algorithms=["RS256"],
+                    options={"verify_exp": False, "verify_aud": False, "verify_iat": False, "verify_nbf": False},
+                )
+            )
         return dict(jwt.decode(assertion, options={"verify_signature": False}))
 
     def _issue_token(self, *, scope: str) -> Row:
@@ -1128,8 +1276,12 @@ class SalesforceOrgSim:
         # The documented signature: HMAC-SHA256 of id + issued_at keyed with the client secret.
         digest = hmac.new(self.client_secret.encode(), (identity + issued_at).encode(), hashlib.sha256)
         return {
-            "access_token": token, "signature": base64.b64encode(digest.digest()).decode(),
-            "scope": scope, "instance_url": self.url, "id": identity, "token_type": "Bearer",
+            "access_token": token,
+            "signature": base64.b64encode(digest.digest()).decode(),
+            "scope": scope,
+            "instance_url": self.url,
+            "id": identity,
+            "token_type": "Bearer",
             "issued_at": issued_at,
         }
 
@@ -1140,11 +1292,16 @@ class SalesforceOrgSim:
 
     def _identity_body(self) -> Row:
         return {
-            "id": f"{self.url}/id/{self.org_id}/{self.user_id}", "user_id": self.user_id,
-            "organization_id": self.org_id, "username": f"release.manager@{self.kind}.sandbox.example",
-            "display_name": "Release Manager", "email": "release.manager@example.com",
-            "urls": {"rest": f"{self.url}/services/data/v{{version}}/",
-                     "query": f"{self.url}/services/data/v{{version}}/query/"},
+            "id": f"{self.url}/id/{self.org_id}/{self.user_id}",
+            "user_id": self.user_id,
+            "organization_id": self.org_id,
+            "username": f"release.manager@{self.kind}.sandbox.example",
+            "display_name": "Release Manager",
+            "email": "release.manager@example.com",
+            "urls": {
+                "rest": f"{self.url}/services/data/v{{version}}/",
+                "query": f"{self.url}/services/data/v{{version}}/query/",
+            },
         }
 
     async def _userinfo(self, request: web.Request) -> web.Response:
@@ -1162,10 +1319,12 @@ class SalesforceOrgSim:
     async def _versions(self, request: web.Request) -> web.Response:
         # The Versions resource is the one REST resource that needs no session (REST API docs).
         top = int(float(self.api_version))
-        return json_response([
-            {"label": release_label(number), "url": f"/services/data/v{number}.0", "version": f"{number}.0"}
-            for number in range(FIRST_API_VERSION, top + 1)
-        ])
+        return json_response(
+            [
+                {"label": release_label(number), "url": f"/services/data/v{number}.0", "version": f"{number}.0"}
+                for number in range(FIRST_API_VERSION, top + 1)
+            ]
+        )
 
     async def _resources(self, request: web.Request) -> web.Response:
         base = f"/services/data/v{request.match_info['version']}"
@@ -1185,8 +1344,9 @@ class SalesforceOrgSim:
             raise ApiError(400, "MALFORMED_QUERY", "A query string has to be specified")
         version = request.match_info["version"]
         try:
-            result = run_query(text, self.state.tables, api_version=version,
-                               now=datetime.fromtimestamp(self.clock(), UTC))
+            result = run_query(
+                text, self.state.tables, api_version=version, now=datetime.fromtimestamp(self.clock(), UTC)
+            )
         except SoqlError as error:
             raise ApiError(400, error.error_code, error.message) from None
         if result.count_only:
@@ -1253,8 +1413,9 @@ class SalesforceOrgSim:
     async def _update_record(self, request: web.Request) -> web.Response:
         sobject = self._sobject(request)
         if sobject != "PackagePushRequest":
-            raise ApiError(405, "METHOD_NOT_ALLOWED",
-                           f"HTTP Method 'PATCH' not allowed for {sobject}. Allowed are GET,HEAD")
+            raise ApiError(
+                405, "METHOD_NOT_ALLOWED", f"HTTP Method 'PATCH' not allowed for {sobject}. Allowed are GET,HEAD"
+            )
         body = await self._json_object(request)
         try:
             self.state.update_request(request.match_info["record_id"], body)
@@ -1268,8 +1429,11 @@ class SalesforceOrgSim:
         if not isinstance(records, list):
             raise ApiError(400, "JSON_PARSER_ERROR", "records must be a list of sObjects")
         if len(records) > COLLECTION_LIMIT:
-            raise ApiError(400, "EXCEEDED_ID_LIMIT",
-                           f"record limit reached. cannot submit more than {COLLECTION_LIMIT} records into this call")
+            raise ApiError(
+                400,
+                "EXCEEDED_ID_LIMIT",
+                f"record limit reached. cannot submit more than {COLLECTION_LIMIT} records into this call",
+            )
         all_or_none = bool(body.get("allOrNone", False))
         return json_response(self._save_collection(records, all_or_none=all_or_none))
 
@@ -1312,9 +1476,10 @@ class SalesforceOrgSim:
     def _rolled_back(self, item: tuple[str, Row] | RecordError) -> Row:
         if isinstance(item, RecordError):
             return {"id": None, "success": False, "errors": [item.as_save_error()]}
-        error = RecordError("ALL_OR_NONE_OPERATION_ROLLED_BACK",
-                            "Record rolled back because not all records were valid and the request "
-                            "was using AllOrNone header")
+        error = RecordError(
+            "ALL_OR_NONE_OPERATION_ROLLED_BACK",
+            "Record rolled back because not all records were valid and the request was using AllOrNone header",
+        )
         return {"id": None, "success": False, "errors": [error.as_save_error()]}
 
     # ---- Bulk API 2.0

@@ -32,9 +32,34 @@ NUMBER_TYPES = frozenset({"int", "double"})
 AGGREGATES = frozenset({"COUNT", "COUNT_DISTINCT", "MIN", "MAX", "SUM", "AVG"})
 KEYWORDS = frozenset(
     {
-        "SELECT", "FROM", "WHERE", "AND", "OR", "NOT", "IN", "LIKE", "GROUP", "BY", "ORDER",
-        "ASC", "DESC", "NULLS", "FIRST", "LAST", "LIMIT", "OFFSET", "TRUE", "FALSE", "NULL",
-        "HAVING", "INCLUDES", "EXCLUDES", "WITH", "FOR", "USING", "TYPEOF",
+        "SELECT",
+        "FROM",
+        "WHERE",
+        "AND",
+        "OR",
+        "NOT",
+        "IN",
+        "LIKE",
+        "GROUP",
+        "BY",
+        "ORDER",
+        "ASC",
+        "DESC",
+        "NULLS",
+        "FIRST",
+        "LAST",
+        "LIMIT",
+        "OFFSET",
+        "TRUE",
+        "FALSE",
+        "NULL",
+        "HAVING",
+        "INCLUDES",
+        "EXCLUDES",
+        "WITH",
+        "FOR",
+        "USING",
+        "TYPEOF",
     }
 )
 # Date literals that take ":n"; the others stand alone.
@@ -167,13 +192,22 @@ class Token:
 
 
 _SIMPLE_ESCAPES = {
-    "n": "\n", "N": "\n", "r": "\r", "R": "\r", "t": "\t", "T": "\t",
-    "b": "\b", "B": "\b", "f": "\f", "F": "\f", '"': '"', "'": "'", "\\": "\\",
+    "n": "\n",
+    "N": "\n",
+    "r": "\r",
+    "R": "\r",
+    "t": "\t",
+    "T": "\t",
+    "b": "\b",
+    "B": "\b",
+    "f": "\f",
+    "F": "\f",
+    '"': '"',
+    "'": "'",
+    "\\": "\\",
 }
 _IDENT_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*")
-_DATETIME_RE = re.compile(
-    r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d{1,3})?(?:Z|[+-]\d{2}:?\d{2})"
-)
+_DATETIME_RE = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d{1,3})?(?:Z|[+-]\d{2}:?\d{2})")
 _DATE_RE = re.compile(r"\d{4}-\d{2}-\d{2}(?![\dT])")
 _NUMBER_RE = re.compile(r"[+-]?\d+(?:\.\d+)?")
 _OPERATORS = ("!=", "<>", "<=", ">=", "=", "<", ">")
@@ -295,9 +329,7 @@ class _Lexer:
             digits = self.source[index + 2 : index + 6]
             if re.fullmatch(r"[0-9a-fA-F]{4}", digits):
                 return chr(int(digits, 16)), 6, False
-        raise _syntax_error(
-            self.source, index, f"Invalid string literal. Illegal character sequence '\\{following}'"
-        )
+        raise _syntax_error(self.source, index, f"Invalid string literal. Illegal character sequence '\\{following}'")
 
 
 @lru_cache(maxsize=4096)
@@ -536,7 +568,8 @@ class _Parser:
             token = self._advance()
             if operator and token.text.upper() != operator:
                 raise _syntax_error(
-                    self.source, token.pos,
+                    self.source,
+                    token.pos,
                     f"unexpected token: '{token.text}' (use parentheses to mix AND and OR)",
                 )
             operator = token.text.upper()
@@ -579,8 +612,13 @@ class _Parser:
 
     def _literal(self) -> Literal:
         token = self.current
-        kinds = {"STRING": "string", "NUMBER": "number", "DATETIME": "datetime", "DATE": "date",
-                 "DATE_LITERAL": "date_literal"}
+        kinds = {
+            "STRING": "string",
+            "NUMBER": "number",
+            "DATETIME": "datetime",
+            "DATE": "date",
+            "DATE_LITERAL": "date_literal",
+        }
         if token.kind in kinds:
             self._advance()
             return Literal(kinds[token.kind], token.value, token.pos)
@@ -641,14 +679,18 @@ class _Binder:
     def _no_column(self, path: FieldPath, entity: str, *, relationship: bool) -> SoqlError:
         located = _syntax_error(self.source, path.pos, "").message.rstrip("\n")
         if relationship and len(path.parts) > 1:
-            detail = (f"Didn't understand relationship '{path.parts[0]}' in field path. If you are "
-                      "attempting to use a custom relationship, be sure to append the '__r' after "
-                      "the custom relationship name. Please reference your WSDL or the describe call "
-                      "for the appropriate names.")
+            detail = (
+                f"Didn't understand relationship '{path.parts[0]}' in field path. If you are "
+                "attempting to use a custom relationship, be sure to append the '__r' after "
+                "the custom relationship name. Please reference your WSDL or the describe call "
+                "for the appropriate names."
+            )
         else:
-            detail = (f"No such column '{path.parts[-1]}' on entity '{entity}'. If you are attempting "
-                      "to use a custom field, be sure to append the '__c' after the custom field "
-                      "name. Please reference your WSDL or the describe call for the appropriate names.")
+            detail = (
+                f"No such column '{path.parts[-1]}' on entity '{entity}'. If you are attempting "
+                "to use a custom field, be sure to append the '__c' after the custom field "
+                "name. Please reference your WSDL or the describe call for the appropriate names."
+            )
         return SoqlError("INVALID_FIELD", f"{located}\n{detail}")
 
     def getter(self, bound: BoundField) -> Getter:
@@ -670,8 +712,7 @@ class _Binder:
         enclosure = "should be enclosed in quotes" if quoted else "should not be enclosed in quotes"
         return SoqlError(
             "INVALID_QUERY_FILTER_OPERATOR",
-            f"value of filter criterion for field '{bound.dotted}' must be of type {wanted} and "
-            f"{enclosure}",
+            f"value of filter criterion for field '{bound.dotted}' must be of type {wanted} and {enclosure}",
         )
 
     def coerce(self, bound: BoundField, literal: Literal) -> Any:
@@ -679,8 +720,9 @@ class _Binder:
         if literal.kind == "null":
             return None
         if literal.kind == "string" and literal.value.like_only_escape:
-            raise _syntax_error(self.source, literal.pos, "Invalid string literal: \\_ and \\% are "
-                                "only allowed in LIKE")
+            raise _syntax_error(
+                self.source, literal.pos, "Invalid string literal: \\_ and \\% are only allowed in LIKE"
+            )
         kind, ftype = literal.kind, bound.field_type
         if ftype in ID_TYPES:
             return self._coerce_id(bound, literal)
@@ -757,8 +799,10 @@ def _compare(op: str, left: Any, right: Any) -> bool:
     if left is None or right is None:
         return False
     comparisons: dict[str, Callable[[Any, Any], bool]] = {
-        "<": lambda a, b: a < b, "<=": lambda a, b: a <= b,
-        ">": lambda a, b: a > b, ">=": lambda a, b: a >= b,
+        "<": lambda a, b: a < b,
+        "<=": lambda a, b: a <= b,
+        ">": lambda a, b: a > b,
+        ">=": lambda a, b: a >= b,
     }
     return comparisons[op](left, right)
 
@@ -768,8 +812,7 @@ def _compare_range(op: str, left: Any, bounds: tuple[datetime, datetime]) -> boo
         return op == "!="
     start, end = bounds
     inside = start <= left < end
-    checks = {"=": inside, "!=": not inside, "<": left < start, "<=": left < end,
-              ">": left >= end, ">=": left >= start}
+    checks = {"=": inside, "!=": not inside, "<": left < start, "<=": left < end, ">": left >= end, ">=": left >= start}
     return checks[op]
 
 
@@ -833,9 +876,11 @@ class _ConditionCompiler:
     def _like(self, condition: Like) -> Predicate:
         bound, _ = self._value_of(condition.path)
         if bound.field_type not in TEXT_TYPES:
-            raise SoqlError("INVALID_QUERY_FILTER_OPERATOR",
-                            f"invalid operator on {'id' if bound.field_type in ID_TYPES else bound.field_type} "
-                            f"field: {bound.dotted}")
+            raise SoqlError(
+                "INVALID_QUERY_FILTER_OPERATOR",
+                f"invalid operator on {'id' if bound.field_type in ID_TYPES else bound.field_type} "
+                f"field: {bound.dotted}",
+            )
         pattern = re.compile(condition.pattern.value.like_regex, re.IGNORECASE | re.DOTALL)
         get = self.binder.getter(bound)
         return lambda row: (text := get(row)) is not None and pattern.fullmatch(str(text)) is not None
@@ -851,9 +896,7 @@ class QueryResult:
     count_only: bool = False  # SELECT COUNT() answers with totalSize and no records
 
 
-def run_query(
-    source: str, tables: Mapping[str, Table], *, api_version: str, now: datetime
-) -> QueryResult:
+def run_query(source: str, tables: Mapping[str, Table], *, api_version: str, now: datetime) -> QueryResult:
     """Parse, bind and run one query over tables (keyed by sObject name)."""
     query = parse(source)
     sobject = _resolve_object(query, tables, source)
@@ -932,8 +975,9 @@ def _run_plain(query: Query, rows: list[Row], binder: _Binder, api_version: str)
     for item in query.items:
         assert isinstance(item, SelectField)
         if item.alias:
-            raise _syntax_error(binder.source, item.path.pos,
-                                f"unexpected token: {item.alias} (aliases need an aggregate query)")
+            raise _syntax_error(
+                binder.source, item.path.pos, f"unexpected token: {item.alias} (aliases need an aggregate query)"
+            )
         bound = binder.bind(item.path)
         if bound.dotted.lower() in seen:
             raise SoqlError("MALFORMED_QUERY", f"duplicate field selected: {bound.dotted}")
@@ -965,8 +1009,7 @@ class _RecordSerializer:
         self.api_version = api_version
 
     def attributes(self, sobject: str, record_id: str) -> dict[str, str]:
-        return {"type": sobject,
-                "url": f"/services/data/v{self.api_version}/sobjects/{sobject}/{record_id}"}
+        return {"type": sobject, "url": f"/services/data/v{self.api_version}/sobjects/{sobject}/{record_id}"}
 
     def record(self, sobject: str, row: Row, fields: Sequence[BoundField]) -> Row:
         out: Row = {"attributes": self.attributes(sobject, row["Id"])}
@@ -1009,8 +1052,9 @@ def _aggregate_columns(query: Query, binder: _Binder, grouped: list[BoundField])
         if isinstance(item, SelectAggregate):
             bound = binder.bind(item.path) if item.path else None
             if item.func in ("SUM", "AVG") and bound and bound.field_type not in NUMBER_TYPES:
-                raise SoqlError("MALFORMED_QUERY", f"field {bound.dotted} does not support aggregate "
-                                f"operator {item.func}")
+                raise SoqlError(
+                    "MALFORMED_QUERY", f"field {bound.dotted} does not support aggregate operator {item.func}"
+                )
             key = item.alias
             if key is None:
                 key = f"expr{expression_number}"
@@ -1020,8 +1064,7 @@ def _aggregate_columns(query: Query, binder: _Binder, grouped: list[BoundField])
             continue
         bound = binder.bind(item.path)
         if bound.dotted.lower() not in grouped_names:
-            raise SoqlError("MALFORMED_QUERY",
-                            f"Field must be grouped or aggregated: {bound.name}")
+            raise SoqlError("MALFORMED_QUERY", f"Field must be grouped or aggregated: {bound.name}")
         columns.append(_AggregateColumn(item.alias or bound.name, None, bound, binder.getter(bound)))
     return columns
 
@@ -1048,8 +1091,14 @@ def _aggregate_value(column: _AggregateColumn, rows: list[Row]) -> Any:
 
 def _run_aggregate(query: Query, rows: list[Row], binder: _Binder) -> QueryResult:
     items = query.items
-    if len(items) == 1 and isinstance(items[0], SelectAggregate) and items[0].func == "COUNT" \
-            and items[0].path is None and items[0].alias is None and not query.group_by:
+    if (
+        len(items) == 1
+        and isinstance(items[0], SelectAggregate)
+        and items[0].func == "COUNT"
+        and items[0].path is None
+        and items[0].alias is None
+        and not query.group_by
+    ):
         return QueryResult(len(rows), [], count_only=True)
     grouped = [binder.bind(path) for path in query.group_by]
     columns = _aggregate_columns(query, binder, grouped)

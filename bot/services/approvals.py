@@ -36,8 +36,11 @@ class ApprovalRequirement:
 
     def to_data(self, *, now: datetime) -> dict[str, Any]:
         return {
-            "approvers": list(self.approvers), "count": self.count, "self_approval": self.self_approval,
-            "rule": self.rule, "expires_at": (now + self.expires_after).isoformat(),
+            "approvers": list(self.approvers),
+            "count": self.count,
+            "self_approval": self.self_approval,
+            "rule": self.rule,
+            "expires_at": (now + self.expires_after).isoformat(),
         }
 
 
@@ -68,8 +71,9 @@ def requirement_for(facts: ApprovalFacts, rules: list[ApprovalRule]) -> Approval
     if not own_rules:
         if not _default_requires(facts):
             return None
-        return ApprovalRequirement(approvers=(), count=1, self_approval=False, expires_after=DEFAULT_EXPIRY,
-                                   rule="default policy")
+        return ApprovalRequirement(
+            approvers=(), count=1, self_approval=False, expires_after=DEFAULT_EXPIRY, rule="default policy"
+        )
     for index, rule in enumerate(own_rules):
         if rule.org_kind is not None and rule.org_kind not in facts.org_kinds:
             continue
@@ -79,9 +83,13 @@ def requirement_for(facts: ApprovalFacts, rules: list[ApprovalRule]) -> Approval
             continue
         if rule.task_type is not None and rule.task_type != facts.task_type:
             continue
-        return ApprovalRequirement(approvers=tuple(rule.approvers), count=rule.count,
-                                   self_approval=rule.self_approval, expires_after=rule.expires_after,
-                                   rule=f"rule #{index + 1} for {rule.action}")
+        return ApprovalRequirement(
+            approvers=tuple(rule.approvers),
+            count=rule.count,
+            self_approval=rule.self_approval,
+            expires_after=rule.expires_after,
+            rule=f"rule #{index + 1} for {rule.action}",
+        )
     return None
 
 
@@ -108,15 +116,18 @@ class ApprovalService:
                 return True
         return False
 
-    async def decide(self, *, operation_id: int, user: str, approve: bool, reason: str = "",
-                     now: datetime | None = None) -> Decision:
+    async def decide(
+        self, *, operation_id: int, user: str, approve: bool, reason: str = "", now: datetime | None = None
+    ) -> Decision:
         now = now or datetime.now(UTC)
         operation = await repo.get_operation(self._db, operation_id=operation_id)
         if operation is None:
             raise NotFoundError("That operation no longer exists.")
         requirement = operation.data.get("approval") or {}
         if operation.state != OpState.AWAITING_APPROVAL:
-            raise StateError(f"{operation.ref} is not waiting for approval any more (it is {operation.state.replace('_', ' ')}).")
+            raise StateError(
+                f"{operation.ref} is not waiting for approval any more (it is {operation.state.replace('_', ' ')})."
+            )
         if operation.approval_expires_at and _aware(operation.approval_expires_at) <= now:
             raise StateError(f"The approval request for {operation.ref} has expired; request it again.")
         if user == operation.requester and not requirement.get("self_approval", False):
@@ -125,8 +136,15 @@ class ApprovalService:
             raise NotAllowedError(f"You requested {operation.ref}; to withdraw it use `cancel {operation.ref}`.")
         if not await self._may_approve(requirement, user):
             raise NotAllowedError(f"You are not an approver for {operation.ref} ({requirement.get('rule', 'policy')}).")
-        recorded = await repo.add_approval(self._db, approval=Approval(
-            operation_id=operation_id, approver=user, decision="approve" if approve else "reject", reason=reason[:500]))
+        recorded = await repo.add_approval(
+            self._db,
+            approval=Approval(
+                operation_id=operation_id,
+                approver=user,
+                decision="approve" if approve else "reject",
+                reason=reason[:500],
+            ),
+        )
         if not recorded:
             raise StateError(f"You already decided on {operation.ref}.")
         decisions = await repo.approvals_for(self._db, operation_id=operation_id)
@@ -134,19 +152,38 @@ class ApprovalService:
         needed = int(requirement.get("count", 1))
         if not approve:
             changed = await repo.update_operation(
-                self._db, operation_id=operation_id, expect_states=[OpState.AWAITING_APPROVAL],
-                values={"state": OpState.REJECTED, "next_poll_at": now,
-                        "data": {**operation.data, "rejected_by": user, "reject_reason": reason[:500]}})
+                self._db,
+                operation_id=operation_id,
+                expect_states=[OpState.AWAITING_APPROVAL],
+                values={
+                    "state": OpState.REJECTED,
+                    "next_poll_at": now,
+                    "data": {**operation.data, "rejected_by": user, "reject_reason": reason[:500]},
+                },
+            )
             outcome = "rejected" if changed else "late"
         elif approvals >= needed:
             changed = await repo.update_operation(
-                self._db, operation_id=operation_id, expect_states=[OpState.AWAITING_APPROVAL],
-                values={"state": OpState.STARTING, "next_poll_at": now,
-                        "data": {**operation.data, "approved_by": [d.approver for d in decisions if d.decision == "approve"]}})
+                self._db,
+                operation_id=operation_id,
+                expect_states=[OpState.AWAITING_APPROVAL],
+                values={
+                    "state": OpState.STARTING,
+                    "next_poll_at": now,
+                    "data": {
+                        **operation.data,
+                        "approved_by": [d.approver for d in decisions if d.decision == "approve"],
+                    },
+                },
+            )
             outcome = "approved" if changed else "late"
         else:
-            await repo.update_operation(self._db, operation_id=operation_id, expect_states=[OpState.AWAITING_APPROVAL],
-                                        values={"next_poll_at": now})
+            await repo.update_operation(
+                self._db,
+                operation_id=operation_id,
+                expect_states=[OpState.AWAITING_APPROVAL],
+                values={"next_poll_at": now},
+            )
             outcome = "recorded"
         if outcome == "late":
             raise StateError(f"{operation.ref} was decided by someone else a moment ago.")

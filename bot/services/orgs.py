@@ -21,8 +21,9 @@ def auth_flow(alias: str, org: OrgConfig) -> AuthFlow:
             raise ValueError(f"orgs.{alias}.auth_url: {exc}") from None
     assert org.jwt is not None
     key = Path(org.jwt.key_file).expanduser().read_text()
-    return JwtBearerFlow(login_url=org.jwt.login_url, client_id=org.jwt.client_id, username=org.jwt.username,
-                         private_key=key)
+    return JwtBearerFlow(
+        login_url=org.jwt.login_url, client_id=org.jwt.client_id, username=org.jwt.username, private_key=key
+    )
 
 
 class OrgRegistry:
@@ -52,8 +53,12 @@ class OrgRegistry:
         if alias not in self._clients:
             flow = auth_flow(alias, self.config(alias))
             self._clients[alias] = SalesforceClient(
-                session=self._session, tokens=TokenCache(flow), api_version=self._settings.salesforce_api_version,
-                timeout=self._timeout, retry=self._retry)
+                session=self._session,
+                tokens=TokenCache(flow),
+                api_version=self._settings.salesforce_api_version,
+                timeout=self._timeout,
+                retry=self._retry,
+            )
         return self._clients[alias]
 
     def packaging_alias(self) -> str:

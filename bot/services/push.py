@@ -117,14 +117,22 @@ class PushService:
     async def _versions(self, client: SalesforceClient, where: str) -> list[VersionInfo]:
         records = await client.query(
             "SELECT Id, MetadataPackageId, MetadataPackage.Name, MajorVersion, MinorVersion, PatchVersion, "
-            f"BuildNumber, ReleaseState, IsDeprecated FROM MetadataPackageVersion WHERE {where}")
+            f"BuildNumber, ReleaseState, IsDeprecated FROM MetadataPackageVersion WHERE {where}"
+        )
         return [
             VersionInfo(
-                id=record["Id"], package_id=record["MetadataPackageId"],
+                id=record["Id"],
+                package_id=record["MetadataPackageId"],
                 package_name=(record.get("MetadataPackage") or {}).get("Name") or "",
-                number=(int(record.get("MajorVersion") or 0), int(record.get("MinorVersion") or 0),
-                        int(record.get("PatchVersion") or 0), int(record.get("BuildNumber") or 0)),
-                release_state=record.get("ReleaseState") or "", deprecated=bool(record.get("IsDeprecated")))
+                number=(
+                    int(record.get("MajorVersion") or 0),
+                    int(record.get("MinorVersion") or 0),
+                    int(record.get("PatchVersion") or 0),
+                    int(record.get("BuildNumber") or 0),
+                ),
+                release_state=record.get("ReleaseState") or "",
+                deprecated=bool(record.get("IsDeprecated")),
+            )
             for record in records
         ]
 
@@ -141,20 +149,28 @@ class PushService:
             assert spec.package_name is not None and spec.number is not None
             versions = await self._versions(client, f"MetadataPackage.Name = {soql_literal(spec.package_name)}")
             if not versions:
-                raise NotFoundError(f"No package called `{spec.package_name}` in the packaging org "
-                                    "(names are matched exactly).")
+                raise NotFoundError(
+                    f"No package called `{spec.package_name}` in the packaging org (names are matched exactly)."
+                )
             matches = [v for v in versions if v.number[:3] == spec.number]
             released = [v for v in matches if v.release_state == "Released"]
             target_list = sorted(released or matches, key=lambda v: v.number)
             if not target_list:
-                available = ", ".join(v.label for v in sorted(versions, key=lambda v: v.number)
-                                      if v.release_state == "Released" and not v.deprecated)
-                raise NotFoundError(f"{spec.package_name} has no version {'.'.join(map(str, spec.number))}. "
-                                    f"Released versions: {available or 'none'}.")
+                available = ", ".join(
+                    v.label
+                    for v in sorted(versions, key=lambda v: v.number)
+                    if v.release_state == "Released" and not v.deprecated
+                )
+                raise NotFoundError(
+                    f"{spec.package_name} has no version {'.'.join(map(str, spec.number))}. "
+                    f"Released versions: {available or 'none'}."
+                )
             target = target_list[-1]
         if target.release_state != "Released":
-            raise StateError(f"{target.package_name} {target.label} is {target.release_state or 'not released'}; "
-                             "only Released versions can be pushed.")
+            raise StateError(
+                f"{target.package_name} {target.label} is {target.release_state or 'not released'}; "
+                "only Released versions can be pushed."
+            )
         if target.deprecated:
             raise StateError(f"{target.package_name} {target.label} is deprecated; push a current version.")
         return target, versions
@@ -172,8 +188,9 @@ class PushService:
                 chunk = selection.org_ids[start : start + IN_CHUNK]
                 records.extend(await client.query(f"{base} AND OrgKey IN {soql_id_list(chunk)}"))
             seen = {str(r["OrgKey"])[:15] for r in records}
-            plan.not_eligible.extend((org_id, "not a subscriber of this package")
-                                     for org_id in selection.org_ids if org_id[:15] not in seen)
+            plan.not_eligible.extend(
+                (org_id, "not a subscriber of this package") for org_id in selection.org_ids if org_id[:15] not in seen
+            )
         else:
             where = " AND InstalledStatus = 'i' AND OrgStatus != 'Inactive'"
             if selection.scope in {"production", "sandbox"}:
@@ -190,28 +207,45 @@ class PushService:
             elif current is None:
                 reason = "on a version this packaging org does not know"
             elif current.number >= target.number:
-                reason = "already on this version" if current.number == target.number else (
-                    f"already on a newer version ({current.label})")
+                reason = (
+                    "already on this version"
+                    if current.number == target.number
+                    else (f"already on a newer version ({current.label})")
+                )
             if reason:
                 plan.skipped["already on this version or newer" if reason.startswith("already") else reason] += 1
                 if selection.scope == "ids":
                     plan.not_eligible.append((key, reason))
                 continue
             assert current is not None
-            plan.targets.append(Target(org_key=key, org_name=str(record.get("OrgName") or ""),
-                                       org_type=str(record.get("OrgType") or ""),
-                                       org_status=str(record.get("OrgStatus") or ""), from_version=current.label))
+            plan.targets.append(
+                Target(
+                    org_key=key,
+                    org_name=str(record.get("OrgName") or ""),
+                    org_type=str(record.get("OrgType") or ""),
+                    org_status=str(record.get("OrgStatus") or ""),
+                    from_version=current.label,
+                )
+            )
         return plan
 
     # -- creating ------------------------------------------------------------------------------
     def approval_for(self, plan: PushPlan) -> ApprovalRequirement | None:
-        facts = ApprovalFacts(action="push", org=self._orgs.packaging_alias(), org_kinds=plan.org_kinds,
-                              package=plan.version.package_name)
+        facts = ApprovalFacts(
+            action="push", org=self._orgs.packaging_alias(), org_kinds=plan.org_kinds, package=plan.version.package_name
+        )
         return requirement_for(facts, self._settings.approval)
 
     async def create(
-        self, plan: PushPlan, *, requester: str, channel: str, idempotency_key: str,
-        scheduled_for: datetime | None = None, retry_of: str | None = None, now: datetime | None = None,
+        self,
+        plan: PushPlan,
+        *,
+        requester: str,
+        channel: str,
+        idempotency_key: str,
+        scheduled_for: datetime | None = None,
+        retry_of: str | None = None,
+        now: datetime | None = None,
     ) -> tuple[Operation, bool]:
         """Record the push; the poller performs the Salesforce writes. Returns (operation, created)."""
         if not plan.targets:
@@ -219,29 +253,55 @@ class PushService:
         now = now or datetime.now(UTC)
         requirement = self.approval_for(plan)
         data: dict[str, Any] = {
-            "plan": {"total": len(plan.targets), "rows": plan.by_version_and_type(),
-                     "not_eligible": len(plan.not_eligible), "skipped": dict(plan.skipped)},
+            "plan": {
+                "total": len(plan.targets),
+                "rows": plan.by_version_and_type(),
+                "not_eligible": len(plan.not_eligible),
+                "skipped": dict(plan.skipped),
+            },
         }
         if requirement:
             data["approval"] = requirement.to_data(now=now)
         operation = Operation(
-            kind=OpKind.PUSH, state=OpState.AWAITING_APPROVAL if requirement else OpState.STARTING,
-            step="create_request", org=self._orgs.packaging_alias(),
+            kind=OpKind.PUSH,
+            state=OpState.AWAITING_APPROVAL if requirement else OpState.STARTING,
+            step="create_request",
+            org=self._orgs.packaging_alias(),
             summary=f"{plan.version.package_name} {plan.version.label} → {len(plan.targets):,} orgs",
-            params={"version_id": plan.version.id, "package_id": plan.version.package_id,
-                    "package": plan.version.package_name, "version": plan.version.label,
-                    "orgs": str(plan.selection), "retry_of": retry_of,
-                    "scheduled_for": scheduled_for.isoformat() if scheduled_for else None},
-            data=data, requester=requester, channel=channel, idempotency_key=idempotency_key,
-            scheduled_for=scheduled_for, next_poll_at=now,
+            params={
+                "version_id": plan.version.id,
+                "package_id": plan.version.package_id,
+                "package": plan.version.package_name,
+                "version": plan.version.label,
+                "orgs": str(plan.selection),
+                "retry_of": retry_of,
+                "scheduled_for": scheduled_for.isoformat() if scheduled_for else None,
+            },
+            data=data,
+            requester=requester,
+            channel=channel,
+            idempotency_key=idempotency_key,
+            scheduled_for=scheduled_for,
+            next_poll_at=now,
             approval_expires_at=(now + requirement.expires_after) if requirement else None,
         )
         operation, created = await repo.insert_operation(self._db, operation=operation)
         if created:
             assert operation.id is not None
-            await repo.add_push_targets(self._db, operation_id=operation.id, targets=[
-                {"org_key": t.org_key, "org_name": t.org_name, "org_type": t.org_type, "org_status": t.org_status,
-                 "from_version": t.from_version} for t in plan.targets])
+            await repo.add_push_targets(
+                self._db,
+                operation_id=operation.id,
+                targets=[
+                    {
+                        "org_key": t.org_key,
+                        "org_name": t.org_name,
+                        "org_type": t.org_type,
+                        "org_status": t.org_status,
+                        "from_version": t.from_version,
+                    }
+                    for t in plan.targets
+                ],
+            )
         return operation, created
 
     async def get(self, ref: str) -> Operation:
@@ -257,7 +317,9 @@ class PushService:
     async def retry_plan(self, ref: str) -> RetryPlan:
         previous = await self.get(ref)
         if not previous.is_terminal or previous.state in {OpState.REJECTED, OpState.EXPIRED}:
-            raise StateError(f"{previous.ref} is {previous.state.replace('_', ' ')}; only a finished push can be retried.")
+            raise StateError(
+                f"{previous.ref} is {previous.state.replace('_', ' ')}; only a finished push can be retried."
+            )
         assert previous.id is not None
         targets = await repo.push_targets(self._db, operation_id=previous.id)
         failed = [t for t in targets if t.job_status == "Failed"]
@@ -293,10 +355,15 @@ class PushService:
             # Nothing exists in Salesforce yet; if the poller creates the request meanwhile it sees
             # the canceled state when saving and cancels that request itself.
             done = await repo.update_operation(
-                self._db, operation_id=operation.id,
+                self._db,
+                operation_id=operation.id,
                 expect_states=[OpState.AWAITING_APPROVAL, OpState.STARTING],
-                values={"state": OpState.CANCELED, "next_poll_at": datetime.now(UTC),
-                        "data": {**operation.data, "canceled_by": user}})
+                values={
+                    "state": OpState.CANCELED,
+                    "next_poll_at": datetime.now(UTC),
+                    "data": {**operation.data, "canceled_by": user},
+                },
+            )
             if done:
                 return await self.get(ref)
             operation = await self.get(ref)
@@ -306,16 +373,24 @@ class PushService:
         request = await client.get_record("PackagePushRequest", operation.external_id or "")
         status = _canon(str(request.get("Status") or ""))
         if status not in {"Created", "Pending"}:
-            raise StateError(f"{operation.ref} is {status} in Salesforce. A push can only be canceled while "
-                             "Created or Pending; Salesforce does not stop upgrades already in progress.")
+            raise StateError(
+                f"{operation.ref} is {status} in Salesforce. A push can only be canceled while "
+                "Created or Pending; Salesforce does not stop upgrades already in progress."
+            )
         try:
             await client.update("PackagePushRequest", operation.external_id or "", {"Status": "Canceled"})
         except ApiError as exc:
             raise StateError(f"Salesforce refused to cancel {operation.ref}: {exc.message}") from None
         await repo.update_operation(
-            self._db, operation_id=operation.id, expect_states=[s for s in OpState if s not in _TERMINAL],
-            values={"state": OpState.CANCELED, "next_poll_at": datetime.now(UTC),
-                    "data": {**operation.data, "canceled_by": user, "request_status": "Canceled"}})
+            self._db,
+            operation_id=operation.id,
+            expect_states=[s for s in OpState if s not in _TERMINAL],
+            values={
+                "state": OpState.CANCELED,
+                "next_poll_at": datetime.now(UTC),
+                "data": {**operation.data, "canceled_by": user, "request_status": "Canceled"},
+            },
+        )
         return await self.get(ref)
 
     # -- the poller's side ---------------------------------------------------------------------
@@ -346,25 +421,36 @@ class PushService:
                     results[operation.id] = await self._transient(operation, lease_token, exc)
         return results
 
-    async def _transient(self, operation: Operation, lease_token: str, exc: UpstreamError,
-                         delay: float | None = None) -> Advance:
+    async def _transient(
+        self, operation: Operation, lease_token: str, exc: UpstreamError, delay: float | None = None
+    ) -> Advance:
         """Keep the operation as it is; show a warning on the card; try again later."""
         assert operation.id is not None
         failures = int(operation.data.get("transient_failures", 0)) + 1
         log.warning("push %s: transient failure %s: %s", operation.ref, failures, exc.message)
-        await repo.update_operation(self._db, operation_id=operation.id, lease_token=lease_token, values={
-            "data": {**operation.data, "transient_failures": failures, "last_problem": exc.message[:200]}})
+        await repo.update_operation(
+            self._db,
+            operation_id=operation.id,
+            lease_token=lease_token,
+            values={"data": {**operation.data, "transient_failures": failures, "last_problem": exc.message[:200]}},
+        )
         return Advance(next_poll_in=delay or min(5.0 * failures, 120.0))
 
-    async def _save(self, operation: Operation, lease_token: str, *, expect: Iterable[str] | None = None,
-                    **values: Any) -> bool:
+    async def _save(
+        self, operation: Operation, lease_token: str, *, expect: Iterable[str] | None = None, **values: Any
+    ) -> bool:
         assert operation.id is not None
         if "data" in values:
-            values["data"] = {key: value for key, value in values["data"].items()
-                              if key not in {"transient_failures", "last_problem"}}
-        ok = await repo.update_operation(self._db, operation_id=operation.id, lease_token=lease_token,
-                                         expect_states=list(expect) if expect is not None else [operation.state],
-                                         values=values)
+            values["data"] = {
+                key: value for key, value in values["data"].items() if key not in {"transient_failures", "last_problem"}
+            }
+        ok = await repo.update_operation(
+            self._db,
+            operation_id=operation.id,
+            lease_token=lease_token,
+            expect_states=list(expect) if expect is not None else [operation.state],
+            values=values,
+        )
         if ok:
             for key, value in values.items():
                 setattr(operation, key, value)
@@ -413,8 +499,12 @@ class PushService:
                 if request_id is None:
                     raise
             except ApiError as exc:
-                await self._save(operation, lease_token, state=OpState.ERROR,
-                                 data={**operation.data, "error": f"Salesforce refused the push request: {exc.message}"})
+                await self._save(
+                    operation,
+                    lease_token,
+                    state=OpState.ERROR,
+                    data={**operation.data, "error": f"Salesforce refused the push request: {exc.message}"},
+                )
                 return [OpEvent("error")]
         if not await self._save(operation, lease_token, external_id=request_id, step="create_jobs"):
             # Canceled (or taken over) while we were creating it: do not leave it behind.
@@ -426,12 +516,15 @@ class PushService:
         """Adopt the request an interrupted attempt may have created: same version, still Created,
         created since that attempt (less a minute of clock skew). Salesforce has no field to tag
         it with, so this is the closest match; a Created request without jobs never runs anyway."""
-        attempted = datetime.fromisoformat(operation.data.get("request_attempted_at") or operation.created_at.isoformat())
+        attempted = datetime.fromisoformat(
+            operation.data.get("request_attempted_at") or operation.created_at.isoformat()
+        )
         since = _aware(attempted) - timedelta(minutes=1)
         records = await client.query(
             "SELECT Id FROM PackagePushRequest WHERE PackageVersionId = "
             f"{soql_literal(str(operation.params['version_id']))} AND Status = 'Created' "
-            f"AND CreatedDate >= {since.strftime('%Y-%m-%dT%H:%M:%SZ')} ORDER BY CreatedDate DESC LIMIT 1")
+            f"AND CreatedDate >= {since.strftime('%Y-%m-%dT%H:%M:%SZ')} ORDER BY CreatedDate DESC LIMIT 1"
+        )
         return str(records[0]["Id"]) if records else None
 
     async def _create_jobs(self, operation: Operation, lease_token: str, client: SalesforceClient) -> list[OpEvent]:
@@ -450,12 +543,19 @@ class PushService:
         jobs = {"created": sum(1 for t in targets if t.job_id), "refused": len(refusals)}
         data = {key: value for key, value in operation.data.items() if key != "bulk_job_id"}
         data["jobs"] = jobs
-        events = [OpEvent("jobs_created", {"created": jobs["created"], "refused": refusals[:50],
-                                           "refused_total": jobs["refused"]})]
+        events = [
+            OpEvent(
+                "jobs_created", {"created": jobs["created"], "refused": refusals[:50], "refused_total": jobs["refused"]}
+            )
+        ]
         if jobs["created"] == 0:
             await _quietly_cancel(client, operation.external_id)
-            await self._save(operation, lease_token, state=OpState.ERROR,
-                             data={**data, "error": "Salesforce refused every org; nothing was pushed."})
+            await self._save(
+                operation,
+                lease_token,
+                state=OpState.ERROR,
+                data={**data, "error": "Salesforce refused every org; nothing was pushed."},
+            )
             return [*events, OpEvent("error")]
         await self._save(operation, lease_token, step="start", data=data)
         return events
@@ -463,15 +563,18 @@ class PushService:
     async def _create_jobs_collections(
         self, operation: Operation, client: SalesforceClient, targets: Sequence[PushTarget]
     ) -> tuple[dict[str, str], dict[str, str]]:
-        records = [{"PackagePushRequestId": operation.external_id, "SubscriberOrganizationKey": t.org_key}
-                   for t in targets]
+        records = [
+            {"PackagePushRequestId": operation.external_id, "SubscriberOrganizationKey": t.org_key} for t in targets
+        ]
         try:
             results = await client.create_many("PackagePushJob", records, all_or_none=False)
         except AmbiguousWriteError:
             # Some chunks may have been created: read back what exists, then create the rest.
             existing = await self._existing_jobs(operation, client)
             remaining = [t for t in targets if t.org_key[:15] not in existing]
-            created, refused = await self._create_jobs_collections(operation, client, remaining) if remaining else ({}, {})
+            created, refused = (
+                await self._create_jobs_collections(operation, client, remaining) if remaining else ({}, {})
+            )
             return {**existing, **created}, refused
         created: dict[str, str] = {}
         refused: dict[str, str] = {}
@@ -485,7 +588,8 @@ class PushService:
     async def _existing_jobs(self, operation: Operation, client: SalesforceClient) -> dict[str, str]:
         records = await client.query(
             "SELECT Id, SubscriberOrganizationKey FROM PackagePushJob WHERE PackagePushRequestId = "
-            f"{soql_literal(operation.external_id or '')}")
+            f"{soql_literal(operation.external_id or '')}"
+        )
         return {str(r["SubscriberOrganizationKey"])[:15]: str(r["Id"]) for r in records}
 
     async def _create_jobs_bulk(
@@ -503,8 +607,10 @@ class PushService:
         if not job_id:
             job_id = await client.bulk_create_insert_job("PackagePushJob")
             await self._save(operation, lease_token, data={**operation.data, "bulk_job_id": job_id})
-            rows = [{"PackagePushRequestId": operation.external_id or "", "SubscriberOrganizationKey": t.org_key}
-                    for t in targets]
+            rows = [
+                {"PackagePushRequestId": operation.external_id or "", "SubscriberOrganizationKey": t.org_key}
+                for t in targets
+            ]
             try:
                 await client.bulk_upload(job_id, rows, ["PackagePushRequestId", "SubscriberOrganizationKey"])
             except AmbiguousWriteError:
@@ -513,12 +619,19 @@ class PushService:
             await client.bulk_set_state(job_id, "UploadComplete")
         info = await self._wait_bulk(client, job_id)
         if info.get("state") != "JobComplete":
-            raise TransientError(f"Bulk API job {job_id} ended {info.get('state')}: "
-                                 f"{str(info.get('errorMessage') or '')[:150]}", system="salesforce")
-        created = {row["SubscriberOrganizationKey"][:15]: row["sf__Id"]
-                   for row in await client.bulk_results(job_id, "successfulResults") if row.get("sf__Id")}
-        refused = {row["SubscriberOrganizationKey"][:15]: _bulk_error(row.get("sf__Error", ""))
-                   for row in await client.bulk_results(job_id, "failedResults")}
+            raise TransientError(
+                f"Bulk API job {job_id} ended {info.get('state')}: {str(info.get('errorMessage') or '')[:150]}",
+                system="salesforce",
+            )
+        created = {
+            row["SubscriberOrganizationKey"][:15]: row["sf__Id"]
+            for row in await client.bulk_results(job_id, "successfulResults")
+            if row.get("sf__Id")
+        }
+        refused = {
+            row["SubscriberOrganizationKey"][:15]: _bulk_error(row.get("sf__Error", ""))
+            for row in await client.bulk_results(job_id, "failedResults")
+        }
         return created, refused
 
     async def _wait_bulk(self, client: SalesforceClient, job_id: str) -> dict[str, Any]:
@@ -539,18 +652,24 @@ class PushService:
         except ApiError as exc:
             status = _canon(str((await client.get_record("PackagePushRequest", request_id)).get("Status") or ""))
             if status == "Canceled":
-                await self._save(operation, lease_token, state=OpState.CANCELED,
-                                 data={**operation.data, "request_status": status})
+                await self._save(
+                    operation, lease_token, state=OpState.CANCELED, data={**operation.data, "request_status": status}
+                )
                 return [OpEvent("canceled")]
             if status == "Created":
-                await self._save(operation, lease_token, state=OpState.ERROR,
-                                 data={**operation.data, "error": f"Salesforce refused to start it: {exc.message}"})
+                await self._save(
+                    operation,
+                    lease_token,
+                    state=OpState.ERROR,
+                    data={**operation.data, "error": f"Salesforce refused to start it: {exc.message}"},
+                )
                 return [OpEvent("error")]
             # Already Pending or further: an earlier attempt went through.
         scheduled = operation.scheduled_for is not None and _aware(operation.scheduled_for) > datetime.now(UTC)
         state = OpState.SCHEDULED if scheduled else OpState.RUNNING
-        if not await self._save(operation, lease_token, state=state, step="",
-                                data={**operation.data, "request_status": "Pending"}):
+        if not await self._save(
+            operation, lease_token, state=state, step="", data={**operation.data, "request_status": "Pending"}
+        ):
             return []
         return [OpEvent("scheduled" if scheduled else "started")]
 
@@ -558,8 +677,11 @@ class PushService:
         """One status query and one aggregate query for every watched push of the org."""
         _, client = self._client()
         now = datetime.now(UTC)
-        due = [op for op in operations
-               if op.state == OpState.RUNNING or op.scheduled_for is None or _aware(op.scheduled_for) <= now]
+        due = [
+            op
+            for op in operations
+            if op.state == OpState.RUNNING or op.scheduled_for is None or _aware(op.scheduled_for) <= now
+        ]
         results: dict[int, Advance] = {}
         for op in operations:
             if op not in due:
@@ -573,21 +695,32 @@ class PushService:
         counts: dict[str, Counter[str]] = {request_id[:15]: Counter() for request_id in ids}
         for start in range(0, len(ids), IN_CHUNK):
             chunk = ids[start : start + IN_CHUNK]
-            for record in await client.query(f"SELECT Id, Status FROM PackagePushRequest WHERE Id IN {soql_id_list(chunk)}"):
+            for record in await client.query(
+                f"SELECT Id, Status FROM PackagePushRequest WHERE Id IN {soql_id_list(chunk)}"
+            ):
                 statuses[str(record["Id"])[:15]] = _canon(str(record.get("Status") or ""))
             for record in await client.query(
-                    "SELECT PackagePushRequestId, Status, COUNT(Id) n FROM PackagePushJob WHERE PackagePushRequestId IN "
-                    f"{soql_id_list(chunk)} GROUP BY PackagePushRequestId, Status"):
+                "SELECT PackagePushRequestId, Status, COUNT(Id) n FROM PackagePushJob WHERE PackagePushRequestId IN "
+                f"{soql_id_list(chunk)} GROUP BY PackagePushRequestId, Status"
+            ):
                 counts[str(record["PackagePushRequestId"])[:15]][_canon(str(record.get("Status") or ""))] += int(
-                    record.get("n") or 0)
+                    record.get("n") or 0
+                )
         for op in due:
             assert op.id is not None
             key = (op.external_id or "")[:15]
             results[op.id] = await self._observe(op, lease_token, client, statuses.get(key, ""), counts[key], now)
         return results
 
-    async def _observe(self, op: Operation, lease_token: str, client: SalesforceClient, status: str,
-                       counts: Counter[str], now: datetime) -> Advance:
+    async def _observe(
+        self,
+        op: Operation,
+        lease_token: str,
+        client: SalesforceClient,
+        status: str,
+        counts: Counter[str],
+        now: datetime,
+    ) -> Advance:
         previous = op.data.get("request_status")
         data = {**op.data, "request_status": status, "counts": dict(counts)}
         events: list[OpEvent] = []
@@ -616,20 +749,28 @@ class PushService:
             records = await client.query(
                 "SELECT PackagePushJob.SubscriberOrganizationKey, ErrorType, ErrorTitle, ErrorMessage, ErrorDetails, "
                 "ErrorSeverity FROM PackagePushError WHERE PackagePushJob.PackagePushRequestId = "
-                f"{soql_literal(op.external_id or '')}")
+                f"{soql_literal(op.external_id or '')}"
+            )
             for record in records:
                 key = str((record.get("PackagePushJob") or {}).get("SubscriberOrganizationKey") or "")[:15]
                 if key and key not in errors:  # first error per org is the one that stopped it
-                    errors[key] = {name: str(record.get(name) or "") for name in
-                                   ("ErrorType", "ErrorTitle", "ErrorMessage", "ErrorDetails", "ErrorSeverity")}
+                    errors[key] = {
+                        name: str(record.get(name) or "")
+                        for name in ("ErrorType", "ErrorTitle", "ErrorMessage", "ErrorDetails", "ErrorSeverity")
+                    }
         await repo.record_push_failures(self._db, operation_id=op.id, errors=errors)
         groups = Counter((e["ErrorType"], e["ErrorTitle"], e["ErrorMessage"]) for e in errors.values())
         failed = int(counts.get("Failed", 0))
         return {
-            "succeeded": int(counts.get("Succeeded", 0)), "failed": failed,
-            "canceled": int(counts.get("Canceled", 0)), "total": sum(counts.values()),
-            "groups": [{"type": t, "title": title, "message": m, "count": n} for (t, title, m), n in groups.most_common(10)],
-            "group_count": len(groups), "without_error_record": max(0, failed - len(errors)),
+            "succeeded": int(counts.get("Succeeded", 0)),
+            "failed": failed,
+            "canceled": int(counts.get("Canceled", 0)),
+            "total": sum(counts.values()),
+            "groups": [
+                {"type": t, "title": title, "message": m, "count": n} for (t, title, m), n in groups.most_common(10)
+            ],
+            "group_count": len(groups),
+            "without_error_record": max(0, failed - len(errors)),
         }
 
     async def completion_files(self, operation: Operation) -> list[OpFile]:
@@ -640,13 +781,38 @@ class PushService:
             return []
         buffer = io.StringIO()
         writer = csv.writer(buffer)
-        writer.writerow(["org_key", "org_name", "org_type", "from_version", "error_type", "error_title",
-                         "error_message", "error_details"])
+        writer.writerow(
+            [
+                "org_key",
+                "org_name",
+                "org_type",
+                "from_version",
+                "error_type",
+                "error_title",
+                "error_message",
+                "error_details",
+            ]
+        )
         for t in sorted(failed, key=lambda t: (t.error_type or "", t.org_key)):
-            writer.writerow([t.org_key, t.org_name, t.org_type, t.from_version, t.error_type or "", t.error_title or "",
-                             t.error_message or "", t.error_details or ""])
-        return [OpFile(name=f"push-{operation.ref}-failures.csv",
-                       title=f"{operation.ref} failures ({len(failed)} orgs)", content=buffer.getvalue().encode())]
+            writer.writerow(
+                [
+                    t.org_key,
+                    t.org_name,
+                    t.org_type,
+                    t.from_version,
+                    t.error_type or "",
+                    t.error_title or "",
+                    t.error_message or "",
+                    t.error_details or "",
+                ]
+            )
+        return [
+            OpFile(
+                name=f"push-{operation.ref}-failures.csv",
+                title=f"{operation.ref} failures ({len(failed)} orgs)",
+                content=buffer.getvalue().encode(),
+            )
+        ]
 
 
 _TERMINAL = {OpState.REJECTED, OpState.EXPIRED, OpState.SUCCEEDED, OpState.FAILED, OpState.CANCELED, OpState.ERROR}

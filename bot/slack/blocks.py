@@ -42,30 +42,42 @@ def section(text: str, *, fields: list[str] | None = None, block_id: str | None 
 
 
 def fields_section(fields: list[str]) -> Block:
-    return {"type": "section", "fields": [{"type": "mrkdwn", "text": clip(f, FIELD_TEXT_MAX)} for f in fields[:MAX_FIELDS]]}
+    return {
+        "type": "section",
+        "fields": [{"type": "mrkdwn", "text": clip(f, FIELD_TEXT_MAX)} for f in fields[:MAX_FIELDS]],
+    }
 
 
 def context(*texts: str) -> Block:
-    return {"type": "context",
-            "elements": [{"type": "mrkdwn", "text": clip(t, SECTION_TEXT_MAX)} for t in texts[:CONTEXT_ELEMENTS_MAX]]}
+    return {
+        "type": "context",
+        "elements": [{"type": "mrkdwn", "text": clip(t, SECTION_TEXT_MAX)} for t in texts[:CONTEXT_ELEMENTS_MAX]],
+    }
 
 
 def divider() -> Block:
     return {"type": "divider"}
 
 
-def button(text: str, *, action_id: str, value: str, style: str | None = None,
-           confirm: tuple[str, str, str] | None = None) -> Block:
-    element: Block = {"type": "button", "text": {"type": "plain_text", "text": clip(text, BUTTON_TEXT_MAX), "emoji": True},
-                      "action_id": action_id[:255], "value": value[:BUTTON_VALUE_MAX]}
+def button(
+    text: str, *, action_id: str, value: str, style: str | None = None, confirm: tuple[str, str, str] | None = None
+) -> Block:
+    element: Block = {
+        "type": "button",
+        "text": {"type": "plain_text", "text": clip(text, BUTTON_TEXT_MAX), "emoji": True},
+        "action_id": action_id[:255],
+        "value": value[:BUTTON_VALUE_MAX],
+    }
     if style:
         element["style"] = style
     if confirm:
         title, body, ok = confirm
-        element["confirm"] = {"title": {"type": "plain_text", "text": clip(title, 100)},
-                              "text": {"type": "mrkdwn", "text": clip(body, 300)},
-                              "confirm": {"type": "plain_text", "text": clip(ok, 30)},
-                              "deny": {"type": "plain_text", "text": "Keep it"}}
+        element["confirm"] = {
+            "title": {"type": "plain_text", "text": clip(title, 100)},
+            "text": {"type": "mrkdwn", "text": clip(body, 300)},
+            "confirm": {"type": "plain_text", "text": clip(ok, 30)},
+            "deny": {"type": "plain_text", "text": "Keep it"},
+        }
     return element
 
 

@@ -53,9 +53,12 @@ def reject_modal(operation_id: int, ref: str) -> dict[str, object]:
         "title": {"type": "plain_text", "text": f"Reject {ref}"[:24]},
         "submit": {"type": "plain_text", "text": "Reject"},
         "close": {"type": "plain_text", "text": "Back"},
-        "blocks": [{
-            "type": "input", "block_id": "reason",
-            "label": {"type": "plain_text", "text": "Reason"},
-            "element": {"type": "plain_text_input", "action_id": "reason", "multiline": True, "max_length": 500},
-        }],
+        "blocks": [
+            {
+                "type": "input",
+                "block_id": "reason",
+                "label": {"type": "plain_text", "text": "Reason"},
+                "element": {"type": "plain_text_input", "action_id": "reason", "multiline": True, "max_length": 500},
+            }
+        ],
     }

@@ -64,7 +64,9 @@ def push_card(op: Operation, *, approvals: Sequence[str] = ()) -> tuple[str, lis
         blocks.append(bk.section(_progress_text(counts)))
     jobs = data.get("jobs") or {}
     if jobs.get("refused"):
-        blocks.append(bk.context(f"Salesforce refused {_n(jobs['refused'])} org(s) when creating jobs — see the thread."))
+        blocks.append(
+            bk.context(f"Salesforce refused {_n(jobs['refused'])} org(s) when creating jobs — see the thread.")
+        )
 
     if state == OpState.AWAITING_APPROVAL:
         blocks.extend(_approval_blocks(op, approvals))
@@ -96,22 +98,28 @@ def _progress_text(counts: dict[str, int]) -> str:
     done = succeeded + failed + canceled
     percent = round(100 * done / total) if total else 0
     waiting = int(counts.get("Pending", 0)) + int(counts.get("Created", 0))
-    return (f"`{bk.progress_bar(done, total)}` {percent}% · {_n(done)}/{_n(total)} done\n"
-            f"✅ {_n(succeeded)} succeeded · ❌ {_n(failed)} failed · 🔄 {_n(counts.get('In Progress'))} in progress"
-            f" · ⏳ {_n(waiting)} waiting")
+    return (
+        f"`{bk.progress_bar(done, total)}` {percent}% · {_n(done)}/{_n(total)} done\n"
+        f"✅ {_n(succeeded)} succeeded · ❌ {_n(failed)} failed · 🔄 {_n(counts.get('In Progress'))} in progress"
+        f" · ⏳ {_n(waiting)} waiting"
+    )
 
 
 def _summary_text(summary: dict[str, Any]) -> str:
-    lines = [f"✅ {_n(summary.get('succeeded'))} succeeded · ❌ {_n(summary.get('failed'))} failed"
-             + (f" · ✋ {_n(summary.get('canceled'))} canceled" if summary.get("canceled") else "")
-             + f" · {_n(summary.get('total'))} jobs"]
+    lines = [
+        f"✅ {_n(summary.get('succeeded'))} succeeded · ❌ {_n(summary.get('failed'))} failed"
+        + (f" · ✋ {_n(summary.get('canceled'))} canceled" if summary.get("canceled") else "")
+        + f" · {_n(summary.get('total'))} jobs"
+    ]
     groups = summary.get("groups") or []
     if groups:
         lines.append("*Failures by error:*")
         for group in groups:
             message = bk.escape(bk.clip(str(group.get("message") or ""), 160))
-            lines.append(f"• {_n(group['count'])} × *{bk.escape(str(group['type']))}* — "
-                         f"{bk.escape(str(group['title']))}: {message}")
+            lines.append(
+                f"• {_n(group['count'])} × *{bk.escape(str(group['type']))}* — "
+                f"{bk.escape(str(group['title']))}: {message}"
+            )
         more = int(summary.get("group_count", 0)) - len(groups)
         if more > 0:
             lines.append(f"…and {more} other error kinds (all in the CSV)")
@@ -125,9 +133,11 @@ def _approval_blocks(op: Operation, approvals: Sequence[str]) -> list[Block]:
     approvers = requirement.get("approvers") or []
     who = ", ".join(f"<!subteam^{a}>" if a.startswith("S") else f"<@{a}>" for a in approvers) or "anyone"
     count = int(requirement.get("count", 1))
-    text = (f"Needs {count} approval{'s' if count > 1 else ''} from {who}"
-            + ("" if requirement.get("self_approval") else f" other than <@{op.requester}>")
-            + f" ({requirement.get('rule', 'policy')}).")
+    text = (
+        f"Needs {count} approval{'s' if count > 1 else ''} from {who}"
+        + ("" if requirement.get("self_approval") else f" other than <@{op.requester}>")
+        + f" ({requirement.get('rule', 'policy')})."
+    )
     if approvals:
         text += "\nApproved so far: " + ", ".join(f"<@{user}>" for user in approvals)
     if op.approval_expires_at:
@@ -135,17 +145,24 @@ def _approval_blocks(op: Operation, approvals: Sequence[str]) -> list[Block]:
     value = str(op.id)
     return [
         bk.section(text),
-        bk.actions([
-            bk.button("Approve", action_id="op_approve", value=value, style="primary"),
-            bk.button("Reject", action_id="op_reject", value=value, style="danger"),
-            _cancel_button(op),
-        ], block_id=f"approval:{op.id}"),
+        bk.actions(
+            [
+                bk.button("Approve", action_id="op_approve", value=value, style="primary"),
+                bk.button("Reject", action_id="op_reject", value=value, style="danger"),
+                _cancel_button(op),
+            ],
+            block_id=f"approval:{op.id}",
+        ),
     ]
 
 
 def _cancel_button(op: Operation) -> Block:
-    return bk.button("Cancel", action_id="push_cancel", value=str(op.id),
-                     confirm=("Cancel this push?", f"Cancel push {op.ref}? Nothing will be upgraded.", "Cancel push"))
+    return bk.button(
+        "Cancel",
+        action_id="push_cancel",
+        value=str(op.id),
+        confirm=("Cancel this push?", f"Cancel push {op.ref}? Nothing will be upgraded.", "Cancel push"),
+    )
 
 
 def event_reply(op: Operation, event: OpEvent) -> str | None:
@@ -180,7 +197,9 @@ def event_reply(op: Operation, event: OpEvent) -> str | None:
 def completion_text(op: Operation) -> str:
     """Posted once when a push ends: in the thread and in the notifications channel."""
     state = OpState(op.state)
-    base = f"{STATE_LABEL[state]}: push {op.ref} of {bk.escape(str(op.params.get('package')))} {op.params.get('version')}"
+    base = (
+        f"{STATE_LABEL[state]}: push {op.ref} of {bk.escape(str(op.params.get('package')))} {op.params.get('version')}"
+    )
     summary = op.data.get("summary")
     if summary:
         return f"{base}\n{_summary_text(summary)}"
@@ -197,9 +216,12 @@ def completion_text(op: Operation) -> str:
 
 def plan_message(plan: PushPlan, *, dry_run: bool) -> str:
     version = plan.version
-    lines = [f"*{'Dry run — nothing created. ' if dry_run else ''}Plan for {bk.escape(version.package_name)} {version.label}*"
-             f" (`{version.id}`), orgs: {plan.selection}",
-             f"{len(plan.targets):,} org(s) would be upgraded:"]
+    lines = [
+        f"*{'Dry run — nothing created. ' if dry_run else ''}"
+        f"Plan for {bk.escape(version.package_name)} {version.label}*"
+        f" (`{version.id}`), orgs: {plan.selection}",
+        f"{len(plan.targets):,} org(s) would be upgraded:",
+    ]
     for from_version, org_type, count in plan.by_version_and_type()[:30]:
         lines.append(f"• {count:,} {org_type} org(s) on {from_version}")
     if plan.skipped:
@@ -213,8 +235,11 @@ def plan_message(plan: PushPlan, *, dry_run: bool) -> str:
 
 
 def retry_message(retry: RetryPlan, *, dry_run: bool) -> str:
-    lines = [plan_message(retry.plan, dry_run=dry_run) if retry.plan.targets else
-             f"Nothing to retry from {retry.previous.ref}."]
+    lines = [
+        plan_message(retry.plan, dry_run=dry_run)
+        if retry.plan.targets
+        else f"Nothing to retry from {retry.previous.ref}."
+    ]
     if retry.left_out:
         lines.append(f"Left out of the retry of {retry.previous.ref} ({sum(retry.left_out.values()):,} org(s)):")
         lines.extend(f"• {n:,} — {why}" for why, n in retry.left_out.most_common())
@@ -234,16 +259,18 @@ def list_message(ops: Sequence[Operation]) -> str:
         return "No pushes yet. Start one with `/push create <version>`."
     lines = ["*Recent pushes*"]
     for op in ops:
-        counts = (op.data.get("summary") or op.data.get("counts") or {})
+        counts = op.data.get("summary") or op.data.get("counts") or {}
         extra = ""
         if "succeeded" in counts:
             extra = f" · ✅ {_n(counts.get('succeeded'))} ❌ {_n(counts.get('failed'))}"
         elif counts:
             done = sum(int(counts.get(s, 0)) for s in ("Succeeded", "Failed", "Canceled"))
             extra = f" · {done:,}/{sum(int(v) for v in counts.values()):,} done"
-        lines.append(f"• `{op.ref}` {bk.escape(str(op.params.get('package')))} {op.params.get('version')} → "
-                     f"{_n((op.data.get('plan') or {}).get('total'))} orgs · {STATE_LABEL[OpState(op.state)]}{extra}"
-                     f" · <@{op.requester}> · {slack_date(op.created_at)}")
+        lines.append(
+            f"• `{op.ref}` {bk.escape(str(op.params.get('package')))} {op.params.get('version')} → "
+            f"{_n((op.data.get('plan') or {}).get('total'))} orgs · {STATE_LABEL[OpState(op.state)]}{extra}"
+            f" · <@{op.requester}> · {slack_date(op.created_at)}"
+        )
     return bk.clip("\n".join(lines), bk.SECTION_TEXT_MAX)
 
 

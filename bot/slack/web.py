@@ -56,8 +56,15 @@ class SlackPoster:
                 await asyncio.sleep(wait)
             self._last_post[channel] = time.monotonic()
 
-    async def post(self, *, channel: str, text: str, blocks: list[dict[str, Any]] | None = None,
-                   thread_ts: str | None = None, metadata: dict[str, Any] | None = None) -> str:
+    async def post(
+        self,
+        *,
+        channel: str,
+        text: str,
+        blocks: list[dict[str, Any]] | None = None,
+        thread_ts: str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> str:
         await self._pace(channel)
         kwargs: dict[str, Any] = {"channel": channel, "text": text, "unfurl_links": False, "unfurl_media": False}
         if blocks is not None:
@@ -73,8 +80,9 @@ class SlackPoster:
         # Always send blocks with text: chat.update with text alone removes the blocks.
         await self.client.chat_update(channel=channel, ts=ts, text=text, blocks=blocks)
 
-    async def ephemeral(self, *, channel: str, user: str, text: str,
-                        blocks: list[dict[str, Any]] | None = None) -> None:
+    async def ephemeral(
+        self, *, channel: str, user: str, text: str, blocks: list[dict[str, Any]] | None = None
+    ) -> None:
         try:
             await self.client.chat_postEphemeral(channel=channel, user=user, text=text, blocks=blocks)
         except SlackApiError as exc:
@@ -82,15 +90,22 @@ class SlackPoster:
 
     async def upload(self, *, channel: str, thread_ts: str | None, file: OpFile, comment: str | None = None) -> None:
         await self._pace(channel)
-        await self.client.files_upload_v2(channel=channel, thread_ts=thread_ts, filename=file.name, title=file.title,
-                                          content=file.content, initial_comment=comment)
+        await self.client.files_upload_v2(
+            channel=channel,
+            thread_ts=thread_ts,
+            filename=file.name,
+            title=file.title,
+            content=file.content,
+            initial_comment=comment,
+        )
 
     async def thread_has_event(self, *, channel: str, thread_ts: str, event_type: str, key: str) -> bool:
         """Was a message with this metadata already posted in the thread (crash between post and record)?"""
         cursor: str | None = None
         while True:
-            response = await self.client.conversations_replies(channel=channel, ts=thread_ts, cursor=cursor,
-                                                               include_all_metadata=True, limit=200)
+            response = await self.client.conversations_replies(
+                channel=channel, ts=thread_ts, cursor=cursor, include_all_metadata=True, limit=200
+            )
             for message in response.get("messages", []):
                 metadata = message.get("metadata") or {}
                 if metadata.get("event_type") == event_type and (metadata.get("event_payload") or {}).get("key") == key:

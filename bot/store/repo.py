@@ -24,6 +24,7 @@ from bot.store.models import (
     utcnow,
 )
 
+
 async def insert_operation(db: Database, *, operation: Operation) -> tuple[Operation, bool]:
     """Insert, or return the existing operation with the same idempotency key (Slack retries)."""
     async with db.session() as session:
@@ -44,7 +45,7 @@ def parse_ref(ref: str, *, kind: OpKind) -> int | None:
     text = ref.strip().upper()
     prefix = REF_PREFIX[kind]
     if text.startswith(prefix):
-        text = text[len(prefix):]
+        text = text[len(prefix) :]
     return int(text) if text.isdigit() and len(text) < 12 else None
 
 
@@ -82,9 +83,7 @@ async def update_operation(
         return bool(result.rowcount)  # type: ignore[attr-defined]
 
 
-async def claim_due(
-    db: Database, *, owner: str, now: datetime, lease: timedelta, limit: int
-) -> list[Operation]:
+async def claim_due(db: Database, *, owner: str, now: datetime, lease: timedelta, limit: int) -> list[Operation]:
     """Lease up to ``limit`` due operations to this replica in one conditional UPDATE.
 
     The lease condition is repeated in the outer WHERE so that under READ COMMITTED two
@@ -209,8 +208,14 @@ async def audit(
 ) -> None:
     async with db.session() as session:
         session.add(
-            AuditEvent(actor=actor, channel=channel, operation_ref=operation_ref, action=action,
-                       detail=detail[:4000], outcome=outcome[:200])
+            AuditEvent(
+                actor=actor,
+                channel=channel,
+                operation_ref=operation_ref,
+                action=action,
+                detail=detail[:4000],
+                outcome=outcome[:200],
+            )
         )
         await session.commit()
 
@@ -226,8 +231,6 @@ async def audit_events(db: Database, *, since: datetime | None = None) -> Sequen
 async def count_operations(db: Database) -> int:
     async with db.session() as session:
         return (await session.exec(select(func.count()).select_from(Operation))).one()
-
-
 
 
 async def record_push_failures(db: Database, *, operation_id: int, errors: dict[str, dict[str, str]]) -> None:

@@ -35,20 +35,34 @@ class Api:
         self.token = ""
 
     async def login(self) -> dict[str, Any]:
-        async with self.session.post(f"{self.sim.url}/services/oauth2/token", data={
-            "grant_type": "refresh_token", "client_id": self.sim.client_id,
-            "client_secret": self.sim.client_secret, "refresh_token": self.sim.refresh_token,
-        }) as response:
+        async with self.session.post(
+            f"{self.sim.url}/services/oauth2/token",
+            data={
+                "grant_type": "refresh_token",
+                "client_id": self.sim.client_id,
+                "client_secret": self.sim.client_secret,
+                "refresh_token": self.sim.refresh_token,
+            },
+        ) as response:
             assert response.status == 200
             body: dict[str, Any] = await response.json()
         self.token = body["access_token"]
         return body
 
-    async def call(self, method: str, path: str, *, body: Any = None, data: bytes | None = None,
-                   headers: dict[str, str] | None = None, params: dict[str, str] | None = None) -> tuple[int, Any]:
+    async def call(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: Any = None,
+        data: bytes | None = None,
+        headers: dict[str, str] | None = None,
+        params: dict[str, str] | None = None,
+    ) -> tuple[int, Any]:
         all_headers = {"Authorization": f"Bearer {self.token}", **(headers or {})}
-        async with self.session.request(method, f"{self.sim.url}{path}", json=body, data=data,
-                                        headers=all_headers, params=params) as response:
+        async with self.session.request(
+            method, f"{self.sim.url}{path}", json=body, data=data, headers=all_headers, params=params
+        ) as response:
             text = await response.text()
             if response.content_type == "application/json" and text:
                 return response.status, json.loads(text)
@@ -102,8 +116,10 @@ async def started(**options: Any) -> SalesforceOrgSim:
 def version_id(sim: SalesforceOrgSim, label: str, package: str = "Acme Billing") -> str:
     package_id = next(row["Id"] for row in sim.packages if row["Name"] == package)
     for row in sim.versions:
-        if row["MetadataPackageId"] == package_id and \
-                f"{row['MajorVersion']}.{row['MinorVersion']}.{row['PatchVersion']}" == label:
+        if (
+            row["MetadataPackageId"] == package_id
+            and f"{row['MajorVersion']}.{row['MinorVersion']}.{row['PatchVersion']}" == label
+        ):
             return str(row["Id"])
     raise AssertionError(label)
 
@@ -114,8 +130,10 @@ def eligible_keys(sim: SalesforceOrgSim, target: str) -> list[str]:
     goal = versions[target]
     numbers = ("MajorVersion", "MinorVersion", "PatchVersion")
     return [
-        row["OrgKey"] for row in sim.subscribers
-        if row["MetadataPackageId"] == goal["MetadataPackageId"] and row["InstalledStatus"] == "i"
+        row["OrgKey"]
+        for row in sim.subscribers
+        if row["MetadataPackageId"] == goal["MetadataPackageId"]
+        and row["InstalledStatus"] == "i"
         and row["OrgStatus"] != "Inactive"
         and tuple(versions[row["MetadataPackageVersionId"]][n] for n in numbers) < tuple(goal[n] for n in numbers)
     ]
@@ -140,18 +158,22 @@ async def wait_for(check: Callable[[], Any], timeout: float = 5.0) -> Any:
 
 
 async def create_request(api: Api, version: str, **extra: Any) -> str:
-    status, body = await api.call("POST", f"{V}/sobjects/PackagePushRequest/",
-                                  body={"PackageVersionId": version, **extra})
+    status, body = await api.call(
+        "POST", f"{V}/sobjects/PackagePushRequest/", body={"PackageVersionId": version, **extra}
+    )
     assert status == 201, body
     assert body["success"] is True and body["errors"] == []
     return str(body["id"])
 
 
 async def add_jobs(api: Api, request_id: str, org_keys: list[str], *, all_or_none: bool = False) -> list[Any]:
-    records = [{"attributes": {"type": "PackagePushJob"}, "PackagePushRequestId": request_id,
-                "SubscriberOrganizationKey": key} for key in org_keys]
-    status, body = await api.call("POST", f"{V}/composite/sobjects",
-                                  body={"allOrNone": all_or_none, "records": records})
+    records = [
+        {"attributes": {"type": "PackagePushJob"}, "PackagePushRequestId": request_id, "SubscriberOrganizationKey": key}
+        for key in org_keys
+    ]
+    status, body = await api.call(
+        "POST", f"{V}/composite/sobjects", body={"allOrNone": all_or_none, "records": records}
+    )
     assert status == 200, body
     return list(body)
 
@@ -168,16 +190,25 @@ async def test_refresh_grant_answers_the_documented_token_shape(sim: SalesforceO
     assert build_auth_url(sim) == f"force://sandbox-client:sandbox-secret:sandbox-refresh@{sim.url}"
 
 
-@pytest.mark.parametrize(("changes", "error"), [
-    ({"refresh_token": "stale"}, "invalid_grant"),
-    ({"client_id": "someone-else"}, "invalid_client_id"),
-    ({"client_secret": "wrong"}, "invalid_client"),
-    ({"grant_type": "password"}, "unsupported_grant_type"),
-])
-async def test_bad_token_requests_are_refused(sim: SalesforceOrgSim, session: aiohttp.ClientSession,
-                                              changes: dict[str, str], error: str) -> None:
-    form = {"grant_type": "refresh_token", "client_id": sim.client_id, "client_secret": sim.client_secret,
-            "refresh_token": sim.refresh_token, **changes}
+@pytest.mark.parametrize(
+    ("changes", "error"),
+    [
+        ({"refresh_token": "stale"}, "invalid_grant"),
+        ({"client_id": "someone-else"}, "invalid_client_id"),
+        ({"client_secret": "wrong"}, "invalid_client"),
+        ({"grant_type": "password"}, "unsupported_grant_type"),
+    ],
+)
+async def test_bad_token_requests_are_refused(
+    sim: SalesforceOrgSim, session: aiohttp.ClientSession, changes: dict[str, str], error: str
+) -> None:
+    form = {
+        "grant_type": "refresh_token",
+        "client_id": sim.client_id,
+        "client_secret": sim.client_secret,
+        "refresh_token": sim.refresh_token,
+        **changes,
+    }
     async with session.post(f"{sim.url}/services/oauth2/token", data=form) as response:
         assert response.status == 400
         assert (await response.json())["error"] == error
@@ -186,17 +217,30 @@ async def test_bad_token_requests_are_refused(sim: SalesforceOrgSim, session: ai
 async def test_jwt_bearer_grant_checks_signature_and_claims(session: aiohttp.ClientSession) -> None:
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     other = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    public_pem = key.public_key().public_bytes(serialization.Encoding.PEM,
-                                               serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+    public_pem = (
+        key.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
     sim = await started(kind="production", jwt_public_key=public_pem)
     try:
+
         async def grant(signing_key: Any, **claims: Any) -> tuple[int, dict[str, Any]]:
-            payload = {"iss": sim.client_id, "sub": "ci@example.com", "aud": sim.url,
-                       "exp": int(time.time()) + 170, **claims}
+            payload = {
+                "iss": sim.client_id,
+                "sub": "ci@example.com",
+                "aud": sim.url,
+                "exp": int(time.time()) + 170,
+                **claims,
+            }
             assertion = jwt.encode(payload, signing_key, algorithm="RS256")
-            async with session.post(f"{sim.url}/services/oauth2/token", data={
-                "grant_type": "urn:ietf:params:oauth:grant-type:jwt-bearer", "assertion": assertion,
-            }) as response:
+            async with session.post(
+                f"{sim.url}/services/oauth2/token",
+                data={
+                    "grant_type": "urn:ietf:params:oauth:grant-type:jwt-bearer",
+                    "assertion": assertion,
+                },
+            ) as response:
                 return response.status, await response.json()
 
         status, body = await grant(key)
@@ -222,8 +266,10 @@ async def test_query_pages_through_all_subscribers(sim: SalesforceOrgSim, api: A
     ids = [record["Id"] for record in first["records"] + second["records"]]
     assert len(ids) == len(set(ids)) == 2400
     record = first["records"][0]
-    assert record["attributes"] == {"type": "PackageSubscriber",
-                                    "url": f"{V}/sobjects/PackageSubscriber/{record['Id']}"}
+    assert record["attributes"] == {
+        "type": "PackageSubscriber",
+        "url": f"{V}/sobjects/PackageSubscriber/{record['Id']}",
+    }
     status, error = await api.call("GET", f"{V}/query/01gBOGUS0000000AAA-2000")
     assert status == 400 and error[0]["errorCode"] == "INVALID_QUERY_LOCATOR"
 
@@ -232,18 +278,27 @@ async def test_filters_and_relationship_fields(sim: SalesforceOrgSim, api: Api) 
     def count(predicate: Callable[[dict[str, Any]], bool]) -> int:
         return sum(1 for row in sim.subscribers if predicate(row))
 
-    body = await api.query("SELECT Id FROM PackageSubscriber WHERE OrgStatus IN ('Trial','Demo') "
-                           "AND (OrgType = 'Sandbox' OR InstanceName LIKE 'na%')")
-    assert body["totalSize"] == count(lambda r: r["OrgStatus"] in ("Trial", "Demo") and (
-        r["OrgType"] == "Sandbox" or r["InstanceName"].lower().startswith("na")))
-    body = await api.query("SELECT Id FROM PackageSubscriber WHERE NOT (OrgStatus NOT IN ('Active')) "
-                           "AND ParentOrg != null")
+    body = await api.query(
+        "SELECT Id FROM PackageSubscriber WHERE OrgStatus IN ('Trial','Demo') "
+        "AND (OrgType = 'Sandbox' OR InstanceName LIKE 'na%')"
+    )
+    assert body["totalSize"] == count(
+        lambda r: (
+            r["OrgStatus"] in ("Trial", "Demo")
+            and (r["OrgType"] == "Sandbox" or r["InstanceName"].lower().startswith("na"))
+        )
+    )
+    body = await api.query(
+        "SELECT Id FROM PackageSubscriber WHERE NOT (OrgStatus NOT IN ('Active')) AND ParentOrg != null"
+    )
     assert body["totalSize"] == count(lambda r: r["OrgStatus"] == "Active" and r["ParentOrg"] is not None)
 
-    body = await api.query("SELECT Name, MajorVersion, MetadataPackage.Name, MetadataPackage.NamespacePrefix "
-                           "FROM MetadataPackageVersion WHERE MetadataPackage.Name = 'acme billing' "
-                           "AND ReleaseState = 'Released' AND IsDeprecated = false "
-                           "ORDER BY MinorVersion DESC LIMIT 2")
+    body = await api.query(
+        "SELECT Name, MajorVersion, MetadataPackage.Name, MetadataPackage.NamespacePrefix "
+        "FROM MetadataPackageVersion WHERE MetadataPackage.Name = 'acme billing' "
+        "AND ReleaseState = 'Released' AND IsDeprecated = false "
+        "ORDER BY MinorVersion DESC LIMIT 2"
+    )
     assert [r["Name"] for r in body["records"]] == ["Spring '26", "Winter '26"]
     parent = body["records"][0]["MetadataPackage"]
     assert parent["attributes"]["type"] == "MetadataPackage"
@@ -251,8 +306,10 @@ async def test_filters_and_relationship_fields(sim: SalesforceOrgSim, api: Api) 
 
 
 async def test_aggregate_queries_answer_aggregate_results(sim: SalesforceOrgSim, api: Api) -> None:
-    body = await api.query("SELECT OrgType, COUNT(Id) n, COUNT(ParentOrg) FROM PackageSubscriber "
-                           "WHERE MetadataPackage.NamespacePrefix = 'acmebill' GROUP BY OrgType ORDER BY OrgType")
+    body = await api.query(
+        "SELECT OrgType, COUNT(Id) n, COUNT(ParentOrg) FROM PackageSubscriber "
+        "WHERE MetadataPackage.NamespacePrefix = 'acmebill' GROUP BY OrgType ORDER BY OrgType"
+    )
     rows = body["records"]
     assert [row["OrgType"] for row in rows] == ["Production", "Sandbox"]
     assert rows[0]["attributes"] == {"type": "AggregateResult"}
@@ -263,26 +320,31 @@ async def test_aggregate_queries_answer_aggregate_results(sim: SalesforceOrgSim,
 
 
 async def test_hostile_literal_stays_a_literal(api: Api) -> None:
-    assert (await api.query(r"SELECT Id FROM PackageSubscriber WHERE OrgName = 'x\' OR Name != \''"))[
-        "totalSize"] == 0
+    assert (await api.query(r"SELECT Id FROM PackageSubscriber WHERE OrgName = 'x\' OR Name != \''"))["totalSize"] == 0
     assert (await api.query(r"SELECT Id, OrgName FROM PackageSubscriber WHERE OrgName = 'O\'Brien & S\u00f8n'"))[
-        "records"][0]["OrgName"] == "O'Brien & Søn"
+        "records"
+    ][0]["OrgName"] == "O'Brien & Søn"
     # An unescaped quote ends the literal; the rest is then syntax, which Salesforce refuses.
     status, error = await api.query_error("SELECT Id FROM PackageSubscriber WHERE OrgName = 'x' OR Name != ''")
     assert status == 400 and error["errorCode"] == "INVALID_FIELD"
 
 
-@pytest.mark.parametrize(("soql", "code"), [
-    ("SELECT Id FROM PackageSubscriber WHERE OrgType = 'a' AND OrgStatus = 'b' OR OrgName = 'c'",
-     "MALFORMED_QUERY"),
-    ("SELECT Id FROM PackageSubscriber WHERE OrgName = 'unterminated", "MALFORMED_QUERY"),
-    ("SELECT Id FROM PackageSubscriber WHERE OrgName = 'bad \\q escape'", "MALFORMED_QUERY"),
-    ("SELECT Nope FROM PackageSubscriber", "INVALID_FIELD"),
-    ("SELECT Id FROM Account", "INVALID_TYPE"),
-    ("SELECT Id FROM MetadataPackageVersion WHERE IsDeprecated = 'false'", "INVALID_QUERY_FILTER_OPERATOR"),
-    ("SELECT Id FROM PackagePushRequest WHERE Id = 'not-an-id'", "INVALID_QUERY_FILTER_OPERATOR"),
-    ("SELECT OrgType, COUNT(Id) FROM PackageSubscriber GROUP BY OrgStatus", "MALFORMED_QUERY"),
-])
+@pytest.mark.parametrize(
+    ("soql", "code"),
+    [
+        (
+            "SELECT Id FROM PackageSubscriber WHERE OrgType = 'a' AND OrgStatus = 'b' OR OrgName = 'c'",
+            "MALFORMED_QUERY",
+        ),
+        ("SELECT Id FROM PackageSubscriber WHERE OrgName = 'unterminated", "MALFORMED_QUERY"),
+        ("SELECT Id FROM PackageSubscriber WHERE OrgName = 'bad \\q escape'", "MALFORMED_QUERY"),
+        ("SELECT Nope FROM PackageSubscriber", "INVALID_FIELD"),
+        ("SELECT Id FROM Account", "INVALID_TYPE"),
+        ("SELECT Id FROM MetadataPackageVersion WHERE IsDeprecated = 'false'", "INVALID_QUERY_FILTER_OPERATOR"),
+        ("SELECT Id FROM PackagePushRequest WHERE Id = 'not-an-id'", "INVALID_QUERY_FILTER_OPERATOR"),
+        ("SELECT OrgType, COUNT(Id) FROM PackageSubscriber GROUP BY OrgStatus", "MALFORMED_QUERY"),
+    ],
+)
 async def test_bad_queries_answer_salesforce_error_codes(api: Api, soql: str, code: str) -> None:
     status, error = await api.query_error(soql)
     assert (status, error["errorCode"]) == (400, code)
@@ -290,20 +352,38 @@ async def test_bad_queries_answer_salesforce_error_codes(api: Api, soql: str, co
 
 def test_null_relationship_and_datetime_filters_in_the_engine() -> None:
     tables = org_data.make_tables()
-    tables["PackagePushRequest"].insert({
-        "Id": "0DV5f0000000001AAA", "PackageVersionId": None, "Status": "Created", "ScheduledStartTime": None,
-        "CreatedDate": "2026-11-23T10:00:00.000+0000", "SystemModstamp": "2026-11-23T10:00:00.000+0000",
-    })
+    tables["PackagePushRequest"].insert(
+        {
+            "Id": "0DV5f0000000001AAA",
+            "PackageVersionId": None,
+            "Status": "Created",
+            "ScheduledStartTime": None,
+            "CreatedDate": "2026-11-23T10:00:00.000+0000",
+            "SystemModstamp": "2026-11-23T10:00:00.000+0000",
+        }
+    )
     now = datetime(2026, 11, 23, 12, tzinfo=UTC)
-    result = run_query("SELECT Id, PackageVersion.Name FROM PackagePushRequest WHERE CreatedDate >= "
-                       "2026-11-23T09:59:59Z AND CreatedDate = TODAY AND ScheduledStartTime = null",
-                       tables, api_version="61.0", now=now)
+    result = run_query(
+        "SELECT Id, PackageVersion.Name FROM PackagePushRequest WHERE CreatedDate >= "
+        "2026-11-23T09:59:59Z AND CreatedDate = TODAY AND ScheduledStartTime = null",
+        tables,
+        api_version="61.0",
+        now=now,
+    )
     assert result.records[0]["PackageVersion"] is None
-    assert run_query("SELECT Id FROM PackagePushRequest WHERE CreatedDate < 2026-11-23T10:00:00.000+00:00",
-                     tables, api_version="61.0", now=now).total_size == 0
+    assert (
+        run_query(
+            "SELECT Id FROM PackagePushRequest WHERE CreatedDate < 2026-11-23T10:00:00.000+00:00",
+            tables,
+            api_version="61.0",
+            now=now,
+        ).total_size
+        == 0
+    )
     with pytest.raises(SoqlError):
-        run_query("SELECT Id FROM PackagePushRequest WHERE CreatedDate = '2026-11-23'", tables,
-                  api_version="61.0", now=now)
+        run_query(
+            "SELECT Id FROM PackagePushRequest WHERE CreatedDate = '2026-11-23'", tables, api_version="61.0", now=now
+        )
 
 
 # --------------------------------------------------------------------------- push upgrades
@@ -313,13 +393,17 @@ BulkOutcome = tuple[dict[str, Any], list[dict[str, str]], list[dict[str, str]]]
 
 
 async def bulk_insert_jobs(api: Api, request_id: str, org_keys: list[str]) -> BulkOutcome:
-    status, job = await api.call("POST", f"{V}/jobs/ingest", body={
-        "object": "PackagePushJob", "operation": "insert", "contentType": "CSV", "lineEnding": "LF"})
+    status, job = await api.call(
+        "POST",
+        f"{V}/jobs/ingest",
+        body={"object": "PackagePushJob", "operation": "insert", "contentType": "CSV", "lineEnding": "LF"},
+    )
     assert status == 200 and job["state"] == "Open" and job["id"].startswith("750")
     assert job["contentUrl"] == f"services/data/v61.0/jobs/ingest/{job['id']}/batches"
     data = "PackagePushRequestId,SubscriberOrganizationKey\n" + "".join(f"{request_id},{key}\n" for key in org_keys)
-    status, _ = await api.call("PUT", f"{V}/jobs/ingest/{job['id']}/batches", data=data.encode(),
-                               headers={"Content-Type": "text/csv"})
+    status, _ = await api.call(
+        "PUT", f"{V}/jobs/ingest/{job['id']}/batches", data=data.encode(), headers={"Content-Type": "text/csv"}
+    )
     assert status == 201
     status, closed = await api.call("PATCH", f"{V}/jobs/ingest/{job['id']}", body={"state": "UploadComplete"})
     assert status == 200 and closed["state"] == "UploadComplete"
@@ -360,30 +444,36 @@ async def test_push_upgrade_end_to_end(sim: SalesforceOrgSim, api: Api) -> None:
     request = sim.push_request(request_id)
     assert request is not None and request["Status"] == "Failed" and request["EndTime"]
 
-    counts = await api.query("SELECT PackagePushRequestId, Status, COUNT(Id) n FROM PackagePushJob WHERE "
-                             f"PackagePushRequestId IN ('{request_id}') GROUP BY PackagePushRequestId, Status")
+    counts = await api.query(
+        "SELECT PackagePushRequestId, Status, COUNT(Id) n FROM PackagePushJob WHERE "
+        f"PackagePushRequestId IN ('{request_id}') GROUP BY PackagePushRequestId, Status"
+    )
     by_status = {row["Status"]: row["n"] for row in counts["records"]}
     assert set(by_status) == {"Succeeded", "Failed"} and sum(by_status.values()) == len(succeeded)
     assert 0.02 < by_status["Failed"] / len(succeeded) < 0.09
 
     jobs = {job["SubscriberOrganizationKey"]: job for job in sim.push_jobs(request_id)}
-    on_version = {row["OrgKey"]: row["MetadataPackageVersionId"] for row in sim.subscribers
-                  if row["MetadataPackageId"] == sim.packages[0]["Id"]}
+    on_version = {
+        row["OrgKey"]: row["MetadataPackageVersionId"]
+        for row in sim.subscribers
+        if row["MetadataPackageId"] == sim.packages[0]["Id"]
+    }
     for key, job in jobs.items():
         assert (on_version[key] == target) == (job["Status"] == "Succeeded")
 
     errors = await api.query(
         "SELECT PackagePushJob.SubscriberOrganizationKey, ErrorSeverity, ErrorType, ErrorTitle, ErrorMessage, "
-        f"ErrorDetails FROM PackagePushError WHERE PackagePushJob.PackagePushRequestId = '{request_id}'")
+        f"ErrorDetails FROM PackagePushError WHERE PackagePushJob.PackagePushRequestId = '{request_id}'"
+    )
     failed_keys = {key for key, job in jobs.items() if job["Status"] == "Failed"}
     assert errors["totalSize"] == len(failed_keys)
     assert {row["PackagePushJob"]["SubscriberOrganizationKey"] for row in errors["records"]} == failed_keys
-    assert all(row["ErrorSeverity"] == "Error" and row["ErrorTitle"] and row["ErrorMessage"]
-               for row in errors["records"])
+    assert all(
+        row["ErrorSeverity"] == "Error" and row["ErrorTitle"] and row["ErrorMessage"] for row in errors["records"]
+    )
 
     # A retry of the failed orgs: sticky errors fail again, transient ones mostly succeed.
-    first_error = {row["PackagePushJob"]["SubscriberOrganizationKey"]: row["ErrorType"]
-                   for row in errors["records"]}
+    first_error = {row["PackagePushJob"]["SubscriberOrganizationKey"]: row["ErrorType"] for row in errors["records"]}
     retry_id = await create_request(api, target)
     results = await add_jobs(api, retry_id, sorted(failed_keys))
     assert all(result["success"] for result in results)
@@ -400,8 +490,9 @@ async def test_push_upgrade_end_to_end(sim: SalesforceOrgSim, api: Api) -> None:
 
 async def test_push_request_needs_a_released_current_version(sim: SalesforceOrgSim, api: Api) -> None:
     for label in ("1.5.0", "1.2.1"):  # beta, deprecated
-        status, body = await api.call("POST", f"{V}/sobjects/PackagePushRequest/",
-                                      body={"PackageVersionId": version_id(sim, label)})
+        status, body = await api.call(
+            "POST", f"{V}/sobjects/PackagePushRequest/", body={"PackageVersionId": version_id(sim, label)}
+        )
         assert status == 400
         assert body[0]["errorCode"] == "FIELD_INTEGRITY_EXCEPTION" and body[0]["fields"] == ["PackageVersionId"]
     status, body = await api.call("POST", f"{V}/sobjects/PackagePushRequest/", body={"Bogus": 1})
@@ -413,12 +504,17 @@ async def test_collections_report_each_refusal_and_honour_all_or_none(sim: Sales
     request_id = await create_request(api, target)
     good = [key for key in eligible_keys(sim, target) if key not in sim.refuse_org_keys][:3]
     on_target = next(row["OrgKey"] for row in sim.subscribers if row["MetadataPackageVersionId"] == target)
-    insights_only = next(row["OrgKey"] for row in sim.subscribers[2400:]
-                         if not any(s["OrgKey"] == row["OrgKey"] for s in sim.subscribers[:2400]))
+    insights_only = next(
+        row["OrgKey"]
+        for row in sim.subscribers[2400:]
+        if not any(s["OrgKey"] == row["OrgKey"] for s in sim.subscribers[:2400])
+    )
 
     rolled_back = await add_jobs(api, request_id, [good[0], on_target], all_or_none=True)
     assert [r["errors"][0]["statusCode"] for r in rolled_back] == [
-        "ALL_OR_NONE_OPERATION_ROLLED_BACK", "FIELD_INTEGRITY_EXCEPTION"]
+        "ALL_OR_NONE_OPERATION_ROLLED_BACK",
+        "FIELD_INTEGRITY_EXCEPTION",
+    ]
     assert sim.push_jobs(request_id) == []
 
     eighteen = org_data.to_18(good[1])
@@ -431,14 +527,22 @@ async def test_collections_report_each_refusal_and_honour_all_or_none(sim: Sales
     again = await add_jobs(api, request_id, [good[1]])  # same org as the 18-character id above
     assert again[0]["errors"][0]["statusCode"] == "DUPLICATE_VALUE"
 
-    status, single = await api.call("POST", f"{V}/sobjects/PackagePushJob/", body={
-        "PackagePushRequestId": request_id, "SubscriberOrganizationKey": good[2]})
+    status, single = await api.call(
+        "POST",
+        f"{V}/sobjects/PackagePushJob/",
+        body={"PackagePushRequestId": request_id, "SubscriberOrganizationKey": good[2]},
+    )
     assert status == 201 and single["id"].startswith("0DX")
     status, body = await api.call("GET", f"{V}/sobjects/PackagePushJob/{single['id']}")
     assert status == 200 and body["Status"] == "Created" and body["attributes"]["type"] == "PackagePushJob"
 
-    too_many = [{"attributes": {"type": "PackagePushJob"}, "PackagePushRequestId": request_id,
-                 "SubscriberOrganizationKey": good[0]}] * 201
+    too_many = [
+        {
+            "attributes": {"type": "PackagePushJob"},
+            "PackagePushRequestId": request_id,
+            "SubscriberOrganizationKey": good[0],
+        }
+    ] * 201
     status, body = await api.call("POST", f"{V}/composite/sobjects", body={"allOrNone": False, "records": too_many})
     assert status == 400 and body[0]["errorCode"] == "EXCEEDED_ID_LIMIT"
 
@@ -524,8 +628,7 @@ async def test_fault_knobs(sim: SalesforceOrgSim, api: Api) -> None:
 async def test_calls_versions_and_unknown_paths(sim: SalesforceOrgSim, api: Api) -> None:
     sim.reset_calls()
     status, versions = await api.call("GET", "/services/data/")
-    assert status == 200 and versions[-1] == {"label": "Summer '24", "url": "/services/data/v61.0",
-                                              "version": "61.0"}
+    assert status == 200 and versions[-1] == {"label": "Summer '24", "url": "/services/data/v61.0", "version": "61.0"}
     status, body = await api.call("GET", f"{V}/nowhere")
     assert status == 404 and body == [{"errorCode": "NOT_FOUND", "message": "The requested resource does not exist"}]
     unknown_version = await api.call("GET", "/services/data/v99.0/query", params={"q": "SELECT Id FROM Account"})

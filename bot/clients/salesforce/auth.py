@@ -90,8 +90,10 @@ def parse_sfdx_auth_url(auth_url: str) -> RefreshTokenFlow:
     """``force://<clientId>:<clientSecret>:<refreshToken>@<instanceUrl>`` (sf org display --verbose)."""
     prefix = "force://"
     if not auth_url.startswith(prefix) or "@" not in auth_url:
-        raise ValueError("not an SFDX auth URL: expected force://<clientId>:<clientSecret>:<refreshToken>@<instanceUrl>")
-    credentials, _, instance = auth_url[len(prefix):].rpartition("@")
+        raise ValueError(
+            "not an SFDX auth URL: expected force://<clientId>:<clientSecret>:<refreshToken>@<instanceUrl>"
+        )
+    credentials, _, instance = auth_url[len(prefix) :].rpartition("@")
     parts = credentials.split(":", 2)
     if len(parts) == 3:
         client_id, client_secret, refresh_token = parts
@@ -115,18 +117,21 @@ async def _token_request(
             status = response.status
             payload = await response.json(content_type=None) if status < 500 else None
     except (aiohttp.ClientError, TimeoutError) as exc:
-        raise TransientError(f"could not reach the Salesforce token endpoint ({type(exc).__name__})",
-                             system="salesforce") from exc
+        raise TransientError(
+            f"could not reach the Salesforce token endpoint ({type(exc).__name__})", system="salesforce"
+        ) from exc
     if status >= 500 or status == 429:
         raise TransientError(f"Salesforce token endpoint answered HTTP {status}", system="salesforce", status=status)
     if status != 200 or not isinstance(payload, dict) or "access_token" not in payload:
         error = payload.get("error", "") if isinstance(payload, dict) else ""
         description = payload.get("error_description", "") if isinstance(payload, dict) else ""
         # error/error_description are short fixed strings from Salesforce; safe to show.
-        raise AuthError(f"Salesforce refused the credentials: {error} {description}".strip(),
-                        system="salesforce", status=status)
-    instance_url = check_service_url(str(payload.get("instance_url") or url.rsplit(TOKEN_PATH, 1)[0]),
-                                     what="instance_url")
+        raise AuthError(
+            f"Salesforce refused the credentials: {error} {description}".strip(), system="salesforce", status=status
+        )
+    instance_url = check_service_url(
+        str(payload.get("instance_url") or url.rsplit(TOKEN_PATH, 1)[0]), what="instance_url"
+    )
     return AccessToken(value=str(payload["access_token"]), instance_url=instance_url)
 
 

@@ -33,7 +33,7 @@ _SOQL_ESCAPES = {"\\": "\\\\", "'": "\\'", '"': '\\"', "\n": "\\n", "\r": "\\r",
 
 
 def soql_literal(value: str) -> str:
-    """A quoted SOQL string literal; every reserved character escaped (SOQL reference, Quoted String Escape Sequences)."""
+    """A quoted SOQL literal with every reserved character escaped (SOQL "Quoted String Escape Sequences")."""
     return "'" + "".join(_SOQL_ESCAPES.get(ch, ch) for ch in value) + "'"
 
 
@@ -139,7 +139,9 @@ class SalesforceClient:
                     response = _Response(raw.status, await raw.read(), dict(raw.headers))
             except aiohttp.ClientConnectorError as exc:
                 # Never connected: nothing was sent, so even a write is safe to repeat.
-                failure: Exception = TransientError(f"cannot connect to Salesforce ({type(exc).__name__})", system=SYSTEM)
+                failure: Exception = TransientError(
+                    f"cannot connect to Salesforce ({type(exc).__name__})", system=SYSTEM
+                )
             except (aiohttp.ClientError, TimeoutError) as exc:
                 kind = TransientError if idempotent else AmbiguousWriteError
                 failure = kind(f"Salesforce connection failed mid-request ({type(exc).__name__})", system=SYSTEM)
@@ -157,12 +159,18 @@ class SalesforceClient:
                     continue
                 if response.status in (429, 503) or code in {"REQUEST_LIMIT_EXCEEDED", "SERVER_UNAVAILABLE"}:
                     retry_after = parse_retry_after(response.headers.get("Retry-After"))
-                    failure = TransientError(f"Salesforce is busy (HTTP {response.status} {code})".strip(),
-                                             system=SYSTEM, status=response.status)
+                    failure = TransientError(
+                        f"Salesforce is busy (HTTP {response.status} {code})".strip(),
+                        system=SYSTEM,
+                        status=response.status,
+                    )
                 elif response.status >= 500:
                     kind = TransientError if idempotent else AmbiguousWriteError
-                    failure = kind(f"Salesforce answered HTTP {response.status} {code}".strip(),
-                                   system=SYSTEM, status=response.status)
+                    failure = kind(
+                        f"Salesforce answered HTTP {response.status} {code}".strip(),
+                        system=SYSTEM,
+                        status=response.status,
+                    )
                     if not idempotent:
                         raise failure
                 elif response.status >= 400:
@@ -172,8 +180,10 @@ class SalesforceClient:
             if attempt >= self._retry.attempts:
                 raise failure
             delay = self._retry.delay(attempt, retry_after=retry_after)
-            log.info("salesforce call failed; retrying", extra={"path": path.split("?")[0], "attempt": attempt,
-                                                               "delay": round(delay, 2), "why": str(failure)})
+            log.info(
+                "salesforce call failed; retrying",
+                extra={"path": path.split("?")[0], "attempt": attempt, "delay": round(delay, 2), "why": str(failure)},
+            )
             await asyncio.sleep(delay)
 
     # -- REST ------------------------------------------------------------------------------
@@ -213,11 +223,14 @@ class SalesforceClient:
         """sObject Collections create, 200 records per call; results in input order."""
         results: list[SaveResult] = []
         for start in range(0, len(records), COLLECTION_LIMIT):
-            chunk = [{"attributes": {"type": _sobject(sobject)}, **record}
-                     for record in records[start : start + COLLECTION_LIMIT]]
+            chunk = [
+                {"attributes": {"type": _sobject(sobject)}, **record}
+                for record in records[start : start + COLLECTION_LIMIT]
+            ]
             body = {"allOrNone": all_or_none, "records": chunk}
-            payload = (await self._send("POST", f"{self.data_path}/composite/sobjects", json_body=body,
-                                        idempotent=False)).json()
+            payload = (
+                await self._send("POST", f"{self.data_path}/composite/sobjects", json_body=body, idempotent=False)
+            ).json()
             results.extend(
                 SaveResult(success=bool(item.get("success")), id=item.get("id"), errors=list(item.get("errors") or []))
                 for item in payload
@@ -236,8 +249,13 @@ class SalesforceClient:
         writer.writerow(columns)
         for row in rows:
             writer.writerow([row.get(column, "") for column in columns])
-        await self._send("PUT", f"{self.data_path}/jobs/ingest/{checked_id(job_id)}/batches",
-                         data=buffer.getvalue().encode(), content_type="text/csv", idempotent=False)
+        await self._send(
+            "PUT",
+            f"{self.data_path}/jobs/ingest/{checked_id(job_id)}/batches",
+            data=buffer.getvalue().encode(),
+            content_type="text/csv",
+            idempotent=False,
+        )
 
     async def bulk_set_state(self, job_id: str, state: str) -> dict[str, Any]:
         """``UploadComplete`` starts processing; ``Aborted`` discards the job."""
@@ -286,5 +304,9 @@ def _api_error(response: _Response, code: str) -> ApiError:
     except (ValueError, UnicodeDecodeError):
         pass
     # Salesforce error messages are one sentence; cap them anyway so nothing large reaches Slack.
-    return ApiError(message[:300] or f"HTTP {response.status}", system=SYSTEM, status=response.status,
-                    code=code or f"HTTP_{response.status}")
+    return ApiError(
+        message[:300] or f"HTTP {response.status}",
+        system=SYSTEM,
+        status=response.status,
+        code=code or f"HTTP_{response.status}",
+    )

@@ -20,8 +20,9 @@ def run_migrations_online() -> None:
         if connection.dialect.name == "postgresql":
             # Several replicas may start at once: serialise their migrations.
             connection.exec_driver_sql("SELECT pg_advisory_lock(727274)")
-        context.configure(connection=connection, target_metadata=target_metadata,
-                          render_as_batch=connection.dialect.name == "sqlite")
+        context.configure(
+            connection=connection, target_metadata=target_metadata, render_as_batch=connection.dialect.name == "sqlite"
+        )
         with context.begin_transaction():
             context.run_migrations()
         if connection.dialect.name == "postgresql":

@@ -5,128 +5,137 @@ Revises:
 Create Date: 2026-11-23 08:29:43.765399
 """
 
-from alembic import op
 import sqlalchemy as sa
 import sqlmodel
+from alembic import op
 
-
-revision = '0001'
+revision = "0001"
 down_revision = None
 branch_labels = None
 depends_on = None
 
 
 def upgrade() -> None:
-    op.create_table('audit_events',
-    sa.Column('id', sa.Integer(), nullable=False),
-    sa.Column('at', sa.DateTime(timezone=True), nullable=False),
-    sa.Column('actor', sqlmodel.sql.sqltypes.AutoString(), nullable=False),
-    sa.Column('channel', sqlmodel.sql.sqltypes.AutoString(), nullable=False),
-    sa.Column('operation_ref', sqlmodel.sql.sqltypes.AutoString(), nullable=False),
-    sa.Column('action', sqlmodel.sql.sqltypes.AutoString(), nullable=False),
-    sa.Column('detail', sqlmodel.sql.sqltypes.AutoString(), nullable=False),
-    sa.Column('outcome', sqlmodel.sql.sqltypes.AutoString(), nullable=False),
-    sa.PrimaryKeyConstraint('id')
+    op.create_table(
+        "audit_events",
+        sa.Column("id", sa.Integer(), nullable=False),
+        sa.Column("at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("actor", sqlmodel.sql.sqltypes.AutoString(), nullable=False),
+        sa.Column("channel", sqlmodel.sql.sqltypes.AutoString(), nullable=False),
+        sa.Column("operation_ref", sqlmodel.sql.sqltypes.AutoString(), nullable=False),
+        sa.Column("action", sqlmodel.sql.sqltypes.AutoString(), nullable=False),
+        sa.Column("detail", sqlmodel.sql.sqltypes.AutoString(), nullable=False),
+        sa.Column("outcome", sqlmodel.sql.sqltypes.AutoString(), nullable=False),
+        sa.PrimaryKeyConstraint("id"),
     )
-    with op.batch_alter_table('audit_events', schema=None) as batch_op:
-        batch_op.create_index(batch_op.f('ix_audit_events_at'), ['at'], unique=False)
-        batch_op.create_index(batch_op.f('ix_audit_events_operation_ref'), ['operation_ref'], unique=False)
+    with op.batch_alter_table("audit_events", schema=None) as batch_op:
+        batch_op.create_index(batch_op.f("ix_audit_events_at"), ["at"], unique=False)
+        batch_op.create_index(batch_op.f("ix_audit_events_operation_ref"), ["operation_ref"], unique=False)
 
-    op.create_table('operations',
-    sa.Column('id', sa.Integer(), nullable=False),
-    sa.Column('kind', sqlmodel.sql.sqltypes.AutoString(), nullable=False),
-    sa.Column('state', sqlmodel.sql.sqltypes.AutoString(), nullable=False),
-    sa.Column('step', sqlmodel.sql.sqltypes.AutoString(), nullable=False),
-    sa.Column('org', sqlmodel.sql.sqltypes.AutoString(), nullable=True),
-    sa.Column('summary', sqlmodel.sql.sqltypes.AutoString(), nullable=False),
-    sa.Column('params', sa.JSON(), nullable=False),
-    sa.Column('data', sa.JSON(), nullable=False),
-    sa.Column('external_id', sqlmodel.sql.sqltypes.AutoString(), nullable=True),
-    sa.Column('requester', sqlmodel.sql.sqltypes.AutoString(), nullable=False),
-    sa.Column('channel', sqlmodel.sql.sqltypes.AutoString(), nullable=False),
-    sa.Column('card_ts', sqlmodel.sql.sqltypes.AutoString(), nullable=True),
-    sa.Column('card_digest', sqlmodel.sql.sqltypes.AutoString(), nullable=True),
-    sa.Column('idempotency_key', sqlmodel.sql.sqltypes.AutoString(), nullable=False),
-    sa.Column('scheduled_for', sa.DateTime(timezone=True), nullable=True),
-    sa.Column('next_poll_at', sa.DateTime(timezone=True), nullable=True),
-    sa.Column('lease_owner', sqlmodel.sql.sqltypes.AutoString(), nullable=True),
-    sa.Column('lease_expires_at', sa.DateTime(timezone=True), nullable=True),
-    sa.Column('announced_state', sqlmodel.sql.sqltypes.AutoString(), nullable=True),
-    sa.Column('approval_expires_at', sa.DateTime(timezone=True), nullable=True),
-    sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
-    sa.Column('updated_at', sa.DateTime(timezone=True), nullable=False),
-    sa.Column('finished_at', sa.DateTime(timezone=True), nullable=True),
-    sa.PrimaryKeyConstraint('id'),
-    sa.UniqueConstraint('idempotency_key')
+    op.create_table(
+        "operations",
+        sa.Column("id", sa.Integer(), nullable=False),
+        sa.Column("kind", sqlmodel.sql.sqltypes.AutoString(), nullable=False),
+        sa.Column("state", sqlmodel.sql.sqltypes.AutoString(), nullable=False),
+        sa.Column("step", sqlmodel.sql.sqltypes.AutoString(), nullable=False),
+        sa.Column("org", sqlmodel.sql.sqltypes.AutoString(), nullable=True),
+        sa.Column("summary", sqlmodel.sql.sqltypes.AutoString(), nullable=False),
+        sa.Column("params", sa.JSON(), nullable=False),
+        sa.Column("data", sa.JSON(), nullable=False),
+        sa.Column("external_id", sqlmodel.sql.sqltypes.AutoString(), nullable=True),
+        sa.Column("requester", sqlmodel.sql.sqltypes.AutoString(), nullable=False),
+        sa.Column("channel", sqlmodel.sql.sqltypes.AutoString(), nullable=False),
+        sa.Column("card_ts", sqlmodel.sql.sqltypes.AutoString(), nullable=True),
+        sa.Column("card_digest", sqlmodel.sql.sqltypes.AutoString(), nullable=True),
+        sa.Column("idempotency_key", sqlmodel.sql.sqltypes.AutoString(), nullable=False),
+        sa.Column("scheduled_for", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("next_poll_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("lease_owner", sqlmodel.sql.sqltypes.AutoString(), nullable=True),
+        sa.Column("lease_expires_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("announced_state", sqlmodel.sql.sqltypes.AutoString(), nullable=True),
+        sa.Column("approval_expires_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("finished_at", sa.DateTime(timezone=True), nullable=True),
+        sa.PrimaryKeyConstraint("id"),
+        sa.UniqueConstraint("idempotency_key"),
     )
-    with op.batch_alter_table('operations', schema=None) as batch_op:
-        batch_op.create_index('ix_operations_due', ['state', 'next_poll_at'], unique=False)
-        batch_op.create_index(batch_op.f('ix_operations_external_id'), ['external_id'], unique=False)
-        batch_op.create_index(batch_op.f('ix_operations_kind'), ['kind'], unique=False)
-        batch_op.create_index(batch_op.f('ix_operations_state'), ['state'], unique=False)
+    with op.batch_alter_table("operations", schema=None) as batch_op:
+        batch_op.create_index("ix_operations_due", ["state", "next_poll_at"], unique=False)
+        batch_op.create_index(batch_op.f("ix_operations_external_id"), ["external_id"], unique=False)
+        batch_op.create_index(batch_op.f("ix_operations_kind"), ["kind"], unique=False)
+        batch_op.create_index(batch_op.f("ix_operations_state"), ["state"], unique=False)
 
-    op.create_table('slack_deliveries',
-    sa.Column('key', sqlmodel.sql.sqltypes.AutoString(), nullable=False),
-    sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
-    sa.PrimaryKeyConstraint('key')
+    op.create_table(
+        "slack_deliveries",
+        sa.Column("key", sqlmodel.sql.sqltypes.AutoString(), nullable=False),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+        sa.PrimaryKeyConstraint("key"),
     )
-    op.create_table('approvals',
-    sa.Column('id', sa.Integer(), nullable=False),
-    sa.Column('operation_id', sa.Integer(), nullable=False),
-    sa.Column('approver', sqlmodel.sql.sqltypes.AutoString(), nullable=False),
-    sa.Column('decision', sqlmodel.sql.sqltypes.AutoString(), nullable=False),
-    sa.Column('reason', sqlmodel.sql.sqltypes.AutoString(), nullable=False),
-    sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
-    sa.ForeignKeyConstraint(['operation_id'], ['operations.id'], ),
-    sa.PrimaryKeyConstraint('id'),
-    sa.UniqueConstraint('operation_id', 'approver')
+    op.create_table(
+        "approvals",
+        sa.Column("id", sa.Integer(), nullable=False),
+        sa.Column("operation_id", sa.Integer(), nullable=False),
+        sa.Column("approver", sqlmodel.sql.sqltypes.AutoString(), nullable=False),
+        sa.Column("decision", sqlmodel.sql.sqltypes.AutoString(), nullable=False),
+        sa.Column("reason", sqlmodel.sql.sqltypes.AutoString(), nullable=False),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+        sa.ForeignKeyConstraint(
+            ["operation_id"],
+            ["operations.id"],
+        ),
+        sa.PrimaryKeyConstraint("id"),
+        sa.UniqueConstraint("operation_id", "approver"),
     )
-    with op.batch_alter_table('approvals', schema=None) as batch_op:
-        batch_op.create_index(batch_op.f('ix_approvals_operation_id'), ['operation_id'], unique=False)
+    with op.batch_alter_table("approvals", schema=None) as batch_op:
+        batch_op.create_index(batch_op.f("ix_approvals_operation_id"), ["operation_id"], unique=False)
 
-    op.create_table('push_targets',
-    sa.Column('id', sa.Integer(), nullable=False),
-    sa.Column('operation_id', sa.Integer(), nullable=False),
-    sa.Column('org_key', sqlmodel.sql.sqltypes.AutoString(), nullable=False),
-    sa.Column('org_name', sqlmodel.sql.sqltypes.AutoString(), nullable=False),
-    sa.Column('org_type', sqlmodel.sql.sqltypes.AutoString(), nullable=False),
-    sa.Column('org_status', sqlmodel.sql.sqltypes.AutoString(), nullable=False),
-    sa.Column('from_version', sqlmodel.sql.sqltypes.AutoString(), nullable=False),
-    sa.Column('job_id', sqlmodel.sql.sqltypes.AutoString(), nullable=True),
-    sa.Column('refused_reason', sqlmodel.sql.sqltypes.AutoString(), nullable=True),
-    sa.Column('job_status', sqlmodel.sql.sqltypes.AutoString(), nullable=True),
-    sa.Column('error_type', sqlmodel.sql.sqltypes.AutoString(), nullable=True),
-    sa.Column('error_title', sqlmodel.sql.sqltypes.AutoString(), nullable=True),
-    sa.Column('error_message', sqlmodel.sql.sqltypes.AutoString(), nullable=True),
-    sa.Column('error_details', sqlmodel.sql.sqltypes.AutoString(), nullable=True),
-    sa.ForeignKeyConstraint(['operation_id'], ['operations.id'], ),
-    sa.PrimaryKeyConstraint('id'),
-    sa.UniqueConstraint('operation_id', 'org_key')
+    op.create_table(
+        "push_targets",
+        sa.Column("id", sa.Integer(), nullable=False),
+        sa.Column("operation_id", sa.Integer(), nullable=False),
+        sa.Column("org_key", sqlmodel.sql.sqltypes.AutoString(), nullable=False),
+        sa.Column("org_name", sqlmodel.sql.sqltypes.AutoString(), nullable=False),
+        sa.Column("org_type", sqlmodel.sql.sqltypes.AutoString(), nullable=False),
+        sa.Column("org_status", sqlmodel.sql.sqltypes.AutoString(), nullable=False),
+        sa.Column("from_version", sqlmodel.sql.sqltypes.AutoString(), nullable=False),
+        sa.Column("job_id", sqlmodel.sql.sqltypes.AutoString(), nullable=True),
+        sa.Column("refused_reason", sqlmodel.sql.sqltypes.AutoString(), nullable=True),
+        sa.Column("job_status", sqlmodel.sql.sqltypes.AutoString(), nullable=True),
+        sa.Column("error_type", sqlmodel.sql.sqltypes.AutoString(), nullable=True),
+        sa.Column("error_title", sqlmodel.sql.sqltypes.AutoString(), nullable=True),
+        sa.Column("error_message", sqlmodel.sql.sqltypes.AutoString(), nullable=True),
+        sa.Column("error_details", sqlmodel.sql.sqltypes.AutoString(), nullable=True),
+        sa.ForeignKeyConstraint(
+            ["operation_id"],
+            ["operations.id"],
+        ),
+        sa.PrimaryKeyConstraint("id"),
+        sa.UniqueConstraint("operation_id", "org_key"),
     )
-    with op.batch_alter_table('push_targets', schema=None) as batch_op:
-        batch_op.create_index(batch_op.f('ix_push_targets_operation_id'), ['operation_id'], unique=False)
-
+    with op.batch_alter_table("push_targets", schema=None) as batch_op:
+        batch_op.create_index(batch_op.f("ix_push_targets_operation_id"), ["operation_id"], unique=False)
 
 
 def downgrade() -> None:
-    with op.batch_alter_table('push_targets', schema=None) as batch_op:
-        batch_op.drop_index(batch_op.f('ix_push_targets_operation_id'))
+    with op.batch_alter_table("push_targets", schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f("ix_push_targets_operation_id"))
 
-    op.drop_table('push_targets')
-    with op.batch_alter_table('approvals', schema=None) as batch_op:
-        batch_op.drop_index(batch_op.f('ix_approvals_operation_id'))
+    op.drop_table("push_targets")
+    with op.batch_alter_table("approvals", schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f("ix_approvals_operation_id"))
 
-    op.drop_table('approvals')
-    op.drop_table('slack_deliveries')
-    with op.batch_alter_table('operations', schema=None) as batch_op:
-        batch_op.drop_index(batch_op.f('ix_operations_state'))
-        batch_op.drop_index(batch_op.f('ix_operations_kind'))
-        batch_op.drop_index(batch_op.f('ix_operations_external_id'))
-        batch_op.drop_index('ix_operations_due')
+    op.drop_table("approvals")
+    op.drop_table("slack_deliveries")
+    with op.batch_alter_table("operations", schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f("ix_operations_state"))
+        batch_op.drop_index(batch_op.f("ix_operations_kind"))
+        batch_op.drop_index(batch_op.f("ix_operations_external_id"))
+        batch_op.drop_index("ix_operations_due")
 
-    op.drop_table('operations')
-    with op.batch_alter_table('audit_events', schema=None) as batch_op:
-        batch_op.drop_index(batch_op.f('ix_audit_events_operation_ref'))
-        batch_op.drop_index(batch_op.f('ix_audit_events_at'))
+    op.drop_table("operations")
+    with op.batch_alter_table("audit_events", schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f("ix_audit_events_operation_ref"))
+        batch_op.drop_index(batch_op.f("ix_audit_events_at"))
 
-    op.drop_table('audit_events')
+    op.drop_table("audit_events")

@@ -1,0 +1,112 @@
+"""Approval flows beyond the happy path: reject with a reason, expiry, unchanged cards stay unedited."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from bot.cli import main
+from bot.sandbox.embedded import Sandbox, running_sandbox
+from bot.settings import ApprovalRule
+from bot.store.models import OpState
+from tests.helpers import (
+    CHANNEL,
+    completion_notices,
+    ephemerals,
+    full_text,
+    next_ephemeral,
+    push,
+    ref_in,
+    wait_for_op,
+    writes,
+)
+
+ALICE, BOB, DAVE = "U0ALICE", "U0BOB", "U0DAVE"
+
+
+async def stale_approve(sandbox: Sandbox, user: str, card_ts: str, operation_id: int) -> str:
+    """Press Approve as a client that still shows the old card would send it."""
+    before = len(ephemerals(sandbox, user))
+    await sandbox.agent.click(
+        user=user, channel=CHANNEL, message_ts=card_ts, action_id="op_approve", value=str(operation_id)
+    )
+    return await next_ephemeral(sandbox, user, before)
+
+
+async def test_reject_asks_for_a_reason_and_ends_the_push(sandbox: Sandbox) -> None:
+    sandbox.packaging.reset_calls()
+    ref = ref_in(await push(sandbox, ALICE, "create Acme Billing@1.4.0 --orgs production"))
+    op = await wait_for_op(sandbox, ref, card=True)
+    seq = len(sandbox.slack.events)
+    result = await sandbox.agent.click_label(user=BOB, channel=CHANNEL, label="Reject", message_ts=op.card_ts)
+    assert result.status == 200
+    view = await sandbox.agent.wait_for_view(user=BOB, after_seq=seq)
+    assert view is not None and view.payload["title"]["text"].startswith("Reject")
+    submitted = await sandbox.agent.submit_view(user=BOB, view_id=view.id, values={"Reason": "Freeze <!channel> week"})
+    assert submitted.status == 200
+    op = await wait_for_op(sandbox, ref, states=[OpState.REJECTED], announced=True)
+    card = full_text(sandbox.slack.find_message(CHANNEL, op.card_ts or ""))  # type: ignore[arg-type]
+    assert "Rejected" in card and "Freeze &lt;!channel&gt; week" in card and "Approve" not in card
+    in_thread, notices = completion_notices(sandbox, op)
+    assert len(in_thread) == 1 and len(notices) == 1
+    assert writes(sandbox.packaging.calls) == []
+    # A click from a client still showing the old buttons changes nothing.
+    assert "not waiting for approval" in await stale_approve(sandbox, DAVE, op.card_ts or "", op.id or 0)
+
+
+@pytest.fixture
+async def expiring(tmp_path: Path) -> AsyncIterator[Sandbox]:
+    rule = ApprovalRule(action="push", org_kind="production", approvers=[BOB], expires="2s")
+    async with running_sandbox(workdir=tmp_path, job_seconds=0.01, approval=[rule]) as running:
+        yield running
+
+
+async def test_approval_expires_and_nothing_is_pushed(expiring: Sandbox) -> None:
+    sandbox = expiring
+    sandbox.packaging.reset_calls()
+    ref = ref_in(await push(sandbox, ALICE, "create Acme Billing@1.4.0 --orgs production"))
+    op = await wait_for_op(sandbox, ref, card=True)
+    op = await wait_for_op(sandbox, ref, states=[OpState.EXPIRED], announced=True, timeout=20)
+    assert "not waiting for approval any more (it is expired)" in await stale_approve(
+        sandbox, BOB, op.card_ts or "", op.id or 0
+    )
+    card = full_text(sandbox.slack.find_message(CHANNEL, op.card_ts or ""))  # type: ignore[arg-type]
+    assert "Approval expired" in card and "Approve" not in card
+    assert writes(sandbox.packaging.calls) == []
+
+
+async def test_card_is_edited_only_when_it_changes(sandbox: Sandbox) -> None:
+    ref = ref_in(await push(sandbox, ALICE, "create Acme Billing@1.4.0 --orgs sandbox"))
+    op = await wait_for_op(sandbox, ref, states=[OpState.SUCCEEDED, OpState.FAILED], announced=True)
+    await asyncio.sleep(2.5)  # a few idle poll cycles
+    card = sandbox.slack.find_message(CHANNEL, op.card_ts or "")
+    assert card is not None
+    versions = [(v.text, json.dumps(v.blocks, sort_keys=True)) for v in card.history]
+    assert all(a != b for a, b in itertools.pairwise(versions)), "an update changed nothing"
+    updates = [p for name, p in sandbox.slack.calls if name == "chat.update" and p.get("ts") == op.card_ts]
+    assert len(updates) == len(card.history) - 1
+
+
+def test_audit_export_csv_and_json(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async def make_rows() -> None:
+        async with running_sandbox(workdir=tmp_path, job_seconds=0.01) as sandbox:
+            await push(sandbox, ALICE, "create Acme Billing@1.4.0 --orgs bogus")
+            await push(sandbox, ALICE, "list")
+
+    asyncio.run(make_rows())
+    monkeypatch.setenv("DATABASE_URL", f"sqlite:///{tmp_path / 'chatops.db'}")
+    assert main(["audit", "--format", "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["detail"] for r in rows] == ["/push create Acme Billing@1.4.0 --orgs bogus", "/push list"]
+    assert rows[0]["outcome"].startswith("refused") and rows[1]["outcome"] == "ok" and rows[0]["actor"] == ALICE
+    out = tmp_path / "audit.csv"
+    assert main(["audit", "--format", "csv", "--out", str(out)]) == 0
+    lines = out.read_text().splitlines()
+    assert lines[0] == "id,at,actor,channel,operation_ref,action,detail,outcome" and len(lines) == 3
