@@ -190,3 +190,38 @@ async def test_logs_of_a_full_run_hold_no_secrets(harness: Harness) -> None:
         build_auth_url(harness.sim),
     ):
         assert secret not in log
+
+
+def test_the_shipped_demo_tour_passes_from_the_command_line(tmp_path: Path) -> None:
+    """`python -m bot demo` as the README gives it: exit 0 and every step ticked."""
+    import subprocess
+
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("SLACK_", "SF_AUTH_URL_"))}
+    env.pop("DATABASE_URL", None)
+    done = subprocess.run([sys.executable, "-m", "bot", "demo"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "tour passed" in done.stdout and "✗" not in done.stdout
+
+
+def test_demo_exits_non_zero_when_a_step_fails(tmp_path: Path) -> None:
+    import subprocess
+
+    tour = tmp_path / "bad.tour"
+    tour.write_text("as alice\n/push list\nexpect-ephemeral this text never appears within 1s\n")
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("SLACK_", "SF_AUTH_URL_"))}
+    done = subprocess.run([sys.executable, "-m", "bot", "demo", "--script", str(tour)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 1 and "✗ expect-ephemeral" in done.stdout and "tour FAILED" in done.stdout
+
+
+def test_console_plays_slack_from_a_pipe(tmp_path: Path) -> None:
+    """`python -m bot` with no configuration: the sandbox console, driven from standard input."""
+    import subprocess
+
+    script = "\n".join(["/push create Acme Billing@1.4.0 --orgs production", "as bob", "click Approve", ""])
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("SLACK_", "SF_AUTH_URL_"))}
+    done = subprocess.run([sys.executable, "-m", "bot", "sandbox", "--fast"], cwd=tmp_path, env=env, input=script,
+                          capture_output=True, text=True, timeout=180, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Push P1 · Acme Billing 1.4.0" in done.stdout and "You approved P1" in done.stdout
