@@ -55,20 +55,22 @@ async def build_runtime(
     orgs = OrgRegistry(settings=settings, session=http, retry=retry)
     push = PushService(db=db, orgs=orgs, settings=settings)
     approvals = ApprovalService(db=db, directory=directory)
+    # One KindView per kind of operation: how the poller advances it and how its card looks.
+    views: dict[str, KindView] = {
+        OpKind.PUSH: KindView(
+            advancer=push,
+            card=push_messages.push_card,
+            event_reply=push_messages.event_reply,
+            completion_text=push_messages.completion_text,
+        ),
+    }
     poller = Poller(
         db=db,
         poster=poster,
         config=settings.poller,
         notifications_channel=settings.notifications.channel,
         owner=owner,
-        views={
-            OpKind.PUSH: KindView(
-                advancer=push,
-                card=push_messages.push_card,
-                event_reply=push_messages.event_reply,
-                completion_text=push_messages.completion_text,
-            )
-        },
+        views=views,
     )
     socket_mode = settings.slack_signing_secret is None
     app = AsyncApp(

@@ -12,7 +12,7 @@ import sys
 import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,8 @@ class Sandbox:
     bot_url: str
     agent: SlackUserAgent
     signing_secret: str
+    # Simulators of the other systems, by name ("sfp", "flexdeploy"), for tests and tours.
+    servers: dict[str, Any] = field(default_factory=dict)
 
 
 def sandbox_settings(
@@ -89,6 +91,10 @@ async def running_sandbox(
     for server in (packaging, production, sandbox_org):
         await server.start()
     await slack.start()
+    servers: dict[str, Any] = {}
+    extra: dict[str, Any] = {}
+    # Other systems' simulators (sfp server, FlexDeploy): start each, add it to `servers` under
+    # its name and its settings to `extra`; they are stopped in `finally` below.
     signing_secret = secrets.token_hex(16)
     settings = sandbox_settings(
         slack=slack,
@@ -97,7 +103,7 @@ async def running_sandbox(
         sandbox_org=sandbox_org,
         database_url=f"sqlite:///{workdir / 'chatops.db'}",
         signing_secret=signing_secret,
-        **overrides,
+        **{**extra, **overrides},
     )
     runtime: Runtime | None = None
     runner: web.AppRunner | None = None
@@ -124,6 +130,7 @@ async def running_sandbox(
             bot_url=bot_url,
             agent=agent,
             signing_secret=signing_secret,
+            servers=servers,
         )
     finally:
         if runner is not None:
@@ -132,7 +139,7 @@ async def running_sandbox(
             await runtime.close()
         await session.close()
         await slack.stop()
-        for server in (packaging, production, sandbox_org):
+        for server in (packaging, production, sandbox_org, *servers.values()):
             await server.stop()
 
 
@@ -148,17 +155,23 @@ async def run_console_sandbox(*, fast: bool = False) -> int:
 
 
 async def run_demo(script: Path | None) -> int:
+    """Run one tour file, or every shipped tour (each in a fresh sandbox); 0 only if all pass."""
     from bot.sandbox.tour import run_tour
 
-    path = script or TOURS_DIR / "push.tour"
-    if not path.is_file():
-        print(f"tour file not found: {path}", file=sys.stderr)
-        return 2
-    with tempfile.TemporaryDirectory(prefix="chatops-demo-") as tmp:
-        async with running_sandbox(workdir=Path(tmp), job_seconds=0.02) as sandbox:
-            ok = await run_tour(path, agent=sandbox.agent, slack=sandbox.slack, channel=RELEASES_CHANNEL)
-    print("tour passed" if ok else "tour FAILED")
-    return 0 if ok else 1
+    paths = [script] if script else sorted(TOURS_DIR.glob("*.tour"))
+    for path in paths:
+        if not path.is_file():
+            print(f"tour file not found: {path}", file=sys.stderr)
+            return 2
+    failed: list[str] = []
+    for path in paths:
+        print(f"── {path.name}")
+        with tempfile.TemporaryDirectory(prefix="chatops-demo-") as tmp:
+            async with running_sandbox(workdir=Path(tmp), job_seconds=0.02) as sandbox:
+                if not await run_tour(path, agent=sandbox.agent, slack=sandbox.slack, channel=RELEASES_CHANNEL):
+                    failed.append(path.name)
+    print("tour passed" if not failed else f"tour FAILED: {', '.join(failed)}")
+    return 0 if not failed else 1
 
 
 def _banner(sandbox: Sandbox) -> str:

@@ -16,7 +16,7 @@ import csv
 import io
 import logging
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -25,6 +25,7 @@ from bot.clients.salesforce.rest import AmbiguousWriteError, SalesforceClient, s
 from bot.commands import OrgSelection, VersionSpec
 from bot.errors import ApiError, AuthError, NotFoundError, StateError, TransientError, UpstreamError, UsageError
 from bot.services.approvals import ApprovalFacts, ApprovalRequirement, requirement_for
+from bot.services.lifecycle import LeasedWrites
 from bot.services.operations import Advance, OpEvent, OpFile
 from bot.services.orgs import OrgRegistry
 from bot.settings import Settings
@@ -108,6 +109,7 @@ class PushService:
         self._db = db
         self._orgs = orgs
         self._settings = settings
+        self._writes = LeasedWrites(db)
 
     # -- reading Salesforce ------------------------------------------------------------------
     def _client(self) -> tuple[str, SalesforceClient]:
@@ -401,7 +403,7 @@ class PushService:
             assert operation.id is not None
             try:
                 if operation.state == OpState.AWAITING_APPROVAL:
-                    results[operation.id] = await self._check_expiry(operation, lease_token)
+                    results[operation.id] = await self._writes.check_expiry(operation, lease_token)
                 elif operation.state == OpState.STARTING:
                     results[operation.id] = await self._start(operation, lease_token)
                 elif operation.state in {OpState.SCHEDULED, OpState.RUNNING}:
@@ -409,61 +411,17 @@ class PushService:
                 else:
                     results[operation.id] = Advance()
             except TransientError as exc:
-                results[operation.id] = await self._transient(operation, lease_token, exc)
+                results[operation.id] = await self._writes.transient(operation, lease_token, exc)
             except AuthError as exc:
-                results[operation.id] = await self._transient(operation, lease_token, exc, delay=300)
+                results[operation.id] = await self._writes.transient(operation, lease_token, exc, delay=300)
         if watching:
             try:
                 results.update(await self._watch(watching, lease_token))
             except (TransientError, AuthError) as exc:
                 for operation in watching:
                     assert operation.id is not None
-                    results[operation.id] = await self._transient(operation, lease_token, exc)
+                    results[operation.id] = await self._writes.transient(operation, lease_token, exc)
         return results
-
-    async def _transient(
-        self, operation: Operation, lease_token: str, exc: UpstreamError, delay: float | None = None
-    ) -> Advance:
-        """Keep the operation as it is; show a warning on the card; try again later."""
-        assert operation.id is not None
-        failures = int(operation.data.get("transient_failures", 0)) + 1
-        log.warning("push %s: transient failure %s: %s", operation.ref, failures, exc.message)
-        await repo.update_operation(
-            self._db,
-            operation_id=operation.id,
-            lease_token=lease_token,
-            values={"data": {**operation.data, "transient_failures": failures, "last_problem": exc.message[:200]}},
-        )
-        return Advance(next_poll_in=delay or min(5.0 * failures, 120.0))
-
-    async def _save(
-        self, operation: Operation, lease_token: str, *, expect: Iterable[str] | None = None, **values: Any
-    ) -> bool:
-        assert operation.id is not None
-        if "data" in values:
-            values["data"] = {
-                key: value for key, value in values["data"].items() if key not in {"transient_failures", "last_problem"}
-            }
-        ok = await repo.update_operation(
-            self._db,
-            operation_id=operation.id,
-            lease_token=lease_token,
-            expect_states=list(expect) if expect is not None else [operation.state],
-            values=values,
-        )
-        if ok:
-            for key, value in values.items():
-                setattr(operation, key, value)
-        return ok
-
-    async def _check_expiry(self, operation: Operation, lease_token: str) -> Advance:
-        now = datetime.now(UTC)
-        expires = operation.approval_expires_at
-        if expires is not None and expires.replace(tzinfo=expires.tzinfo or UTC) <= now:
-            await self._save(operation, lease_token, state=OpState.EXPIRED)
-            return Advance(events=[OpEvent("expired")])
-        remaining = (expires.replace(tzinfo=expires.tzinfo or UTC) - now).total_seconds() if expires else 3600.0
-        return Advance(next_poll_in=max(1.0, min(remaining, 300.0)))
 
     async def _start(self, operation: Operation, lease_token: str) -> Advance:
         _, client = self._client()
@@ -490,7 +448,7 @@ class PushService:
             request_id = await self._find_orphan_request(operation, client)
         if request_id is None:
             attempted = {**operation.data, "request_attempted_at": datetime.now(UTC).isoformat()}
-            if not await self._save(operation, lease_token, data=attempted):
+            if not await self._writes.save(operation, lease_token, data=attempted):
                 return []
             try:
                 request_id = await client.create("PackagePushRequest", fields)
@@ -499,14 +457,14 @@ class PushService:
                 if request_id is None:
                     raise
             except ApiError as exc:
-                await self._save(
+                await self._writes.save(
                     operation,
                     lease_token,
                     state=OpState.ERROR,
                     data={**operation.data, "error": f"Salesforce refused the push request: {exc.message}"},
                 )
                 return [OpEvent("error")]
-        if not await self._save(operation, lease_token, external_id=request_id, step="create_jobs"):
+        if not await self._writes.save(operation, lease_token, external_id=request_id, step="create_jobs"):
             # Canceled (or taken over) while we were creating it: do not leave it behind.
             await _quietly_cancel(client, request_id)
             return []
@@ -550,14 +508,14 @@ class PushService:
         ]
         if jobs["created"] == 0:
             await _quietly_cancel(client, operation.external_id)
-            await self._save(
+            await self._writes.save(
                 operation,
                 lease_token,
                 state=OpState.ERROR,
                 data={**data, "error": "Salesforce refused every org; nothing was pushed."},
             )
             return [*events, OpEvent("error")]
-        await self._save(operation, lease_token, step="start", data=data)
+        await self._writes.save(operation, lease_token, step="start", data=data)
         return events
 
     async def _create_jobs_collections(
@@ -606,7 +564,7 @@ class PushService:
                 job_id = None
         if not job_id:
             job_id = await client.bulk_create_insert_job("PackagePushJob")
-            await self._save(operation, lease_token, data={**operation.data, "bulk_job_id": job_id})
+            await self._writes.save(operation, lease_token, data={**operation.data, "bulk_job_id": job_id})
             rows = [
                 {"PackagePushRequestId": operation.external_id or "", "SubscriberOrganizationKey": t.org_key}
                 for t in targets
@@ -652,12 +610,12 @@ class PushService:
         except ApiError as exc:
             status = _canon(str((await client.get_record("PackagePushRequest", request_id)).get("Status") or ""))
             if status == "Canceled":
-                await self._save(
+                await self._writes.save(
                     operation, lease_token, state=OpState.CANCELED, data={**operation.data, "request_status": status}
                 )
                 return [OpEvent("canceled")]
             if status == "Created":
-                await self._save(
+                await self._writes.save(
                     operation,
                     lease_token,
                     state=OpState.ERROR,
@@ -667,7 +625,7 @@ class PushService:
             # Already Pending or further: an earlier attempt went through.
         scheduled = operation.scheduled_for is not None and _aware(operation.scheduled_for) > datetime.now(UTC)
         state = OpState.SCHEDULED if scheduled else OpState.RUNNING
-        if not await self._save(
+        if not await self._writes.save(
             operation, lease_token, state=state, step="", data={**operation.data, "request_status": "Pending"}
         ):
             return []
@@ -730,14 +688,14 @@ class PushService:
             summary = await self._collect_failures(op, client, counts)
             final = {"Succeeded": OpState.SUCCEEDED, "Failed": OpState.FAILED}.get(status, OpState.CANCELED)
             data["summary"] = summary
-            if await self._save(op, lease_token, state=final, data=data):
+            if await self._writes.save(op, lease_token, state=final, data=data):
                 events.append(OpEvent("completed"))
             return Advance(events=events)
         state = OpState.RUNNING if status == "In Progress" else op.state
-        await self._save(op, lease_token, state=state, data=data)
+        await self._writes.save(op, lease_token, state=state, data=data)
         started = op.data.get("running_since") or now.isoformat()
         if "running_since" not in op.data:
-            await self._save(op, lease_token, data={**data, "running_since": started})
+            await self._writes.save(op, lease_token, data={**data, "running_since": started})
         elapsed = (now - datetime.fromisoformat(started)).total_seconds()
         return Advance(events=events, next_poll_in=max(2.0, min(elapsed / 10.0, 60.0)))
 

@@ -13,22 +13,10 @@ from bot.services.operations import OpEvent
 from bot.services.push import PushPlan, RetryPlan
 from bot.slack import blocks as bk
 from bot.slack.blocks import Block
+from bot.slack.cards import STATE_LABEL, approval_blocks
 from bot.store.models import Operation, OpState
 from bot.when import slack_date
 
-STATE_LABEL = {
-    OpState.AWAITING_APPROVAL: "⏸️ Waiting for approval",
-    OpState.REJECTED: "🚫 Rejected",
-    OpState.EXPIRED: "⌛ Approval expired",
-    OpState.STARTING: "⚙️ Creating in Salesforce",
-    OpState.SCHEDULED: "🗓️ Scheduled",
-    OpState.RUNNING: "🚀 Running",
-    OpState.CANCELING: "✋ Canceling",
-    OpState.SUCCEEDED: "✅ Succeeded",
-    OpState.FAILED: "⚠️ Finished with failures",
-    OpState.CANCELED: "✋ Canceled",
-    OpState.ERROR: "❗ Could not run",
-}
 MAX_LISTED_REFUSALS = 20
 
 
@@ -69,7 +57,7 @@ def push_card(op: Operation, *, approvals: Sequence[str] = ()) -> tuple[str, lis
         )
 
     if state == OpState.AWAITING_APPROVAL:
-        blocks.extend(_approval_blocks(op, approvals))
+        blocks.extend(approval_blocks(op, approvals, extra=[_cancel_button(op)]))
     elif state == OpState.SCHEDULED:
         blocks.append(bk.actions([_cancel_button(op)], block_id=f"push:{op.id}"))
     if state == OpState.REJECTED:
@@ -126,34 +114,6 @@ def _summary_text(summary: dict[str, Any]) -> str:
     if summary.get("without_error_record"):
         lines.append(f"{_n(summary['without_error_record'])} failed job(s) had no error record in Salesforce.")
     return "\n".join(lines)
-
-
-def _approval_blocks(op: Operation, approvals: Sequence[str]) -> list[Block]:
-    requirement = op.data.get("approval") or {}
-    approvers = requirement.get("approvers") or []
-    who = ", ".join(f"<!subteam^{a}>" if a.startswith("S") else f"<@{a}>" for a in approvers) or "anyone"
-    count = int(requirement.get("count", 1))
-    text = (
-        f"Needs {count} approval{'s' if count > 1 else ''} from {who}"
-        + ("" if requirement.get("self_approval") else f" other than <@{op.requester}>")
-        + f" ({requirement.get('rule', 'policy')})."
-    )
-    if approvals:
-        text += "\nApproved so far: " + ", ".join(f"<@{user}>" for user in approvals)
-    if op.approval_expires_at:
-        text += f"\nExpires {slack_date(op.approval_expires_at)}."
-    value = str(op.id)
-    return [
-        bk.section(text),
-        bk.actions(
-            [
-                bk.button("Approve", action_id="op_approve", value=value, style="primary"),
-                bk.button("Reject", action_id="op_reject", value=value, style="danger"),
-                _cancel_button(op),
-            ],
-            block_id=f"approval:{op.id}",
-        ),
-    ]
 
 
 def _cancel_button(op: Operation) -> Block:

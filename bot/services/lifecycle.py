@@ -1,0 +1,75 @@
+"""Writes the poller's advancers make to operations they hold a lease on, shared by every kind.
+
+Every write is a compare-and-set on the lease and the expected state, so an advancer that lost
+its lease (or raced a cancel) changes nothing and finds out from the return value.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from typing import Any
+
+from bot.errors import UpstreamError
+from bot.services.operations import Advance, OpEvent
+from bot.store import repo
+from bot.store.db import Database
+from bot.store.models import Operation, OpState
+
+log = logging.getLogger(__name__)
+
+_PROBLEM_KEYS = {"transient_failures", "last_problem"}
+
+
+class LeasedWrites:
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    async def save(
+        self, operation: Operation, lease_token: str, *, expect: Iterable[str] | None = None, **values: Any
+    ) -> bool:
+        """Apply ``values`` if this lease and the expected state (default: the current one) still hold.
+
+        Saving new ``data`` clears the transient-problem note: progress means the trouble is over.
+        """
+        assert operation.id is not None
+        if "data" in values:
+            values["data"] = {key: value for key, value in values["data"].items() if key not in _PROBLEM_KEYS}
+        ok = await repo.update_operation(
+            self._db,
+            operation_id=operation.id,
+            lease_token=lease_token,
+            expect_states=list(expect) if expect is not None else [operation.state],
+            values=values,
+        )
+        if ok:
+            for key, value in values.items():
+                setattr(operation, key, value)
+        return ok
+
+    async def transient(
+        self, operation: Operation, lease_token: str, exc: UpstreamError, *, delay: float | None = None
+    ) -> Advance:
+        """Keep the operation as it is, note the problem for the card, and try again later."""
+        assert operation.id is not None
+        failures = int(operation.data.get("transient_failures", 0)) + 1
+        log.warning("%s: transient failure %s: %s", operation.ref, failures, exc.message)
+        data = {**operation.data, "transient_failures": failures, "last_problem": exc.message[:200]}
+        await repo.update_operation(self._db, operation_id=operation.id, lease_token=lease_token, values={"data": data})
+        operation.data = data
+        return Advance(next_poll_in=delay or min(5.0 * failures, 120.0))
+
+    async def check_expiry(self, operation: Operation, lease_token: str) -> Advance:
+        """An operation waiting for approval expires at ``approval_expires_at``."""
+        now = datetime.now(UTC)
+        expires = operation.approval_expires_at
+        if expires is not None and _aware(expires) <= now:
+            await self.save(operation, lease_token, state=OpState.EXPIRED)
+            return Advance(events=[OpEvent("expired")])
+        remaining = (_aware(expires) - now).total_seconds() if expires else 3600.0
+        return Advance(next_poll_in=max(1.0, min(remaining, 300.0)))
+
+
+def _aware(moment: datetime) -> datetime:
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)

@@ -1,0 +1,57 @@
+"""Pieces every status card shares: state labels and the approval section with its buttons.
+
+Approve/Reject use the action ids ``op_approve``/``op_reject`` with the operation id as value,
+for every kind of operation; handlers/approvals.py answers them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from bot.slack import blocks as bk
+from bot.slack.blocks import Block
+from bot.store.models import Operation, OpState
+from bot.when import slack_date
+
+STATE_LABEL = {
+    OpState.AWAITING_APPROVAL: "⏸️ Waiting for approval",
+    OpState.REJECTED: "🚫 Rejected",
+    OpState.EXPIRED: "⌛ Approval expired",
+    OpState.STARTING: "⚙️ Creating in Salesforce",
+    OpState.SCHEDULED: "🗓️ Scheduled",
+    OpState.RUNNING: "🚀 Running",
+    OpState.CANCELING: "✋ Canceling",
+    OpState.SUCCEEDED: "✅ Succeeded",
+    OpState.FAILED: "⚠️ Finished with failures",
+    OpState.CANCELED: "✋ Canceled",
+    OpState.ERROR: "❗ Could not run",
+}
+
+
+def approval_blocks(op: Operation, approvals: Sequence[str], *, extra: Sequence[Block] = ()) -> list[Block]:
+    """What the card shows while waiting: who may approve, who did, until when; Approve/Reject."""
+    requirement = op.data.get("approval") or {}
+    approvers = requirement.get("approvers") or []
+    who = ", ".join(f"<!subteam^{a}>" if a.startswith("S") else f"<@{a}>" for a in approvers) or "anyone"
+    count = int(requirement.get("count", 1))
+    text = (
+        f"Needs {count} approval{'s' if count > 1 else ''} from {who}"
+        + ("" if requirement.get("self_approval") else f" other than <@{op.requester}>")
+        + f" ({requirement.get('rule', 'policy')})."
+    )
+    if approvals:
+        text += "\nApproved so far: " + ", ".join(f"<@{user}>" for user in approvals)
+    if op.approval_expires_at:
+        text += f"\nExpires {slack_date(op.approval_expires_at)}."
+    value = str(op.id)
+    return [
+        bk.section(text),
+        bk.actions(
+            [
+                bk.button("Approve", action_id="op_approve", value=value, style="primary"),
+                bk.button("Reject", action_id="op_reject", value=value, style="danger"),
+                *extra,
+            ],
+            block_id=f"approval:{op.id}",
+        ),
+    ]
