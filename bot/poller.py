@@ -69,7 +69,7 @@ class Poller:
         self.owner = owner or f"{socket.gethostname()}:{uuid.uuid4().hex[:6]}"
         self._scheduler: AsyncIOScheduler | None = None
         self._tick_lock = asyncio.Lock()
-        self._pending_kick = False
+        self._stopping = False
 
     # -- scheduling -----------------------------------------------------------------------
     def start(self) -> None:
@@ -86,15 +86,18 @@ class Poller:
         self._scheduler.start()
 
     async def stop(self, *, grace_seconds: float = 10.0) -> None:
-        """Stop scheduling and let a tick in flight finish (it holds leases and half-sent cards)."""
+        """Stop scheduling and let a cycle in flight finish (it holds leases and half-sent cards)."""
+        self._stopping = True
         if self._scheduler is not None and self._scheduler.running:
-            self._scheduler.shutdown(wait=False)
+            self._scheduler.pause()
         try:
             await asyncio.wait_for(self._tick_lock.acquire(), timeout=grace_seconds)
         except TimeoutError:
             log.warning("a poll cycle was still running at shutdown; its leases will expire")
         else:
             self._tick_lock.release()
+        if self._scheduler is not None and self._scheduler.running:
+            self._scheduler.shutdown(wait=False)
 
     def kick(self) -> None:
         """Run a tick now (a new operation, an approval): users should not wait a whole interval."""
@@ -107,6 +110,8 @@ class Poller:
     # -- one cycle ----------------------------------------------------------------------------
     async def tick(self) -> int:
         """Advance every due operation once; returns how many were handled."""
+        if self._stopping:
+            return 0
         async with self._tick_lock:
             now = datetime.now(UTC)
             claimed = await repo.claim_due(
