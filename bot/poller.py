@@ -169,10 +169,12 @@ class Poller:
         token = op.lease_owner or ""
         view = self._views.get(op.kind)
         next_poll: datetime | None = None
+        retry_soon = datetime.now(UTC) + timedelta(seconds=max(self._config.interval_seconds, 5.0))
+        digest = op.card_digest
         try:
             if view is None:
                 return
-            await self._sync_card(op, view, approvals, token)
+            digest, synced = await self._sync_card(op, view, approvals, token)
             for event in advance.events:
                 text = view.event_reply(op, event)
                 if text and op.card_ts:
@@ -180,32 +182,42 @@ class Poller:
             if op.is_terminal:
                 if op.announced_state != op.state:
                     await self._announce(op, view, token)
+                if not synced:
+                    next_poll = retry_soon  # the final card is still owed (update budget was spent)
             else:
                 delay = advance.next_poll_in if advance.next_poll_in is not None else self._config.interval_seconds
                 next_poll = datetime.now(UTC) + timedelta(seconds=delay)
         except SlackApiError as exc:
             log.warning("slack call failed for %s: %s", op.ref, exc.response.get("error"))
-            next_poll = datetime.now(UTC) + timedelta(seconds=max(self._config.interval_seconds, 5.0))
+            next_poll = retry_soon
         except Exception:
             log.exception("publishing %s failed", op.ref)
-            next_poll = datetime.now(UTC) + timedelta(seconds=max(self._config.interval_seconds, 5.0))
+            next_poll = retry_soon
         finally:
-            await repo.release_lease(self._db, operation_id=op.id, lease_token=token, next_poll_at=next_poll)
+            await repo.release_lease(
+                self._db, operation_id=op.id, lease_token=token, next_poll_at=next_poll, card_digest=digest
+            )
 
-    async def _sync_card(self, op: Operation, view: KindView, approvals: list[str], token: str) -> None:
+    async def _sync_card(
+        self, op: Operation, view: KindView, approvals: list[str], token: str
+    ) -> tuple[str | None, bool]:
+        """Post the card once, then edit it only when its content changed and the update budget allows.
+
+        Returns the digest of what Slack now shows and whether that is the current content.
+        """
         text, blocks = view.card(op, approvals=approvals)
         digest = hashlib.sha256(json.dumps([text, blocks], sort_keys=True).encode()).hexdigest()[:32]
         if op.card_ts is None:
             ts = await self._poster.post(channel=op.channel, text=text, blocks=blocks)
             op.card_ts = ts
-            await repo.update_operation(
-                self._db, operation_id=op.id or 0, lease_token=token, values={"card_ts": ts, "card_digest": digest}
-            )
-        elif digest != op.card_digest:
-            await self._poster.update(channel=op.channel, ts=op.card_ts, text=text, blocks=blocks)
-            await repo.update_operation(
-                self._db, operation_id=op.id or 0, lease_token=token, values={"card_digest": digest}
-            )
+            # Recorded at once: a crash before the lease is released must not post a second card.
+            await repo.update_operation(self._db, operation_id=op.id or 0, lease_token=token, values={"card_ts": ts})
+            return digest, True
+        if digest == op.card_digest:
+            return digest, True
+        if await self._poster.try_update(channel=op.channel, ts=op.card_ts, text=text, blocks=blocks):
+            return digest, True
+        return op.card_digest, False
 
     async def _announce(self, op: Operation, view: KindView, token: str) -> None:
         assert op.id is not None and op.card_ts is not None

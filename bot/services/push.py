@@ -651,24 +651,37 @@ class PushService:
         ids = [op.external_id or "" for op in due]
         statuses: dict[str, str] = {}
         counts: dict[str, Counter[str]] = {request_id[:15]: Counter() for request_id in ids}
-        for start in range(0, len(ids), IN_CHUNK):
-            chunk = ids[start : start + IN_CHUNK]
-            for record in await client.query(
-                f"SELECT Id, Status FROM PackagePushRequest WHERE Id IN {soql_id_list(chunk)}"
-            ):
-                statuses[str(record["Id"])[:15]] = _canon(str(record.get("Status") or ""))
-            for record in await client.query(
-                "SELECT PackagePushRequestId, Status, COUNT(Id) n FROM PackagePushJob WHERE PackagePushRequestId IN "
-                f"{soql_id_list(chunk)} GROUP BY PackagePushRequestId, Status"
-            ):
-                counts[str(record["PackagePushRequestId"])[:15]][_canon(str(record.get("Status") or ""))] += int(
-                    record.get("n") or 0
-                )
+        chunks = [ids[start : start + IN_CHUNK] for start in range(0, len(ids), IN_CHUNK)]
+        # The IN lists stay short enough for a GET URL; the chunks run side by side.
+        answers = await asyncio.gather(*(self._status_and_counts(client, chunk) for chunk in chunks))
+        for chunk_statuses, chunk_counts in answers:
+            statuses.update(chunk_statuses)
+            for key, counter in chunk_counts.items():
+                counts[key].update(counter)
         for op in due:
             assert op.id is not None
             key = (op.external_id or "")[:15]
             results[op.id] = await self._observe(op, lease_token, client, statuses.get(key, ""), counts[key], now)
         return results
+
+    async def _status_and_counts(
+        self, client: SalesforceClient, request_ids: Sequence[str]
+    ) -> tuple[dict[str, str], dict[str, Counter[str]]]:
+        """Request statuses and job counts by status for these requests: two queries in all."""
+        in_list = soql_id_list(request_ids)
+        requests, jobs = await asyncio.gather(
+            client.query(f"SELECT Id, Status FROM PackagePushRequest WHERE Id IN {in_list}"),
+            client.query(
+                "SELECT PackagePushRequestId, Status, COUNT(Id) n FROM PackagePushJob "
+                f"WHERE PackagePushRequestId IN {in_list} GROUP BY PackagePushRequestId, Status"
+            ),
+        )
+        statuses = {str(r["Id"])[:15]: _canon(str(r.get("Status") or "")) for r in requests}
+        counts: dict[str, Counter[str]] = {}
+        for record in jobs:
+            key = str(record["PackagePushRequestId"])[:15]
+            counts.setdefault(key, Counter())[_canon(str(record.get("Status") or ""))] += int(record.get("n") or 0)
+        return statuses, counts
 
     async def _observe(
         self,
@@ -692,10 +705,11 @@ class PushService:
                 events.append(OpEvent("completed"))
             return Advance(events=events)
         state = OpState.RUNNING if status == "In Progress" else op.state
-        await self._writes.save(op, lease_token, state=state, data=data)
         started = op.data.get("running_since") or now.isoformat()
-        if "running_since" not in op.data:
-            await self._writes.save(op, lease_token, data={**data, "running_since": started})
+        data = {key: value for key, value in data.items() if key not in {"transient_failures", "last_problem"}}
+        data["running_since"] = started
+        if state != op.state or data != op.data:  # an idle cycle writes nothing
+            await self._writes.save(op, lease_token, state=state, data=data)
         elapsed = (now - datetime.fromisoformat(started)).total_seconds()
         return Advance(events=events, next_poll_in=max(2.0, min(elapsed / 10.0, 60.0)))
 

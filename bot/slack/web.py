@@ -25,6 +25,27 @@ log = logging.getLogger(__name__)
 
 COMPLETION_EVENT = "chatops_operation_finished"
 POST_SPACING_SECONDS = 1.0  # chat.postMessage: about one message per second per channel
+UPDATES_PER_MINUTE = 50  # chat.update is Tier 3: "50+ per minute" per workspace
+UPDATE_BURST = 20
+
+
+class TokenBucket:
+    """``capacity`` at once, refilled at ``per_minute``; ``take`` never waits."""
+
+    def __init__(self, *, per_minute: float, capacity: float) -> None:
+        self._rate = per_minute / 60.0
+        self._capacity = capacity
+        self._tokens = capacity
+        self._stamp = time.monotonic()
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        self._tokens = min(self._capacity, self._tokens + (now - self._stamp) * self._rate)
+        self._stamp = now
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return True
+        return False
 
 
 def make_web_client(*, token: str, base_url: str) -> AsyncWebClient:
@@ -43,10 +64,11 @@ def make_web_client(*, token: str, base_url: str) -> AsyncWebClient:
 class SlackPoster:
     """Posts and edits the bot's messages, never faster than Slack's per-channel rate."""
 
-    def __init__(self, client: AsyncWebClient) -> None:
+    def __init__(self, client: AsyncWebClient, *, updates_per_minute: float = UPDATES_PER_MINUTE) -> None:
         self.client = client
         self._last_post: dict[str, float] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        self._updates = TokenBucket(per_minute=updates_per_minute, capacity=UPDATE_BURST)
 
     async def _pace(self, channel: str) -> None:
         lock = self._locks.setdefault(channel, asyncio.Lock())
@@ -77,8 +99,21 @@ class SlackPoster:
         return str(response["ts"])
 
     async def update(self, *, channel: str, ts: str, text: str, blocks: list[dict[str, Any]]) -> None:
+        """Edit a message now (a one-off edit answering a person); the poller uses ``try_update``."""
+        self._updates.take()
+        await self.client.chat_update(channel=channel, ts=ts, text=text, blocks=blocks)
+
+    async def try_update(self, *, channel: str, ts: str, text: str, blocks: list[dict[str, Any]]) -> bool:
+        """Edit a message unless this minute's chat.update budget is spent (then the caller retries later).
+
+        With hundreds of live cards, editing every changed card every cycle would only earn 429s;
+        cards skipped now are edited on a later cycle, oldest first, with their newest content.
+        """
+        if not self._updates.take():
+            return False
         # Always send blocks with text: chat.update with text alone removes the blocks.
         await self.client.chat_update(channel=channel, ts=ts, text=text, blocks=blocks)
+        return True
 
     async def ephemeral(
         self, *, channel: str, user: str, text: str, blocks: list[dict[str, Any]] | None = None

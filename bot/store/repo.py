@@ -112,12 +112,18 @@ async def claim_due(db: Database, *, owner: str, now: datetime, lease: timedelta
         return list(claimed)
 
 
-async def release_lease(db: Database, *, operation_id: int, lease_token: str, next_poll_at: datetime | None) -> None:
+async def release_lease(
+    db: Database, *, operation_id: int, lease_token: str, next_poll_at: datetime | None, card_digest: str | None = None
+) -> None:
+    """Hand the operation back (with the card digest the poller just synced) in one UPDATE."""
+    values: dict[str, Any] = {"lease_owner": None, "lease_expires_at": None, "next_poll_at": next_poll_at}
+    if card_digest is not None:
+        values["card_digest"] = card_digest
     async with db.session() as session:
         await session.exec(
             update(Operation)
             .where(col(Operation.id) == operation_id, col(Operation.lease_owner) == lease_token)
-            .values(lease_owner=None, lease_expires_at=None, next_poll_at=next_poll_at)
+            .values(**values)
         )
         await session.commit()
 
