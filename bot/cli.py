@@ -96,7 +96,11 @@ async def _serve(settings: Any, *, host: str) -> int:
     except ValueError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
-    runtime = await build_runtime(settings)
+    try:
+        runtime = await build_runtime(settings)
+    except ValueError as exc:  # e.g. an unreadable JWT key file or a malformed auth URL
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
     await serve_forever(runtime, host=host)
     return 0
 

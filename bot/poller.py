@@ -4,19 +4,17 @@ Leases make replicas safe: an operation is advanced by whichever replica's condi
 claimed it, and every write the advance makes is conditioned on that lease. A replica that dies
 holding leases simply lets them expire; another picks the operations up.
 
-Completion is announced exactly once: ``announced_state`` goes to ``posting:<state>`` before
-the message is sent (with Slack message metadata naming the operation) and to ``<state>``
-after. A replica that finds ``posting:…`` left behind by a crash looks for that metadata in the
-thread before posting again.
+Messages go through the Slack outbox (bot/outbox.py): a cycle only records what is owed, so it
+never waits for Slack's one-message-per-second-per-channel rate. Completion is enqueued once
+(unique keys per operation and final state) and ``announced_state`` then records it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
 import logging
 import socket
+import time
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -28,12 +26,13 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from slack_sdk.errors import SlackApiError
 from sqlmodel import col, select
 
+from bot.outbox import SlackOutbox, card_digest, card_row, file_row, message_row, reply_row
 from bot.services.operations import Advance, Advancer, OpEvent
 from bot.settings import PollerConfig
 from bot.slack.web import COMPLETION_EVENT, SlackPoster
 from bot.store import repo
 from bot.store.db import Database
-from bot.store.models import Approval, Operation, OpState
+from bot.store.models import Approval, Operation, OpState, OutboxMessage
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +69,10 @@ class Poller:
         self._scheduler: AsyncIOScheduler | None = None
         self._tick_lock = asyncio.Lock()
         self._stopping = False
+        self._replies: list[OutboxMessage] = []
+        self.last_cycle: dict[str, Any] = {}  # shown on /healthz: what the latest non-empty cycle did
+        self.outbox = SlackOutbox(db=db, poster=poster, render_card=self.render_card, owner=self.owner)
+        self.outbox.wake = self._wake_outbox
 
     # -- scheduling -----------------------------------------------------------------------
     def start(self) -> None:
@@ -83,10 +86,22 @@ class Poller:
             coalesce=True,
             next_run_time=datetime.now(UTC),
         )
+        self._scheduler.add_job(
+            self.outbox.deliver,
+            "interval",
+            seconds=0.25,
+            id="outbox",
+            max_instances=1,
+            coalesce=True,
+            next_run_time=datetime.now(UTC),
+        )
         self._scheduler.start()
 
     async def stop(self, *, grace_seconds: float = 10.0) -> None:
-        """Stop scheduling and let a cycle in flight finish (it holds leases and half-sent cards)."""
+        """Stop scheduling, let a cycle in flight finish (it holds leases), and send what is owed.
+
+        Whatever the outbox cannot send within the grace period stays queued for the next start.
+        """
         self._stopping = True
         if self._scheduler is not None and self._scheduler.running:
             self._scheduler.pause()
@@ -96,8 +111,22 @@ class Poller:
             log.warning("a poll cycle was still running at shutdown; its leases will expire")
         else:
             self._tick_lock.release()
+        try:
+            await asyncio.wait_for(self.outbox.drain(), timeout=grace_seconds)
+        except TimeoutError:
+            log.warning("Slack messages still queued at shutdown; they are sent after the next start")
         if self._scheduler is not None and self._scheduler.running:
             self._scheduler.shutdown(wait=False)
+
+    def _wake_outbox(self) -> None:
+        if self._scheduler is not None and self._scheduler.running and (job := self._scheduler.get_job("outbox")):
+            job.modify(next_run_time=datetime.now(UTC))
+
+    async def render_card(self, op: Operation) -> tuple[str, Blocks]:
+        """The card as it should look now (the outbox renders cards when it finally sends them)."""
+        view = self._views[op.kind]
+        approvals = (await self._approvals([op])).get(op.id or 0, []) if op.state == OpState.AWAITING_APPROVAL else []
+        return view.card(op, approvals=approvals)
 
     def kick(self) -> None:
         """Run a tick now (a new operation, an approval): users should not wait a whole interval."""
@@ -113,6 +142,7 @@ class Poller:
         if self._stopping:
             return 0
         async with self._tick_lock:
+            started = time.perf_counter()
             now = datetime.now(UTC)
             claimed = await repo.claim_due(
                 self._db,
@@ -138,9 +168,17 @@ class Poller:
                     log.exception("advancing %d %s operation(s) failed", len(operations), kind)
             fresh = await self._reload([op.id for op in claimed if op.id is not None])
             approvals = await self._approvals([op for op in fresh if op.state == OpState.AWAITING_APPROVAL])
-            await asyncio.gather(
+            self._replies = []
+            releases = await asyncio.gather(
                 *(self._publish(op, advances.get(op.id or 0, Advance()), approvals.get(op.id or 0, [])) for op in fresh)
             )
+            await self.outbox.enqueue(*self._replies)  # thread replies of the whole cycle, one statement
+            await repo.release_many(self._db, rows=releases)
+            self.last_cycle = {
+                "operations": len(claimed),
+                "seconds": round(time.perf_counter() - started, 4),
+                "finished_at": datetime.now(UTC).isoformat(),
+            }
             return len(claimed)
 
     async def _reload(self, ids: Sequence[int]) -> list[Operation]:
@@ -163,22 +201,26 @@ class Poller:
             result[row.operation_id].append(row.approver)
         return result
 
-    async def _publish(self, op: Operation, advance: Advance, approvals: list[str]) -> None:
-        """Card, thread replies, completion; then hand the lease back with the next poll time."""
+    async def _publish(
+        self, op: Operation, advance: Advance, approvals: list[str]
+    ) -> tuple[int, str, datetime | None, str | None]:
+        """Card, thread replies, completion; returns how to hand the lease back (released in one batch)."""
         assert op.id is not None
         token = op.lease_owner or ""
         view = self._views.get(op.kind)
-        next_poll: datetime | None = None
         retry_soon = datetime.now(UTC) + timedelta(seconds=max(self._config.interval_seconds, 5.0))
+        if view is None:
+            return op.id, token, retry_soon, None
+        next_poll: datetime | None = None
         digest = op.card_digest
         try:
-            if view is None:
-                return
-            digest, synced = await self._sync_card(op, view, approvals, token)
-            for event in advance.events:
-                text = view.event_reply(op, event)
-                if text and op.card_ts:
-                    await self._poster.post(channel=op.channel, thread_ts=op.card_ts, text=text)
+            digest, synced = await self._sync_card(op, view, approvals)
+            texts = [view.event_reply(op, event) for event in advance.events]
+            replies = [reply_row(operation=op, text=text) for text in texts if text]
+            if op.is_terminal:
+                await self.outbox.enqueue(*replies)  # before the completion notice, in this order
+            else:
+                self._replies.extend(replies)
             if op.is_terminal:
                 if op.announced_state != op.state:
                     await self._announce(op, view, token)
@@ -193,26 +235,19 @@ class Poller:
         except Exception:
             log.exception("publishing %s failed", op.ref)
             next_poll = retry_soon
-        finally:
-            await repo.release_lease(
-                self._db, operation_id=op.id, lease_token=token, next_poll_at=next_poll, card_digest=digest
-            )
+        return op.id, token, next_poll, digest
 
-    async def _sync_card(
-        self, op: Operation, view: KindView, approvals: list[str], token: str
-    ) -> tuple[str | None, bool]:
-        """Post the card once, then edit it only when its content changed and the update budget allows.
+    async def _sync_card(self, op: Operation, view: KindView, approvals: list[str]) -> tuple[str | None, bool]:
+        """Queue the card once; then edit it only when its content changed and the update budget allows.
 
         Returns the digest of what Slack now shows and whether that is the current content.
         """
-        text, blocks = view.card(op, approvals=approvals)
-        digest = hashlib.sha256(json.dumps([text, blocks], sort_keys=True).encode()).hexdigest()[:32]
         if op.card_ts is None:
-            ts = await self._poster.post(channel=op.channel, text=text, blocks=blocks)
-            op.card_ts = ts
-            # Recorded at once: a crash before the lease is released must not post a second card.
-            await repo.update_operation(self._db, operation_id=op.id or 0, lease_token=token, values={"card_ts": ts})
-            return digest, True
+            # Rendered when the outbox sends it, so it goes out with the newest content.
+            await self.outbox.enqueue(card_row(op))
+            return op.card_digest, True
+        text, blocks = view.card(op, approvals=approvals)
+        digest = card_digest(text, blocks)
         if digest == op.card_digest:
             return digest, True
         if await self._poster.try_update(channel=op.channel, ts=op.card_ts, text=text, blocks=blocks):
@@ -220,31 +255,27 @@ class Poller:
         return op.card_digest, False
 
     async def _announce(self, op: Operation, view: KindView, token: str) -> None:
-        assert op.id is not None and op.card_ts is not None
-        marker = f"posting:{op.state}"
+        """Queue the completion notice (thread, files, notifications channel) once, then record it."""
+        assert op.id is not None
         key = f"{op.id}:{op.state}"
-        if op.announced_state == marker and await self._poster.thread_has_event(
-            channel=op.channel, thread_ts=op.card_ts, event_type=COMPLETION_EVENT, key=key
-        ):
-            await repo.update_operation(
-                self._db, operation_id=op.id, lease_token=token, values={"announced_state": op.state}
-            )
-            return
-        if not await repo.update_operation(
-            self._db, operation_id=op.id, lease_token=token, values={"announced_state": marker}
-        ):
-            return  # the lease was lost: whoever holds it now will announce
         text = view.completion_text(op)
-        metadata = {"event_type": COMPLETION_EVENT, "event_payload": {"key": key, "ref": op.ref}}
-        files = await view.advancer.completion_files(op)
-        await self._poster.post(channel=op.channel, thread_ts=op.card_ts, text=text, metadata=metadata)
-        for file in files:
-            await self._poster.upload(channel=op.channel, thread_ts=op.card_ts, file=file)
+        rows = [reply_row(operation=op, text=text, key=f"completion:{key}", event_type=COMPLETION_EVENT)]
+        for index, file in enumerate(await view.advancer.completion_files(op)):
+            rows.append(file_row(operation=op, file=file, key=f"file:{key}:{index}"))
         if self._notify_channel and self._notify_channel != op.channel:
-            await self._poster.post(channel=self._notify_channel, text=text)
-        await repo.update_operation(
+            rows.append(
+                message_row(
+                    channel=self._notify_channel,
+                    text=text,
+                    key=f"notice:{key}",
+                    operation_id=op.id,
+                    event_type=COMPLETION_EVENT,
+                )
+            )
+        await self.outbox.enqueue(*rows)
+        if await repo.update_operation(
             self._db, operation_id=op.id, lease_token=token, values={"announced_state": op.state}
-        )
-        await repo.audit(
-            self._db, actor="bot", channel=op.channel, operation_ref=op.ref, action="completed", outcome=op.state
-        )
+        ):
+            await repo.audit(
+                self._db, actor="bot", channel=op.channel, operation_ref=op.ref, action="completed", outcome=op.state
+            )

@@ -13,10 +13,13 @@ from bot.clients.retry import RetryPolicy
 from bot.poller import KindView, Poller
 from bot.services.access import AccessPolicy
 from bot.services.approvals import ApprovalService
+from bot.services.deploy import DeployService
+from bot.services.flexdeploy import FlexDeployService
 from bot.services.orgs import OrgRegistry
 from bot.services.push import PushService
+from bot.services.sfp import SfpService
 from bot.settings import Settings
-from bot.slack import push_messages
+from bot.slack import deploy_messages, fd_messages, push_messages, sfp_messages
 from bot.slack.web import SlackDirectory, SlackPoster, make_web_client
 from bot.store.db import Database, migrate
 from bot.store.models import OpKind
@@ -55,6 +58,9 @@ async def build_runtime(
     orgs = OrgRegistry(settings=settings, session=http, retry=retry)
     push = PushService(db=db, orgs=orgs, settings=settings)
     approvals = ApprovalService(db=db, directory=directory)
+    fd = FlexDeployService.from_settings(settings=settings, db=db, session=http, retry=retry)
+    sfp = SfpService.from_settings(settings=settings, db=db, session=http, retry=retry)
+    deploy = DeployService(db=db, orgs=orgs, settings=settings, session=http, retry=retry)
     # One KindView per kind of operation: how the poller advances it and how its card looks.
     views: dict[str, KindView] = {
         OpKind.PUSH: KindView(
@@ -62,6 +68,24 @@ async def build_runtime(
             card=push_messages.push_card,
             event_reply=push_messages.event_reply,
             completion_text=push_messages.completion_text,
+        ),
+        OpKind.FD: KindView(
+            advancer=fd,
+            card=fd_messages.fd_card,
+            event_reply=fd_messages.event_reply,
+            completion_text=fd_messages.completion_text,
+        ),
+        OpKind.SFP: KindView(
+            advancer=sfp,
+            card=sfp_messages.sfp_card,
+            event_reply=sfp_messages.event_reply,
+            completion_text=sfp_messages.completion_text,
+        ),
+        OpKind.DEPLOY: KindView(
+            advancer=deploy,
+            card=deploy_messages.deploy_card,
+            event_reply=deploy_messages.event_reply,
+            completion_text=deploy_messages.completion_text,
         ),
     }
     poller = Poller(
@@ -88,6 +112,10 @@ async def build_runtime(
         poster=poster,
         directory=directory,
         kick_poller=poller.kick,
+        outbox=poller.outbox,
+        fd=fd,
+        sfp=sfp,
+        deploy=deploy,
     )
     handlers.register(app, deps)
     return Runtime(settings=settings, db=db, http=http, app=app, poller=poller, push=push)

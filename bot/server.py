@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections.abc import Callable
 from contextlib import suppress
+from typing import Any
 
 from aiohttp import web
 from slack_bolt.adapter.aiohttp import to_aiohttp_response, to_bolt_request
@@ -18,7 +20,7 @@ log = logging.getLogger(__name__)
 EVENTS_PATH = "/slack/events"
 
 
-def http_app(bolt: AsyncApp, *, health: dict[str, str] | None = None) -> web.Application:
+def http_app(bolt: AsyncApp, *, health: Callable[[], dict[str, Any]] | None = None) -> web.Application:
     """``POST /slack/events`` for commands, interactivity and events; ``GET /healthz``."""
 
     async def events(request: web.Request) -> web.Response:
@@ -26,7 +28,7 @@ def http_app(bolt: AsyncApp, *, health: dict[str, str] | None = None) -> web.App
         return await to_aiohttp_response(await bolt.async_dispatch(bolt_request))
 
     async def healthz(_: web.Request) -> web.Response:
-        return web.json_response({"ok": True, **(health or {})})
+        return web.json_response({"ok": True, **(health() if health else {})})
 
     application = web.Application(client_max_size=2 * 1024 * 1024)
     application.router.add_post(EVENTS_PATH, events)
@@ -35,7 +37,10 @@ def http_app(bolt: AsyncApp, *, health: dict[str, str] | None = None) -> web.App
 
 
 async def start_http(runtime: Runtime, *, host: str = "0.0.0.0", port: int) -> web.AppRunner:
-    runner = web.AppRunner(http_app(runtime.app, health={"replica": runtime.poller.owner}), access_log=None)
+    def health() -> dict[str, Any]:
+        return {"replica": runtime.poller.owner, "last_cycle": runtime.poller.last_cycle}
+
+    runner = web.AppRunner(http_app(runtime.app, health=health), access_log=None)
     await runner.setup()
     await web.TCPSite(runner, host, port).start()
     return runner

@@ -211,6 +211,8 @@ class Settings(BaseSettings):
             raise ValueError("only one org may have packaging = true")
         if self.sfp is not None and self.sfp_token is None:
             raise ValueError("[sfp] is configured but SFP_TOKEN is not set")
+        if self.flexdeploy is not None and (self.flexdeploy_user is None or self.flexdeploy_password is None):
+            raise ValueError("[flexdeploy] is configured but FLEXDEPLOY_USER or FLEXDEPLOY_PASSWORD is not set")
         return self
 
     @property

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from slack_bolt.async_app import AsyncApp
 
-from handlers import approvals, dedupe, placeholders, push
+from handlers import approvals, dedupe, deploy, fd, placeholders, push, sfp
 from handlers.context import HandlerDeps
 
 
 def register(app: AsyncApp, deps: HandlerDeps) -> None:
     dedupe.register(app, deps)
     push.register(app, deps)
+    fd.register(app, deps)
+    sfp.register(app, deps)
+    deploy.register(app, deps)
     approvals.register(app, deps)
     placeholders.register(app)

@@ -7,6 +7,7 @@ from typing import Any
 from slack_bolt.async_app import AsyncAck, AsyncApp, AsyncRespond
 from slack_sdk.web.async_client import AsyncWebClient
 
+from bot.outbox import reply_row
 from bot.slack.messages import approval_ack, approval_thread_text, reject_modal
 from bot.store import repo
 from bot.store.models import REF_PREFIX, OpKind
@@ -35,9 +36,9 @@ def register(app: AsyncApp, deps: HandlerDeps) -> None:
             outcome=decision.outcome,
         )
         deps.kick_poller()
-        if op.card_ts and decision.outcome != "rejected":  # a rejection is announced with the completion
-            await deps.poster.post(
-                channel=op.channel, thread_ts=op.card_ts, text=approval_thread_text(user, decision.outcome, reason)
+        if decision.outcome != "rejected":  # a rejection is announced with the completion
+            await deps.outbox.enqueue(
+                reply_row(operation=op, text=approval_thread_text(user, decision.outcome, reason))
             )
         text = approval_ack(op.ref, decision.outcome, decision.approvals, decision.needed)
         if respond is not None:

@@ -5,9 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from bot.outbox import SlackOutbox
 from bot.services.access import AccessPolicy
 from bot.services.approvals import ApprovalService
+from bot.services.deploy import DeployService
+from bot.services.flexdeploy import FlexDeployService
 from bot.services.push import PushService
+from bot.services.sfp import SfpService
 from bot.settings import Settings
 from bot.slack.web import SlackDirectory, SlackPoster
 from bot.store.db import Database
@@ -23,3 +27,7 @@ class HandlerDeps:
     poster: SlackPoster
     directory: SlackDirectory
     kick_poller: Callable[[], None]
+    outbox: SlackOutbox
+    fd: FlexDeployService | None = None
+    sfp: SfpService | None = None
+    deploy: DeployService | None = None

@@ -1,7 +1,11 @@
 """Slack redelivers requests it thinks timed out (``X-Slack-Retry-Num``); Bolt does not de-duplicate.
 
-Every command and click carries a ``trigger_id`` unique to that delivery; the first replica to
-record it handles the request, any redelivery is acknowledged and dropped.
+Events API deliveries carry an ``event_id``: the first replica to record it handles the event,
+any redelivery is acknowledged and dropped. Commands and clicks are not recorded on their first
+delivery — that would put a database write in front of every ack — because what they do is
+idempotent on its own (an operation is keyed by the command's ``trigger_id``, a decision by
+person and operation); only a delivery marked as a retry is recorded, so that several retries of
+one request are handled once among themselves.
 """
 
 from __future__ import annotations
@@ -32,11 +36,11 @@ def register(app: AsyncApp, deps: HandlerDeps) -> None:
     async def skip_redeliveries(
         req: AsyncBoltRequest, resp: BoltResponse, next: Callable[[], Awaitable[BoltResponse]]
     ) -> BoltResponse:
+        retry = (req.headers.get("x-slack-retry-num") or [""])[0]
         key = delivery_key(req.body)
-        if key is None:
+        if key is None or not (retry or key.startswith("event:")):
             return await next()
-        if not await repo.claim_delivery(deps.db, key=key):
-            retry = (req.headers.get("x-slack-retry-num") or [""])[0]
+        if not await repo.claim_delivery(deps.db, key=f"{key}:retry" if retry else key):
             log.info("dropping redelivered request", extra={"key": key, "retry": retry})
             return BoltResponse(status=200, body="")
         return await next()

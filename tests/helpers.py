@@ -8,10 +8,12 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
+from sqlmodel import select
+
 from bot.sandbox.embedded import NOTIFY_CHANNEL, RELEASES_CHANNEL, Sandbox
 from bot.sandbox.fake_slack import Message
 from bot.store import repo
-from bot.store.models import Operation, OpKind
+from bot.store.models import Operation, OpKind, OutboxMessage
 
 CHANNEL = RELEASES_CHANNEL
 
@@ -68,6 +70,14 @@ async def operation(sandbox: Sandbox, ref: str) -> Operation:
     return op
 
 
+async def outbox_drained(sandbox: Sandbox, operation_id: int) -> bool:
+    """Every Slack message owed for this operation has been sent."""
+    assert sandbox.runtime is not None
+    async with sandbox.runtime.db.session() as session:
+        rows = (await session.exec(select(OutboxMessage).where(OutboxMessage.operation_id == operation_id))).all()
+    return all(row.state == "sent" for row in rows)
+
+
 async def wait_for_op(
     sandbox: Sandbox,
     ref: str,
@@ -87,6 +97,7 @@ async def wait_for_op(
             and (not announced or op.announced_state == op.state)
             and (not card or op.card_ts is not None)
             and (predicate is None or predicate(op))
+            and (not announced or await outbox_drained(sandbox, op.id or 0))
         ):
             return op
         if time.monotonic() > deadline:
@@ -119,3 +130,12 @@ def writes(calls: list[tuple[str, str]]) -> list[tuple[str, str]]:
         for method, path in calls
         if method in {"POST", "PATCH", "PUT", "DELETE"} and "/oauth2/" not in path
     ]
+
+
+async def stale_approve(sandbox: Sandbox, user: str, card_ts: str, operation_id: int) -> str:
+    """Press Approve as a client that still shows the old card would send it."""
+    before = len(ephemerals(sandbox, user))
+    await sandbox.agent.click(
+        user=user, channel=CHANNEL, message_ts=card_ts, action_id="op_approve", value=str(operation_id)
+    )
+    return await next_ephemeral(sandbox, user, before)

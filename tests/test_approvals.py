@@ -17,25 +17,15 @@ from bot.store.models import OpState
 from tests.helpers import (
     CHANNEL,
     completion_notices,
-    ephemerals,
     full_text,
-    next_ephemeral,
     push,
     ref_in,
+    stale_approve,
     wait_for_op,
     writes,
 )
 
 ALICE, BOB, DAVE = "U0ALICE", "U0BOB", "U0DAVE"
-
-
-async def stale_approve(sandbox: Sandbox, user: str, card_ts: str, operation_id: int) -> str:
-    """Press Approve as a client that still shows the old card would send it."""
-    before = len(ephemerals(sandbox, user))
-    await sandbox.agent.click(
-        user=user, channel=CHANNEL, message_ts=card_ts, action_id="op_approve", value=str(operation_id)
-    )
-    return await next_ephemeral(sandbox, user, before)
 
 
 async def test_reject_asks_for_a_reason_and_ends_the_push(sandbox: Sandbox) -> None:
@@ -103,7 +93,7 @@ def test_audit_export_csv_and_json(
     asyncio.run(make_rows())
     monkeypatch.setenv("DATABASE_URL", f"sqlite:///{tmp_path / 'chatops.db'}")
     assert main(["audit", "--format", "json"]) == 0
-    rows = json.loads(capsys.readouterr().out)
+    rows = sorted(json.loads(capsys.readouterr().out), key=lambda row: row["detail"])
     assert [r["detail"] for r in rows] == ["/push create Acme Billing@1.4.0 --orgs bogus", "/push list"]
     assert rows[0]["outcome"].startswith("refused") and rows[1]["outcome"] == "ok" and rows[0]["actor"] == ALICE
     out = tmp_path / "audit.csv"

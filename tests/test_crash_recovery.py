@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
-import socket
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -18,6 +16,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from bot.sandbox.botprocess import BotProcess, free_port, start_bot_process
 from bot.sandbox.embedded import NOTIFY_CHANNEL, RELEASES_CHANNEL
 from bot.sandbox.fake_slack import FakeSlack
 from bot.sandbox.salesforce_org import SalesforceOrgSim, build_auth_url
@@ -25,12 +24,6 @@ from bot.sandbox.slack_user import SlackUserAgent
 
 pytestmark = pytest.mark.slow
 SIGNING_SECRET = "crash-test-signing-secret"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass
@@ -43,34 +36,10 @@ class Harness:
     env: dict[str, str]
     config: Path
 
-    async def start_bot(self, name: str) -> asyncio.subprocess.Process:
-        log = (self.workdir / f"{name}.log").open("wb")
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "bot",
-            "--config",
-            str(self.config),
-            "serve",
-            "--host",
-            "127.0.0.1",
-            env=self.env,
-            stdout=log,
-            stderr=log,
-            cwd=self.workdir,
+    async def start_bot(self, name: str) -> BotProcess:
+        return await start_bot_process(
+            workdir=self.workdir, env=self.env, config=self.config, port=self.port, name=name
         )
-        async with aiohttp.ClientSession() as session:
-            for _ in range(200):
-                try:
-                    async with session.get(f"http://127.0.0.1:{self.port}/healthz") as response:
-                        if response.status == 200:
-                            return process
-                except aiohttp.ClientError:
-                    pass
-                if process.returncode is not None:
-                    raise AssertionError((self.workdir / f"{name}.log").read_text())
-                await asyncio.sleep(0.1)
-        raise AssertionError("bot did not become healthy")
 
 
 @pytest.fixture
@@ -140,8 +109,7 @@ async def test_sigkill_mid_push_then_restart_completes_once(harness: Harness, ki
         else:
             await harness.slack.wait_for(lambda: request_status(harness.sim) or None, 30)
     finally:
-        first.send_signal(signal.SIGKILL)
-        await first.wait()
+        await first.kill()
     assert completions(harness.slack) == ([], [])
 
     second = await harness.start_bot("second")
@@ -150,8 +118,7 @@ async def test_sigkill_mid_push_then_restart_completes_once(harness: Harness, ki
         assert done, (harness.workdir / "second.log").read_text()[-3000:]
         await asyncio.sleep(3)  # time for a duplicate to show up, if there were going to be one
     finally:
-        second.send_signal(signal.SIGTERM)
-        await second.wait()
+        await second.stop()
 
     in_thread, notices = completions(harness.slack)
     assert len(in_thread) == 1 and len(notices) == 1
@@ -178,8 +145,7 @@ async def test_logs_of_a_full_run_hold_no_secrets(harness: Harness) -> None:
         await harness.agent.command(user="U0ALICE", channel=RELEASES_CHANNEL, command="/push", text="list")
         await asyncio.sleep(1)
     finally:
-        bot.send_signal(signal.SIGTERM)
-        await bot.wait()
+        await bot.stop()
     log = (harness.workdir / "secrets.log").read_text()
     assert "serving Slack over HTTP" in log
     for secret in (
@@ -198,8 +164,15 @@ def test_the_shipped_demo_tour_passes_from_the_command_line(tmp_path: Path) -> N
 
     env = {key: value for key, value in os.environ.items() if not key.startswith(("SLACK_", "SF_AUTH_URL_"))}
     env.pop("DATABASE_URL", None)
-    done = subprocess.run([sys.executable, "-m", "bot", "demo"], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=300, check=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "bot", "demo"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "tour passed" in done.stdout and "✗" not in done.stdout
 
@@ -210,8 +183,15 @@ def test_demo_exits_non_zero_when_a_step_fails(tmp_path: Path) -> None:
     tour = tmp_path / "bad.tour"
     tour.write_text("as alice\n/push list\nexpect-ephemeral this text never appears within 1s\n")
     env = {key: value for key, value in os.environ.items() if not key.startswith(("SLACK_", "SF_AUTH_URL_"))}
-    done = subprocess.run([sys.executable, "-m", "bot", "demo", "--script", str(tour)], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=120, check=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "bot", "demo", "--script", str(tour)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert done.returncode == 1 and "✗ expect-ephemeral" in done.stdout and "tour FAILED" in done.stdout
 
 
@@ -221,7 +201,15 @@ def test_console_plays_slack_from_a_pipe(tmp_path: Path) -> None:
 
     script = "\n".join(["/push create Acme Billing@1.4.0 --orgs production", "as bob", "click Approve", ""])
     env = {key: value for key, value in os.environ.items() if not key.startswith(("SLACK_", "SF_AUTH_URL_"))}
-    done = subprocess.run([sys.executable, "-m", "bot", "sandbox", "--fast"], cwd=tmp_path, env=env, input=script,
-                          capture_output=True, text=True, timeout=180, check=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "bot", "sandbox", "--fast"],
+        cwd=tmp_path,
+        env=env,
+        input=script,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Push P1 · Acme Billing 1.4.0" in done.stdout and "You approved P1" in done.stdout

@@ -230,8 +230,13 @@ async def test_bad_input_is_refused_specifically_and_changes_nothing(
     assert sandbox.runtime is not None
     db = sandbox.runtime.db
     assert await repo.count_operations(db) == 0
+    audit: list[AuditEvent] = []
+    for _ in range(100):  # the audit row is written just after the answer goes out
+        audit = list(await repo.audit_events(db))
+        if audit:
+            break
+        await asyncio.sleep(0.02)
     async with db.session() as session:
-        audit = (await session.exec(select(AuditEvent))).all()
         ops = (await session.exec(select(Operation))).all()
     assert ops == []
     assert [row.action for row in audit] == ["command"] and audit[0].outcome.startswith("refused")
@@ -274,3 +279,25 @@ async def test_slack_retry_of_the_same_command_creates_one_push(sandbox: Sandbox
     await asyncio.sleep(1.0)
     assert sandbox.runtime is not None
     assert await repo.count_operations(sandbox.runtime.db) == 1
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.3, 0.8, 1.5])
+async def test_cancel_racing_the_start_ends_in_one_consistent_state(sandbox: Sandbox, delay: float) -> None:
+    ref = ref_in(await push(sandbox, ALICE, "create Acme Billing@1.4.0 --orgs sandbox"))
+    await asyncio.sleep(delay)
+    answer = await push(sandbox, ALICE, f"cancel {ref}")
+    op = await wait_for_op(
+        sandbox, ref, states=[OpState.CANCELED, OpState.SUCCEEDED, OpState.FAILED, OpState.ERROR], announced=True
+    )
+    request = sandbox.packaging.push_request(op.external_id) if op.external_id else None
+    card = full_text(sandbox.slack.find_message(CHANNEL, op.card_ts or ""))  # type: ignore[arg-type]
+    if f"{ref} is canceled" in answer:
+        assert op.state == OpState.CANCELED and "Canceled" in card
+        assert request is None or request["Status"] == "Canceled"
+    else:
+        assert "can only be canceled while Created or Pending" in answer or "already ended" in answer
+        assert op.state in {OpState.SUCCEEDED, OpState.FAILED} and request is not None
+        assert request["Status"] in {"Succeeded", "Failed"} and "Canceled" not in card
+    # Whatever won, nothing else was created for it.
+    requests = [r for r in sandbox.packaging.state.table("PackagePushRequest").rows if r["Status"] != "Canceled"]
+    assert len(requests) <= 1

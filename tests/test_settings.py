@@ -34,6 +34,8 @@ def test_defaults_and_environment_names(monkeypatch: pytest.MonkeyPatch) -> None
 def test_toml_layout_with_env_auth_url_and_rules(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SF_AUTH_URL_PKG", AUTH_URL)
     monkeypatch.setenv("SFP_TOKEN", "sfp-token-value")
+    monkeypatch.setenv("FLEXDEPLOY_USER", "fd-user")
+    monkeypatch.setenv("FLEXDEPLOY_PASSWORD", "fd-password")
     path = write(
         tmp_path,
         """
@@ -101,6 +103,7 @@ def test_chatops_config_variable_names_the_file(tmp_path: Path, monkeypatch: pyt
             "https://",
         ),
         ('[sfp]\nurl = "https://sfp"\n', {}, "SFP_TOKEN is not set"),
+        ('[flexdeploy]\nurl = "https://fd"\n', {"FLEXDEPLOY_USER": "u"}, "FLEXDEPLOY_PASSWORD is not set"),
         ("", {"SLACK_SIGNING_SECRET": "changeme"}, "SLACK_SIGNING_SECRET is a placeholder"),
         (
             '[orgs.a]\nkind = "sandbox"\nauth_url = "x"\npackaging = true\n[orgs.b]\nkind = "sandbox"\n'

@@ -31,9 +31,9 @@ async def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterato
     url = _pg()
     probe = Database(url)
     async with probe.engine.begin() as conn:
-        # A clean schema per test run: drop what an earlier run left.
-        for table in ("push_targets", "approvals", "audit_events", "slack_deliveries", "operations", "alembic_version"):
-            await conn.execute(text(f"DROP TABLE IF EXISTS {table} CASCADE"))
+        # A clean database per test: whatever an earlier run or an older schema left goes.
+        await conn.execute(text("DROP SCHEMA public CASCADE"))
+        await conn.execute(text("CREATE SCHEMA public"))
     await probe.close()
     yield url
 
@@ -112,5 +112,21 @@ async def test_writes_under_a_lost_lease_are_refused(db_url: str) -> None:
         assert await repo.update_operation(
             db, operation_id=op.id or 0, lease_token=second.lease_owner, values={"step": "fresh"}
         )
+    finally:
+        await db.close()
+
+
+async def test_upgrade_from_the_previous_schema_keeps_every_row(db_url: str) -> None:
+    await migrate(db_url, "0001")
+    db = Database(db_url)
+    try:
+        op, _ = await repo.insert_operation(db, operation=operation("before-upgrade", due=datetime.now(UTC)))
+        await repo.audit(db, actor="U1", action="command", detail="/push list", outcome="ok")
+        await migrate(db_url)  # to head: adds the Slack outbox tables
+        kept = await repo.get_operation(db, operation_id=op.id or 0)
+        assert kept is not None and kept.idempotency_key == "before-upgrade"
+        assert [e.detail for e in await repo.audit_events(db)] == ["/push list"]
+        async with db.engine.connect() as conn:
+            assert (await conn.execute(text("SELECT COUNT(*) FROM slack_outbox"))).scalar() == 0
     finally:
         await db.close()

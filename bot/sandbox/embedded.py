@@ -22,10 +22,22 @@ from pydantic import SecretStr
 
 from bot.runtime import Runtime, build_runtime
 from bot.sandbox.fake_slack import FakeSlack
+from bot.sandbox.flexdeploy_server import FlexDeploySim
+from bot.sandbox.metadata_api import ArtifactServer, write_sample_artifacts
 from bot.sandbox.salesforce_org import SalesforceOrgSim, build_auth_url
+from bot.sandbox.sfp_server import SfpServerSim
 from bot.sandbox.slack_user import SlackUserAgent
 from bot.server import EVENTS_PATH, http_app
-from bot.settings import ApprovalRule, NotificationsConfig, OrgConfig, PollerConfig, Settings
+from bot.settings import (
+    ApprovalRule,
+    ArtifactsConfig,
+    FlexDeployConfig,
+    NotificationsConfig,
+    OrgConfig,
+    PollerConfig,
+    Settings,
+    SfpConfig,
+)
 
 TOURS_DIR = Path(__file__).with_name("tours")
 RELEASES_CHANNEL = "C0RELEASES"
@@ -95,6 +107,27 @@ async def running_sandbox(
     extra: dict[str, Any] = {}
     # Other systems' simulators (sfp server, FlexDeploy): start each, add it to `servers` under
     # its name and its settings to `extra`; they are stopped in `finally` below.
+    flexdeploy = FlexDeploySim()
+    await flexdeploy.start()
+    servers["flexdeploy"] = flexdeploy
+    extra["flexdeploy"] = FlexDeployConfig(url=flexdeploy.url)
+    extra["flexdeploy_user"] = SecretStr(flexdeploy.user)
+    extra["flexdeploy_password"] = SecretStr(flexdeploy.password)
+    # The sfp server: tasks take a couple of seconds and "every 1m" runs every 2 s, so that
+    # recurring tasks can be watched (and stopped) in a tour.
+    sfp = SfpServerSim(task_seconds=2.0, time_speedup=30.0)
+    await sfp.start()
+    servers["sfp"] = sfp
+    extra["sfp"] = SfpConfig(url=sfp.url)
+    extra["sfp_token"] = SecretStr(sfp.token)
+    # Metadata deployments: sample artifacts (good, failing, slow, destructive) in the workdir,
+    # also served over HTTP so that an artifact can be given as an URL under an allowed prefix.
+    artifacts_dir = workdir / "artifacts"
+    write_sample_artifacts(artifacts_dir)
+    artifact_server = ArtifactServer(artifacts_dir)
+    await artifact_server.start()
+    servers["artifacts"] = artifact_server
+    extra["artifacts"] = ArtifactsConfig(dir=artifacts_dir, allowed_url_prefixes=[artifact_server.prefix])
     signing_secret = secrets.token_hex(16)
     settings = sandbox_settings(
         slack=slack,
@@ -184,5 +217,9 @@ def _banner(sandbox: Sandbox) -> str:
             "  channel #releases; users alice (requester), bob and dave (approvers), carol (not an approver).",
             "Try:  /push create Acme Billing@1.4.0 --orgs all --dry-run     then without --dry-run,",
             "      as bob, click Approve.   Type `help` for console commands.",
+            "FlexDeploy (projects 101 Acme Salesforce, 102 HR Database):  /fd show 101 \"Release 42\"   /fd help",
+            "sfp server:  /sfp review-env fetch --repo acme/sf-core --pool core --branch feature/ABC-1   /sfp help",
+            "Deploy (orgs prod, uat; good-release.zip, good-release/, failing-release.zip, slow-release.zip):",
+            "      /deploy validate prod good-release.zip --test-level RunLocalTests   then click Quick deploy",
         ]
     )

@@ -42,6 +42,7 @@ import jwt
 from aiohttp import web
 
 from bot.sandbox import org_data
+from bot.sandbox.metadata_api import MetadataApiSim
 from bot.sandbox.org_data import PUSH_ERROR_KINDS, IdFactory, PushErrorKind, format_sf_datetime
 from bot.sandbox.soql import SoqlError, Table, id15, parse_sf_datetime, run_query
 
@@ -990,6 +991,14 @@ class SalesforceOrgSim:
         )
         self.bulk = BulkIngest(self.state)
         self._tokens: set[str] = set()
+        # Production and sandbox orgs take metadata deployments (SOAP Metadata API).
+        self.metadata: MetadataApiSim | None = (
+            MetadataApiSim(
+                org_id=org_id, kind=kind, session_ok=self._tokens.__contains__, clock=clock, api_version=api_version
+            )
+            if kind in ("production", "sandbox")
+            else None
+        )
         self._faults = _Faults()
         self._cursors: OrderedDict[str, _Cursor] = OrderedDict()
         self._api_calls = 0
@@ -1110,6 +1119,9 @@ class SalesforceOrgSim:
                 self._bulk_results,
             ),
         ]
+        if self.metadata is not None:
+            soap = r"/services/Soap/m/{version:\d+\.\d}{org:(?:/[A-Za-z0-9]{15,18})?}"
+            routes.append(web.post(soap, self.metadata.handle))
         app.add_routes(routes)
         return app
 

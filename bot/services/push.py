@@ -36,6 +36,7 @@ from bot.store.models import Operation, OpKind, OpState, PushTarget
 log = logging.getLogger(__name__)
 
 BULK_THRESHOLD = 400  # above this many orgs, jobs go through one Bulk API 2.0 ingest job
+START_CONCURRENCY = 8  # pushes started side by side in one cycle (each is a few sequential calls)
 IN_CHUNK = 200  # ids per IN (...) clause: keeps SOQL well under its 100,000-character limit
 NOT_RETRYABLE_ERRORS = {
     "IneligibleUpgrade": "not eligible for this upgrade",
@@ -398,22 +399,22 @@ class PushService:
     # -- the poller's side ---------------------------------------------------------------------
     async def advance(self, operations: Sequence[Operation], *, lease_token: str) -> dict[int, Advance]:
         results: dict[int, Advance] = {}
-        watching: list[Operation] = []
-        for operation in operations:
+        watching = [op for op in operations if op.state in {OpState.SCHEDULED, OpState.RUNNING}]
+        others = [op for op in operations if op.state not in {OpState.SCHEDULED, OpState.RUNNING}]
+        limit = asyncio.Semaphore(START_CONCURRENCY)
+
+        async def one(operation: Operation) -> None:
             assert operation.id is not None
-            try:
-                if operation.state == OpState.AWAITING_APPROVAL:
-                    results[operation.id] = await self._writes.check_expiry(operation, lease_token)
-                elif operation.state == OpState.STARTING:
-                    results[operation.id] = await self._start(operation, lease_token)
-                elif operation.state in {OpState.SCHEDULED, OpState.RUNNING}:
-                    watching.append(operation)
-                else:
-                    results[operation.id] = Advance()
-            except TransientError as exc:
-                results[operation.id] = await self._writes.transient(operation, lease_token, exc)
-            except AuthError as exc:
-                results[operation.id] = await self._writes.transient(operation, lease_token, exc, delay=300)
+            async with limit:
+                try:
+                    results[operation.id] = await self._advance_one(operation, lease_token)
+                except TransientError as exc:
+                    results[operation.id] = await self._writes.transient(operation, lease_token, exc)
+                except AuthError as exc:
+                    results[operation.id] = await self._writes.transient(operation, lease_token, exc, delay=300)
+
+        # Pushes being started are independent of each other: start several side by side.
+        await asyncio.gather(*(one(op) for op in others))
         if watching:
             try:
                 results.update(await self._watch(watching, lease_token))
@@ -422,6 +423,30 @@ class PushService:
                     assert operation.id is not None
                     results[operation.id] = await self._writes.transient(operation, lease_token, exc)
         return results
+
+    async def _advance_one(self, operation: Operation, lease_token: str) -> Advance:
+        if operation.state == OpState.AWAITING_APPROVAL:
+            return await self._writes.check_expiry(operation, lease_token)
+        if operation.state == OpState.STARTING:
+            return await self._start(operation, lease_token)
+        if (
+            operation.state == OpState.CANCELED
+            and operation.external_id
+            and operation.data.get("request_status") != "Canceled"
+        ):
+            return await self._finish_cancel(operation, lease_token)
+        return Advance()
+
+    async def _finish_cancel(self, operation: Operation, lease_token: str) -> Advance:
+        """Canceled while its request was being created: cancel that request too, so none is left behind."""
+        _, client = self._client()
+        request_id = operation.external_id or ""
+        status = _canon(str((await client.get_record("PackagePushRequest", request_id)).get("Status") or ""))
+        if status in {"Created", "Pending"}:
+            await _quietly_cancel(client, request_id)
+            status = "Canceled"
+        await self._writes.save(operation, lease_token, data={**operation.data, "request_status": status})
+        return Advance()
 
     async def _start(self, operation: Operation, lease_token: str) -> Advance:
         _, client = self._client()
@@ -471,19 +496,44 @@ class PushService:
         return []
 
     async def _find_orphan_request(self, operation: Operation, client: SalesforceClient) -> str | None:
-        """Adopt the request an interrupted attempt may have created: same version, still Created,
-        created since that attempt (less a minute of clock skew). Salesforce has no field to tag
-        it with, so this is the closest match; a Created request without jobs never runs anyway."""
-        attempted = datetime.fromisoformat(
-            operation.data.get("request_attempted_at") or operation.created_at.isoformat()
+        """The request an interrupted attempt created, if it can be told apart from every other one.
+
+        Salesforce has no field to tag a push request with, so a candidate is a Created request of
+        the same version, created since the attempt (less a minute of clock skew), that no other
+        operation has recorded. If there is more than one candidate, or another push of the same
+        version is being created at the same time, nothing is adopted: a second request is created
+        and the orphan stays Created — a Created request without jobs never runs — rather than two
+        operations sharing one request.
+        """
+        version_id = str(operation.params["version_id"])
+        attempted = _aware(
+            datetime.fromisoformat(operation.data.get("request_attempted_at") or operation.created_at.isoformat())
         )
-        since = _aware(attempted) - timedelta(minutes=1)
+        since = attempted - timedelta(minutes=1)
         records = await client.query(
-            "SELECT Id FROM PackagePushRequest WHERE PackageVersionId = "
-            f"{soql_literal(str(operation.params['version_id']))} AND Status = 'Created' "
-            f"AND CreatedDate >= {since.strftime('%Y-%m-%dT%H:%M:%SZ')} ORDER BY CreatedDate DESC LIMIT 1"
+            f"SELECT Id FROM PackagePushRequest WHERE PackageVersionId = {soql_literal(version_id)} "
+            f"AND Status = 'Created' AND CreatedDate >= {since.strftime('%Y-%m-%dT%H:%M:%SZ')}"
         )
-        return str(records[0]["Id"]) if records else None
+        candidates = {str(r["Id"]) for r in records}
+        if not candidates:
+            return None
+        known, concurrent = await repo.push_request_claims(
+            self._db,
+            operation_id=operation.id or 0,
+            version_id=version_id,
+            request_ids=sorted(candidates),
+            since=since,
+        )
+        unclaimed = candidates - known
+        if len(unclaimed) != 1 or concurrent:
+            log.warning(
+                "push %s: %d possible orphan request(s), %d concurrent creation(s); not adopting",
+                operation.ref,
+                len(unclaimed),
+                concurrent,
+            )
+            return None
+        return unclaimed.pop()
 
     async def _create_jobs(self, operation: Operation, lease_token: str, client: SalesforceClient) -> list[OpEvent]:
         assert operation.id is not None and operation.external_id is not None
@@ -641,8 +691,9 @@ class PushService:
             if op.state == OpState.RUNNING or op.scheduled_for is None or _aware(op.scheduled_for) <= now
         ]
         results: dict[int, Advance] = {}
+        due_ids = {op.id for op in due}
         for op in operations:
-            if op not in due:
+            if op.id not in due_ids:
                 assert op.id is not None and op.scheduled_for is not None
                 wait = (_aware(op.scheduled_for) - now).total_seconds()
                 results[op.id] = Advance(next_poll_in=max(1.0, min(wait, 600.0)))
@@ -658,10 +709,14 @@ class PushService:
             statuses.update(chunk_statuses)
             for key, counter in chunk_counts.items():
                 counts[key].update(counter)
+        progress: list[dict[str, Any]] = []  # plain progress of many pushes: saved in one statement
         for op in due:
             assert op.id is not None
             key = (op.external_id or "")[:15]
-            results[op.id] = await self._observe(op, lease_token, client, statuses.get(key, ""), counts[key], now)
+            results[op.id] = await self._observe(
+                op, lease_token, client, statuses.get(key, ""), counts[key], now, progress=progress
+            )
+        await repo.update_many(self._db, rows=progress)
         return results
 
     async def _status_and_counts(
@@ -691,6 +746,8 @@ class PushService:
         status: str,
         counts: Counter[str],
         now: datetime,
+        *,
+        progress: list[dict[str, Any]],
     ) -> Advance:
         previous = op.data.get("request_status")
         data = {**op.data, "request_status": status, "counts": dict(counts)}
@@ -709,7 +766,9 @@ class PushService:
         data = {key: value for key, value in data.items() if key not in {"transient_failures", "last_problem"}}
         data["running_since"] = started
         if state != op.state or data != op.data:  # an idle cycle writes nothing
-            await self._writes.save(op, lease_token, state=state, data=data)
+            progress.append(
+                {"id": op.id, "lease_token": lease_token, "expect_state": op.state, "state": state, "data": data}
+            )
         elapsed = (now - datetime.fromisoformat(started)).total_seconds()
         return Advance(events=events, next_poll_in=max(2.0, min(elapsed / 10.0, 60.0)))
 

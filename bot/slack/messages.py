@@ -5,11 +5,7 @@ from __future__ import annotations
 from bot.errors import ChatOpsError, UpstreamError, UserError
 from bot.slack import blocks as bk
 
-NOT_YET = {
-    "/deploy": "Metadata deployments are not available in this version yet.",
-    "/sfp": "sfp server tasks are not available in this version yet.",
-    "/fd": "FlexDeploy packages are not available in this version yet.",
-}
+NOT_YET: dict[str, str] = {}
 
 
 def error_text(error: ChatOpsError) -> str:
@@ -20,7 +16,9 @@ def error_text(error: ChatOpsError) -> str:
             text += f"\n\n{bk.escape(error.usage)}"
         return bk.clip(text, bk.MESSAGE_TEXT_MAX)
     if isinstance(error, UpstreamError):
-        system = {"salesforce": "Salesforce", "slack": "Slack"}.get(error.system, error.system or "An upstream system")
+        system = {"salesforce": "Salesforce", "slack": "Slack", "sfp": "The sfp server"}.get(
+            error.system, error.system or "An upstream system"
+        )
         return f":x: {system} did not accept that: {bk.escape(bk.clip(error.message, 300))}"
     return ":x: Something went wrong on our side; it has been logged."
 
@@ -41,7 +39,7 @@ def approval_thread_text(user: str, outcome: str, reason: str = "") -> str:
     if outcome == "rejected":
         return f"🚫 Rejected by <@{user}>: {reason or 'no reason given'}"
     if outcome == "approved":
-        return f"✅ Approved by <@{user}>. Creating it in Salesforce…"
+        return f"✅ Approved by <@{user}>. Starting it…"
     return f"👍 <@{user}> approved; more approvals are needed."
 
 

@@ -67,7 +67,8 @@ def push_card(op: Operation, *, approvals: Sequence[str] = ()) -> tuple[str, lis
         blocks.append(bk.section(f"Canceled by <@{data['canceled_by']}>."))
     if state == OpState.ERROR and data.get("error"):
         blocks.append(bk.section(f"❗ {bk.escape(data['error'])}"))
-    if data.get("last_problem") and not op.is_terminal:
+    if data.get("last_problem") and int(data.get("transient_failures", 0)) >= 3 and not op.is_terminal:
+        # One failed call is retried quietly; say something only when it keeps failing.
         blocks.append(bk.context(f"⚠️ Salesforce trouble, retrying automatically: {bk.escape(data['last_problem'])}"))
     context = [f"`{op.ref}`"]
     if op.external_id:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from datetime import datetime
 from typing import Any
 
 from slack_sdk.errors import SlackApiError
@@ -86,8 +87,11 @@ class SlackPoster:
         blocks: list[dict[str, Any]] | None = None,
         thread_ts: str | None = None,
         metadata: dict[str, Any] | None = None,
+        paced: bool = True,
     ) -> str:
-        await self._pace(channel)
+        """``paced=False`` when the caller (the outbox) already enforces the per-channel rate."""
+        if paced:
+            await self._pace(channel)
         kwargs: dict[str, Any] = {"channel": channel, "text": text, "unfurl_links": False, "unfurl_media": False}
         if blocks is not None:
             kwargs["blocks"] = blocks
@@ -123,8 +127,11 @@ class SlackPoster:
         except SlackApiError as exc:
             log.warning("ephemeral message not delivered: %s", exc.response.get("error"))
 
-    async def upload(self, *, channel: str, thread_ts: str | None, file: OpFile, comment: str | None = None) -> None:
-        await self._pace(channel)
+    async def upload(
+        self, *, channel: str, thread_ts: str | None, file: OpFile, comment: str | None = None, paced: bool = True
+    ) -> None:
+        if paced:
+            await self._pace(channel)
         await self.client.files_upload_v2(
             channel=channel,
             thread_ts=thread_ts,
@@ -140,6 +147,25 @@ class SlackPoster:
         while True:
             response = await self.client.conversations_replies(
                 channel=channel, ts=thread_ts, cursor=cursor, include_all_metadata=True, limit=200
+            )
+            for message in response.get("messages", []):
+                metadata = message.get("metadata") or {}
+                if metadata.get("event_type") == event_type and (metadata.get("event_payload") or {}).get("key") == key:
+                    return True
+            cursor = (response.get("response_metadata") or {}).get("next_cursor")
+            if not cursor:
+                return False
+
+    async def channel_has_event(self, *, channel: str, oldest: datetime, event_type: str, key: str) -> bool:
+        """Was a top-level message with this metadata posted since ``oldest``?"""
+        cursor: str | None = None
+        while True:
+            response = await self.client.conversations_history(
+                channel=channel,
+                oldest=f"{oldest.timestamp() - 5:.6f}",
+                cursor=cursor,
+                include_all_metadata=True,
+                limit=200,
             )
             for message in response.get("messages", []):
                 metadata = message.get("metadata") or {}

@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import JSON, Column, DateTime, Index, UniqueConstraint
+from sqlalchemy import JSON, Column, DateTime, Index, LargeBinary, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 
@@ -140,3 +140,45 @@ class SlackDelivery(SQLModel, table=True):
 
     key: str = Field(primary_key=True)
     created_at: datetime = Field(default_factory=utcnow, sa_column=Column(DateTime(timezone=True), nullable=False))
+
+
+class OutboxMessage(SQLModel, table=True):
+    """A message the bot owes Slack, sent in order per channel at Slack's posting rate.
+
+    Poll cycles only write rows here (cheap, inside their lease); a sender drains them. The
+    unique ``dedupe_key`` makes enqueueing idempotent, and every message carries Slack message
+    metadata naming its row, so a send interrupted by a crash is checked before it is repeated.
+    """
+
+    __tablename__ = "slack_outbox"
+    __table_args__ = (Index("ix_slack_outbox_channel_state", "channel", "state"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    dedupe_key: str = Field(unique=True)
+    operation_id: int | None = Field(default=None, index=True)
+    kind: str  # card | reply | message | file
+    channel: str
+    thread_ts: str | None = None
+    in_card_thread: bool = False  # in the thread of the operation's card, whose ts is known once it is sent
+    text: str = ""
+    blocks: list[dict[str, Any]] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+    event_type: str = "chatops_message"
+    file_name: str | None = None
+    file_title: str | None = None
+    file_content: bytes | None = Field(default=None, sa_column=Column(LargeBinary, nullable=True))
+    state: str = Field(default="pending")  # pending | sending | sent | failed
+    lease_owner: str | None = None
+    lease_expires_at: datetime | None = _tz_column()
+    attempts: int = 0
+    sent_ts: str | None = None
+    last_error: str | None = None
+    created_at: datetime = Field(default_factory=utcnow, sa_column=Column(DateTime(timezone=True), nullable=False))
+
+
+class ChannelPace(SQLModel, table=True):
+    """When each channel may next receive a message, shared by every replica."""
+
+    __tablename__ = "slack_channel_pace"
+
+    channel: str = Field(primary_key=True)
+    next_post_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))

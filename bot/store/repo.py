@@ -7,7 +7,7 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, func, or_, update
+from sqlalchemy import and_, bindparam, func, or_, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import col, select
 
@@ -81,6 +81,64 @@ async def update_operation(
         result = await session.exec(update(Operation).where(and_(*conditions)).values(**values))
         await session.commit()
         return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+async def update_many(db: Database, *, rows: Sequence[dict[str, Any]]) -> None:
+    """Many compare-and-set updates of ``state`` and ``data`` in one statement (executemany).
+
+    Each row: ``id``, ``lease_token``, ``expect_state``, ``state``, ``data``. A row whose lease or
+    state no longer matches is left alone, as with ``update_operation``.
+    """
+    if not rows:
+        return
+    table = Operation.__table__  # type: ignore[attr-defined]
+    statement = (
+        update(table)
+        .where(
+            table.c.id == bindparam("b_id"),
+            table.c.lease_owner == bindparam("b_lease"),
+            table.c.state == bindparam("b_expect"),
+        )
+        .values(state=bindparam("b_state"), data=bindparam("b_data"), updated_at=bindparam("b_now"))
+    )
+    now = utcnow()
+    params = [
+        {
+            "b_id": r["id"],
+            "b_lease": r["lease_token"],
+            "b_expect": r["expect_state"],
+            "b_state": r["state"],
+            "b_data": r["data"],
+            "b_now": now,
+        }
+        for r in rows
+    ]
+    async with db.session() as session:
+        connection = await session.connection()
+        await connection.execute(statement, params)
+        await session.commit()
+
+
+async def release_many(db: Database, *, rows: Sequence[tuple[int, str, datetime | None, str | None]]) -> None:
+    """Hand many operations back at once: (id, lease token, next poll time, card digest)."""
+    if not rows:
+        return
+    table = Operation.__table__  # type: ignore[attr-defined]
+    statement = (
+        update(table)
+        .where(table.c.id == bindparam("b_id"), table.c.lease_owner == bindparam("b_lease"))
+        .values(
+            lease_owner=None,
+            lease_expires_at=None,
+            next_poll_at=bindparam("b_next"),
+            card_digest=func.coalesce(bindparam("b_digest"), table.c.card_digest),
+        )
+    )
+    params = [{"b_id": i, "b_lease": t, "b_next": n, "b_digest": d} for i, t, n, d in rows]
+    async with db.session() as session:
+        connection = await session.connection()
+        await connection.execute(statement, params)
+        await session.commit()
 
 
 async def claim_due(db: Database, *, owner: str, now: datetime, lease: timedelta, limit: int) -> list[Operation]:
@@ -256,3 +314,35 @@ async def record_push_failures(db: Database, *, operation_id: int, errors: dict[
             target.error_details = (error.get("ErrorDetails") or "")[:2000] or None
             session.add(target)
         await session.commit()
+
+
+async def push_request_claims(
+    db: Database, *, operation_id: int, version_id: str, request_ids: Sequence[str], since: datetime
+) -> tuple[set[str], int]:
+    """For adopting an orphaned push request: which of ``request_ids`` other operations recorded,
+    and how many other pushes of the version were being created since ``since`` without a request."""
+    async with db.session() as session:
+        known = set(
+            (
+                await session.exec(
+                    select(Operation.external_id).where(
+                        Operation.kind == OpKind.PUSH, col(Operation.external_id).in_(list(request_ids))
+                    )
+                )
+            ).all()
+        )
+        others = (
+            await session.exec(
+                select(Operation).where(
+                    Operation.kind == OpKind.PUSH,
+                    col(Operation.id) != operation_id,
+                    col(Operation.external_id).is_(None),
+                    Operation.step == "create_request",
+                    col(Operation.updated_at) >= since,
+                )
+            )
+        ).all()
+    concurrent = sum(
+        1 for op in others if op.params.get("version_id") == version_id and op.data.get("request_attempted_at")
+    )
+    return {str(k) for k in known if k}, concurrent

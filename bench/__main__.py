@@ -1,0 +1,109 @@
+"""`python -m bench`: every benchmark of SPEC §11 against the sandbox; a table and a JSON file.
+
+Options: `--quick` (10,000 orgs only, for a fast look), `--out FILE` (default bench/results/latest.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import platform
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from bench import ack_latency, poll_cycle, push_calls
+
+
+def _machine() -> str:
+    cpu = ""
+    try:
+        cpu = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
+    except (OSError, StopIteration):
+        pass
+    return (
+        f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores, {cpu}, Python {platform.python_version()}"
+    )
+
+
+async def run(sizes: list[int]) -> dict[str, Any]:
+    results: dict[str, Any] = {"machine": _machine(), "started": datetime.now(UTC).isoformat()}
+    with tempfile.TemporaryDirectory(prefix="chatops-bench-") as tmp:
+        workdir = Path(tmp)
+        print("ack latency …", flush=True)
+        results["ack"] = await ack_latency.measure(workdir)
+        results["push"] = []
+        for size in sizes:
+            print(f"push to {size:,} subscribers …", flush=True)
+            results["push"].append(await push_calls.measure(size))
+        print("poll cycle over 1,000 operations …", flush=True)
+        results["poll"] = await poll_cycle.measure(workdir)
+    return results
+
+
+def table(results: dict[str, Any]) -> str:
+    ack, poll = results["ack"], results["poll"]
+    lines = [
+        f"Machine: {results['machine']}",
+        "",
+        "| measure | result | target |",
+        "|---|---|---|",
+        f"| ack latency, {ack['concurrency']} concurrent × {ack['requests'] // ack['concurrency']} rounds "
+        f"| p50 {ack['p50_ms']} ms · p99 {ack['p99_ms']} ms · max {ack['max_ms']} ms | p99 ≤ 100 ms |",
+    ]
+    for push in results["push"]:
+        bot = push["bot (Bulk API 2.0)"]
+        for name in ("bot (Bulk API 2.0)", "baseline: 200 per call", "baseline: 1 per call"):
+            row = push[name]
+            ratio = (
+                f" ({row['calls'] / bot['calls']:.1f}× the bot's calls, "
+                f"{row['seconds'] / bot['seconds']:.1f}× its time)"
+                if name != "bot (Bulk API 2.0)"
+                else ""
+            )
+            target = f"≤ {push['budget']} calls" if name.startswith("bot") else ""
+            lines.append(
+                f"| push to {row['orgs']:,} orgs ({push['subscribers']:,} subscribers): {name} "
+                f"| {row['calls']:,} calls, {row['seconds']} s{ratio} | {target} |"
+            )
+    for index, cycle in enumerate(poll["cycles"], 1):
+        lines.append(
+            f"| poll cycle {index} over {cycle['operations']:,} operations, {poll['latency_ms']:.0f} ms/call "
+            f"| {cycle['seconds']} s · {cycle['salesforce_calls']} Salesforce calls · "
+            f"{cycle['slack_calls']} Slack calls | < 2 s |"
+        )
+    lines.append(
+        f"| bot peak resident memory (poll run / ack run) | {poll['bot_peak_rss_mb']} MB / "
+        f"{ack['bot_peak_rss_mb']} MB | < 250 MB |"
+    )
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="push benchmark at 10,000 orgs only")
+    parser.add_argument("--out", type=Path, default=Path(__file__).with_name("results") / "latest.json")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.ERROR)
+    started = time.perf_counter()
+    results = asyncio.run(run([10_000] if args.quick else [10_000, 50_000]))
+    results["wall_seconds"] = round(time.perf_counter() - started, 1)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2))
+    print(table(results))
+    print(f"\n{results['wall_seconds']} s in all; JSON in {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""Slash-command acknowledgement latency: 50 concurrent signed commands over HTTP, one bot process.
+
+The bot runs as `python -m bot serve` (its own process and event loop); the fake Slack and the
+simulated org run here. Latency is measured from sending the signed request to receiving the
+HTTP answer (the ack), which is what Slack's 3-second limit applies to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+import aiohttp
+
+from bench.common import percentile
+from bot.sandbox.botprocess import start_bot_process
+from bot.sandbox.fake_slack import FakeSlack
+from bot.sandbox.salesforce_org import SalesforceOrgSim, build_auth_url
+from bot.sandbox.slack_user import SlackUserAgent
+
+SECRET = "bench-signing-secret"
+CONCURRENCY = 50
+ROUNDS = 6
+COMMANDS = ["create Acme Billing@1.4.0 --orgs all --dry-run", "list", "status P1", "create Acme Billing@9.9"]
+
+
+async def measure(workdir: Path) -> dict[str, Any]:
+    sim = SalesforceOrgSim()
+    slack = FakeSlack()
+    await sim.start()
+    await slack.start()
+    config = workdir / "ack.toml"
+    config.write_text('[orgs.packaging]\nkind = "production"\npackaging = true\n')
+    env = {
+        "SLACK_BOT_TOKEN": slack.bot_token,
+        "SLACK_SIGNING_SECRET": SECRET,
+        "SLACK_API_URL": slack.api_url,
+        "DATABASE_URL": f"sqlite:///{workdir / 'ack.db'}",
+        "SF_AUTH_URL_PACKAGING": build_auth_url(sim),
+    }
+    bot = await start_bot_process(workdir=workdir, env=env, config=config, name="ack")
+    samples: list[float] = []
+    try:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+            agent = SlackUserAgent(bot_url=bot.events_url, signing_secret=SECRET, slack=slack, session=session)
+            await agent.command(user="U0ALICE", channel="C0RELEASES", command="/push", text="list")  # warm-up
+
+            async def one(index: int) -> float:
+                body = urlencode(
+                    {
+                        "token": "x",
+                        "team_id": "T0SANDBOX",
+                        "channel_id": "C0RELEASES",
+                        "user_id": "U0ALICE",
+                        "user_name": "alice",
+                        "command": "/push",
+                        "text": COMMANDS[index % len(COMMANDS)],
+                        "trigger_id": f"bench.{index}.{time.time_ns()}",
+                        "response_url": slack.response_url_for(channel="C0RELEASES", user="U0ALICE"),
+                    }
+                ).encode()
+                headers = {"Content-Type": "application/x-www-form-urlencoded", **agent.sign(body)}
+                started = time.perf_counter()
+                async with session.post(bot.events_url, data=body, headers=headers) as reply:
+                    await reply.read()
+                    assert reply.status == 200, reply.status
+                return time.perf_counter() - started
+
+            for round_number in range(ROUNDS):
+                samples += await asyncio.gather(*(one(round_number * CONCURRENCY + i) for i in range(CONCURRENCY)))
+                await asyncio.sleep(0.5)
+        rss = bot.peak_rss_mb()
+    finally:
+        await bot.stop()
+        await slack.stop()
+        await sim.stop()
+    return {
+        "requests": len(samples),
+        "concurrency": CONCURRENCY,
+        "p50_ms": round(percentile(samples, 0.50) * 1000, 1),
+        "p99_ms": round(percentile(samples, 0.99) * 1000, 1),
+        "max_ms": round(max(samples) * 1000, 1),
+        "bot_peak_rss_mb": round(rss, 1),
+    }

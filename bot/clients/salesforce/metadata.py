@@ -1,0 +1,476 @@
+"""Salesforce Metadata API (SOAP): ``deploy``, ``checkDeployStatus``, ``cancelDeploy``,
+``deployRecentValidation``.
+
+The client shares its org's access token and refresh with the REST client
+(``SalesforceClient.access_token()`` / ``refresh_token()``), so one expired session is refreshed
+once for both. ``MetadataClient._call`` is the only place that sends a SOAP request, maps SOAP
+faults and retries:
+
+    sf:INVALID_SESSION_ID              refresh the token, resend once (a refused call did nothing)
+    sf:REQUEST_LIMIT_EXCEEDED, sf:SERVER_UNAVAILABLE, HTTP 429/503, connect errors
+                                       TransientError, retried with the shared RetryPolicy
+    any other fault                    ApiError(code=<fault code>) with Salesforce's one-line text
+    dropped connection / 5xx without a SOAP fault
+                                       retried for reads; for ``deploy`` and
+                                       ``deployRecentValidation`` AmbiguousWriteError, never resent:
+                                       Salesforce may have started the deployment
+
+Envelopes are built by hand with every text value XML-escaped; responses are parsed with
+defusedxml (no DTDs, no entity expansion) and read with a size cap.
+
+Wire format (Metadata API Developer Guide, "deploy()", "checkDeployStatus()", "DeployResult",
+"cancelDeploy()", "CancelDeployResult", "deployRecentValidation()"): endpoint
+``{instance}/services/Soap/m/{apiVersion}``, ``SessionHeader/sessionId`` in the SOAP header,
+namespace ``http://soap.sforce.com/2006/04/metadata``; DeployOptions elements in the WSDL's
+(alphabetical) sequence order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from datetime import UTC, datetime
+from typing import Any
+from xml.etree.ElementTree import Element
+
+import aiohttp
+from defusedxml import ElementTree as SafeElementTree
+from defusedxml.common import DefusedXmlException
+
+from bot.clients.retry import RetryPolicy, parse_retry_after
+from bot.clients.salesforce.rest import AmbiguousWriteError, SalesforceClient, checked_id
+from bot.errors import ApiError, AuthError, TransientError
+
+log = logging.getLogger(__name__)
+
+SYSTEM = "salesforce"
+SOAP_NS = "http://schemas.xmlsoap.org/soap/envelope/"
+MD_NS = "http://soap.sforce.com/2006/04/metadata"
+XSI_NS = "http://www.w3.org/2001/XMLSchema-instance"
+TEST_LEVELS = ("NoTestRun", "RunSpecifiedTests", "RunLocalTests", "RunAllTestsInOrg")
+DONE_STATUSES = frozenset({"Succeeded", "SucceededPartial", "Failed", "Canceled"})
+TRANSIENT_FAULTS = frozenset({"REQUEST_LIMIT_EXCEEDED", "SERVER_UNAVAILABLE"})
+MAX_RESPONSE_BYTES = 64 * 1024 * 1024  # a DeployResult with thousands of failures is a few MB
+# XML 1.0 forbids most control characters even when escaped; nothing legitimate carries them.
+_XML_INVALID = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
+
+
+def xml_text(value: str) -> str:
+    """Escape a text value for an XML element (``& < >``; quotes too, harmless in text)."""
+    if _XML_INVALID.search(value):
+        raise ValueError("text contains characters XML cannot carry")
+    return value.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;")
+
+
+def _bool(value: bool) -> str:
+    return "true" if value else "false"
+
+
+@dataclass(frozen=True)
+class DeployOptions:
+    """``DeployOptions`` one to one; ``to_xml`` writes the elements in the WSDL's order."""
+
+    allow_missing_files: bool = False
+    auto_update_package: bool = False
+    check_only: bool = False
+    ignore_warnings: bool = False
+    perform_retrieve: bool = False
+    purge_on_delete: bool = False
+    rollback_on_error: bool = True
+    run_tests: tuple[str, ...] = ()
+    single_package: bool = True
+    test_level: str | None = None  # None: Salesforce's default for the org
+
+    def to_xml(self) -> str:
+        parts = [
+            f"<met:allowMissingFiles>{_bool(self.allow_missing_files)}</met:allowMissingFiles>",
+            f"<met:autoUpdatePackage>{_bool(self.auto_update_package)}</met:autoUpdatePackage>",
+            f"<met:checkOnly>{_bool(self.check_only)}</met:checkOnly>",
+            f"<met:ignoreWarnings>{_bool(self.ignore_warnings)}</met:ignoreWarnings>",
+            f"<met:performRetrieve>{_bool(self.perform_retrieve)}</met:performRetrieve>",
+            f"<met:purgeOnDelete>{_bool(self.purge_on_delete)}</met:purgeOnDelete>",
+            f"<met:rollbackOnError>{_bool(self.rollback_on_error)}</met:rollbackOnError>",
+            *(f"<met:runTests>{xml_text(name)}</met:runTests>" for name in self.run_tests),
+            f"<met:singlePackage>{_bool(self.single_package)}</met:singlePackage>",
+        ]
+        if self.test_level is not None:
+            if self.test_level not in TEST_LEVELS:
+                raise ValueError(f"unknown test level {self.test_level!r}")
+            parts.append(f"<met:testLevel>{self.test_level}</met:testLevel>")
+        return "<met:DeployOptions>" + "".join(parts) + "</met:DeployOptions>"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            f.name: list(getattr(self, f.name)) if f.name == "run_tests" else getattr(self, f.name)
+            for f in fields(self)
+        }
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> DeployOptions:
+        known = {f.name for f in fields(cls)}
+        kwargs = {key: value for key, value in values.items() if key in known}
+        kwargs["run_tests"] = tuple(kwargs.get("run_tests") or ())
+        return cls(**kwargs)
+
+
+@dataclass(frozen=True)
+class ComponentFailure:
+    """A ``DeployMessage`` from ``details/componentFailures``."""
+
+    file_name: str
+    full_name: str
+    component_type: str
+    problem_type: str
+    problem: str
+    line: int | None = None
+    column: int | None = None
+
+
+@dataclass(frozen=True)
+class TestFailure:
+    """A ``RunTestFailure`` from ``details/runTestResult/failures``."""
+
+    class_name: str
+    method: str
+    message: str
+    stack_trace: str
+    namespace: str = ""
+
+    @property
+    def qualified(self) -> str:
+        prefix = f"{self.namespace}__" if self.namespace and "__" not in self.class_name else ""
+        return f"{prefix}{self.class_name}.{self.method}" if self.method else f"{prefix}{self.class_name}"
+
+
+@dataclass(frozen=True)
+class DeployResult:
+    """``DeployResult`` as returned by ``checkDeployStatus`` (API 29.0+ fields)."""
+
+    id: str
+    done: bool
+    status: str
+    success: bool = False
+    check_only: bool = False
+    state_detail: str = ""
+    components_deployed: int = 0
+    components_total: int = 0
+    component_errors: int = 0
+    tests_completed: int = 0
+    tests_total: int = 0
+    test_errors: int = 0
+    run_tests_enabled: bool = False
+    rollback_on_error: bool = False
+    ignore_warnings: bool = False
+    created_date: datetime | None = None
+    start_date: datetime | None = None
+    completed_date: datetime | None = None
+    error_message: str = ""
+    error_status_code: str = ""
+    canceled_by_name: str = ""
+    component_failures: tuple[ComponentFailure, ...] = field(default_factory=tuple)
+    test_failures: tuple[TestFailure, ...] = field(default_factory=tuple)
+    tests_run: int = 0
+
+
+@dataclass(frozen=True)
+class CancelDeployResult:
+    id: str
+    done: bool  # True: canceled at once (it was queued); False: Canceling, follow checkDeployStatus
+
+
+@dataclass(frozen=True)
+class _Fault:
+    code: str
+    message: str
+
+
+class MetadataClient:
+    """The Metadata API of one org. ``session`` is shared and owned by the caller."""
+
+    def __init__(
+        self,
+        *,
+        rest: SalesforceClient,
+        session: aiohttp.ClientSession,
+        timeout: aiohttp.ClientTimeout | None = None,
+        retry: RetryPolicy | None = None,
+    ) -> None:
+        self._rest = rest
+        self._session = session
+        # A 39 MB zip is ~52 MB of base64 to upload: give the send more time than a REST call.
+        self._timeout = timeout or aiohttp.ClientTimeout(total=300, connect=10)
+        self._retry = retry or RetryPolicy()
+
+    @property
+    def api_version(self) -> str:
+        return self._rest.api_version
+
+    # -- the four calls --------------------------------------------------------------------
+    async def deploy(self, zip_bytes: bytes, options: DeployOptions) -> str:
+        """Start an asynchronous deployment; returns its id (``0Af…``). Never resent on doubt."""
+        body = b"".join(
+            [
+                b"<met:deploy><met:ZipFile>",
+                base64.b64encode(zip_bytes),  # base64's alphabet needs no XML escaping
+                b"</met:ZipFile>",
+                options.to_xml().encode(),
+                b"</met:deploy>",
+            ]
+        )
+        result = await self._call("deploy", body, idempotent=False)
+        return checked_id(_text(result, "id"))
+
+    async def check_deploy_status(self, deploy_id: str, *, include_details: bool = True) -> DeployResult:
+        body = (
+            f"<met:checkDeployStatus><met:asyncProcessId>{checked_id(deploy_id)}</met:asyncProcessId>"
+            f"<met:includeDetails>{_bool(include_details)}</met:includeDetails></met:checkDeployStatus>"
+        ).encode()
+        return parse_deploy_result(await self._call("checkDeployStatus", body, idempotent=True))
+
+    async def cancel_deploy(self, deploy_id: str) -> CancelDeployResult:
+        body = f"<met:cancelDeploy><met:String>{checked_id(deploy_id)}</met:String></met:cancelDeploy>".encode()
+        # Asking twice to cancel the same deployment is harmless, so it may be retried.
+        result = await self._call("cancelDeploy", body, idempotent=True)
+        return CancelDeployResult(id=_text(result, "id") or deploy_id, done=_text(result, "done") == "true")
+
+    async def deploy_recent_validation(self, validation_id: str) -> str:
+        """Quick-deploy a validation; returns the id of the new deployment."""
+        body = (
+            "<met:deployRecentValidation><met:validationId>"
+            f"{checked_id(validation_id)}</met:validationId></met:deployRecentValidation>"
+        ).encode()
+        result = await self._call("deployRecentValidation", body, idempotent=False)
+        # The response's <result> is the new deployment id itself (type string).
+        return checked_id((result.text or "").strip())
+
+    # -- the one request path ------------------------------------------------------------
+    async def _call(self, operation: str, body: bytes, *, idempotent: bool) -> Element:
+        """Send one operation; returns the ``<result>`` element of ``<{operation}Response>``."""
+        refreshed = False
+        attempt = 0
+        while True:
+            attempt += 1
+            token = await self._rest.access_token()
+            url = f"{token.instance_url}/services/Soap/m/{self.api_version}"
+            envelope = _envelope(token.value, body)
+            headers = {"Content-Type": "text/xml; charset=UTF-8", "SOAPAction": operation}
+            retry_after: float | None = None
+            try:
+                async with self._session.post(url, data=envelope, headers=headers, timeout=self._timeout) as raw:
+                    status = raw.status
+                    retry_after = parse_retry_after(raw.headers.get("Retry-After"))
+                    payload = await _read_capped(raw)
+            except aiohttp.ClientConnectorError as exc:
+                # Never connected: nothing was sent, so even a deploy is safe to repeat.
+                failure: Exception = TransientError(
+                    f"cannot connect to Salesforce ({type(exc).__name__})", system=SYSTEM
+                )
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                if not idempotent:
+                    raise AmbiguousWriteError(
+                        f"the connection to Salesforce dropped during {operation} ({type(exc).__name__})",
+                        system=SYSTEM,
+                    ) from exc
+                failure = TransientError(
+                    f"Salesforce connection failed mid-request ({type(exc).__name__})", system=SYSTEM
+                )
+            else:
+                fault = _fault_of(payload) if status != 200 or b"Fault" in payload[:4096] else None
+                if fault is not None:
+                    if fault.code == "INVALID_SESSION_ID":
+                        if refreshed:
+                            raise AuthError(
+                                "Salesforce rejected a freshly issued session", system=SYSTEM, status=status
+                            )
+                        log.info("salesforce session expired; refreshing", extra={"operation": operation})
+                        await self._rest.refresh_token(token)
+                        refreshed = True
+                        attempt -= 1  # a refresh is not a failed attempt
+                        continue
+                    if fault.code not in TRANSIENT_FAULTS:
+                        raise ApiError(fault.message[:300] or fault.code, system=SYSTEM, status=status, code=fault.code)
+                    failure = TransientError(f"Salesforce is busy ({fault.code})", system=SYSTEM, status=status)
+                elif status in (429, 503):
+                    failure = TransientError(f"Salesforce is busy (HTTP {status})", system=SYSTEM, status=status)
+                elif status >= 500:
+                    if not idempotent:
+                        raise AmbiguousWriteError(
+                            f"Salesforce answered HTTP {status} to {operation}", system=SYSTEM, status=status
+                        )
+                    failure = TransientError(f"Salesforce answered HTTP {status}", system=SYSTEM, status=status)
+                elif status != 200:
+                    raise ApiError(f"HTTP {status}", system=SYSTEM, status=status, code=f"HTTP_{status}")
+                else:
+                    return _result_of(payload, operation)
+            if attempt >= self._retry.attempts:
+                raise failure
+            delay = self._retry.delay(attempt, retry_after=retry_after)
+            log.info(
+                "metadata api call failed; retrying",
+                extra={"operation": operation, "attempt": attempt, "delay": round(delay, 2), "why": str(failure)},
+            )
+            await asyncio.sleep(delay)
+
+
+def _envelope(session_id: str, body: bytes) -> bytes:
+    head = (
+        '<?xml version="1.0" encoding="UTF-8"?>'
+        f'<soapenv:Envelope xmlns:soapenv="{SOAP_NS}" xmlns:met="{MD_NS}">'
+        "<soapenv:Header><met:SessionHeader>"
+        f"<met:sessionId>{xml_text(session_id)}</met:sessionId>"
+        "</met:SessionHeader></soapenv:Header><soapenv:Body>"
+    )
+    return head.encode() + body + b"</soapenv:Body></soapenv:Envelope>"
+
+
+async def _read_capped(response: aiohttp.ClientResponse) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.content.iter_chunked(64 * 1024):
+        size += len(chunk)
+        if size > MAX_RESPONSE_BYTES:
+            raise TransientError("Salesforce sent an unexpectedly large response", system=SYSTEM)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _parse(payload: bytes) -> Element | None:
+    try:
+        return SafeElementTree.fromstring(payload, forbid_dtd=True)
+    except (SafeElementTree.ParseError, DefusedXmlException, ValueError):
+        return None
+
+
+def _local(tag: str) -> str:
+    return tag.rsplit("}", 1)[-1]
+
+
+def _fault_of(payload: bytes) -> _Fault | None:
+    """``soapenv:Fault`` → (code without its ``sf:`` prefix, faultstring). None if not a fault."""
+    root = _parse(payload)
+    if root is None:
+        return None
+    for element in root.iter():
+        if _local(element.tag) != "Fault":
+            continue
+        code = message = ""
+        for child in element.iter():
+            name = _local(child.tag)
+            if name == "faultcode" and child.text:
+                code = child.text.strip().rsplit(":", 1)[-1]
+            elif name == "faultstring" and child.text:
+                message = child.text.strip()
+            elif name == "exceptionCode" and child.text and not code:
+                code = child.text.strip()
+        return _Fault(code=code or "UNKNOWN_FAULT", message=message)
+    return None
+
+
+def _result_of(payload: bytes, operation: str) -> Element:
+    root = _parse(payload)
+    if root is None:
+        raise TransientError(f"Salesforce sent an unreadable {operation} response", system=SYSTEM)
+    for element in root.iter():
+        if _local(element.tag) == f"{operation}Response":
+            for child in element:
+                if _local(child.tag) == "result":
+                    return child
+    raise ApiError(f"no result in the {operation} response", system=SYSTEM, code="UNEXPECTED_RESPONSE")
+
+
+def _children(element: Element, name: str) -> list[Element]:
+    return [child for child in element if _local(child.tag) == name]
+
+
+def _child(element: Element | None, name: str) -> Element | None:
+    if element is None:
+        return None
+    found = _children(element, name)
+    return found[0] if found else None
+
+
+def _text(element: Element | None, name: str) -> str:
+    child = _child(element, name)
+    if child is None or child.get(f"{{{XSI_NS}}}nil") == "true":
+        return ""
+    return (child.text or "").strip()
+
+
+def _int(element: Element | None, name: str) -> int:
+    try:
+        return int(_text(element, name) or 0)
+    except ValueError:
+        return 0
+
+
+def _opt_int(element: Element | None, name: str) -> int | None:
+    text = _text(element, name)
+    return int(text) if text.lstrip("-").isdigit() else None
+
+
+def parse_sf_datetime(text: str) -> datetime | None:
+    """``2026-05-01T10:00:00.000Z`` (SOAP dateTime) → aware UTC datetime."""
+    if not text:
+        return None
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def parse_deploy_result(result: Element) -> DeployResult:
+    details = _child(result, "details")
+    components = tuple(
+        ComponentFailure(
+            file_name=_text(item, "fileName"),
+            full_name=_text(item, "fullName"),
+            component_type=_text(item, "componentType"),
+            problem_type=_text(item, "problemType") or "Error",
+            problem=_text(item, "problem"),
+            line=_opt_int(item, "lineNumber"),
+            column=_opt_int(item, "columnNumber"),
+        )
+        for item in (_children(details, "componentFailures") if details is not None else [])
+    )
+    run = _child(details, "runTestResult")
+    tests = tuple(
+        TestFailure(
+            class_name=_text(item, "name"),
+            method=_text(item, "methodName"),
+            message=_text(item, "message"),
+            stack_trace=_text(item, "stackTrace"),
+            namespace=_text(item, "namespace"),
+        )
+        for item in (_children(run, "failures") if run is not None else [])
+    )
+    return DeployResult(
+        id=_text(result, "id"),
+        done=_text(result, "done") == "true",
+        status=_text(result, "status"),
+        success=_text(result, "success") == "true",
+        check_only=_text(result, "checkOnly") == "true",
+        state_detail=_text(result, "stateDetail"),
+        components_deployed=_int(result, "numberComponentsDeployed"),
+        components_total=_int(result, "numberComponentsTotal"),
+        component_errors=_int(result, "numberComponentErrors"),
+        tests_completed=_int(result, "numberTestsCompleted"),
+        tests_total=_int(result, "numberTestsTotal"),
+        test_errors=_int(result, "numberTestErrors"),
+        run_tests_enabled=_text(result, "runTestsEnabled") == "true",
+        rollback_on_error=_text(result, "rollbackOnError") == "true",
+        ignore_warnings=_text(result, "ignoreWarnings") == "true",
+        created_date=parse_sf_datetime(_text(result, "createdDate")),
+        start_date=parse_sf_datetime(_text(result, "startDate")),
+        completed_date=parse_sf_datetime(_text(result, "completedDate")),
+        error_message=_text(result, "errorMessage"),
+        error_status_code=_text(result, "errorStatusCode"),
+        canceled_by_name=_text(result, "canceledByName"),
+        component_failures=components,
+        test_failures=tests,
+        tests_run=_int(run, "numTestsRun"),
+    )

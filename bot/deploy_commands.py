@@ -1,0 +1,212 @@
+"""The ``/deploy`` grammar: text in, typed request out, ``UsageError`` (with usage) on anything off.
+
+Pure functions with no Slack or database types. Org and artifact are only checked for shape
+here; whether they exist (and the production rules) is the deploy service's business.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from bot.commands import split_options as _split
+from bot.commands import tokenize
+from bot.errors import UsageError
+from bot.settings import ALIAS_RE
+
+DEPLOY_USAGE = """*`/deploy` — deploy metadata to an org (Metadata API)*
+• `/deploy start <org> <artifact> [options]` — deploy
+• `/deploy validate <org> <artifact> [options]` — check only, nothing is saved
+   `<artifact>`: a `.zip` or a folder (with `package.xml`) in the artifacts directory,
+   or an https URL under an allowed prefix
+• `/deploy quick <ref> [--at <when>]` — quick-deploy a validation that ran tests (within 10 days)
+• `/deploy status <ref>` · `/deploy cancel <ref>` · `/deploy list` · `/deploy orgs`
+Options (Metadata API `DeployOptions`):
+   `--test-level NoTestRun|RunSpecifiedTests|RunLocalTests|RunAllTestsInOrg`
+   `--tests A,B` (implies RunSpecifiedTests) · `--ignore-warnings`
+   `--rollback-on-error` / `--no-rollback-on-error` · `--purge-on-delete` · `--allow-missing-files`
+   `--auto-update-package` · `--single-package` · `--perform-retrieve`
+   `--at <when>`: `18:30`, `tomorrow 09:00`, `2026-12-01 18:30`, `+2h` (your Slack time zone)
+Production orgs: rollbackOnError always on; never NoTestRun, purge-on-delete, allow-missing-files,
+auto-update-package."""
+
+TEST_LEVELS = ("NoTestRun", "RunSpecifiedTests", "RunLocalTests", "RunAllTestsInOrg")
+# An Apex class, optionally namespaced (ns__Class) and optionally one method (Class.method).
+TEST_NAME_RE = re.compile(
+    r"^(?:[A-Za-z][A-Za-z0-9]{0,14}__)?[A-Za-z][A-Za-z0-9_]{0,39}(?:\.[A-Za-z][A-Za-z0-9_]{0,39})?$"
+)
+DEPLOY_REF_RE = re.compile(r"^[Dd]?\d{1,10}$")
+MAX_TESTS = 200
+FLAGS = {
+    "--ignore-warnings",
+    "--rollback-on-error",
+    "--no-rollback-on-error",
+    "--purge-on-delete",
+    "--allow-missing-files",
+    "--auto-update-package",
+    "--single-package",
+    "--perform-retrieve",
+}
+VALUED = {"--test-level", "--tests", "--at"}
+
+
+@dataclass(frozen=True)
+class DeployFlags:
+    """What the user asked for; ``None`` means "not said" (the service picks the default)."""
+
+    test_level: str | None = None
+    tests: tuple[str, ...] = ()
+    ignore_warnings: bool = False
+    rollback_on_error: bool | None = None
+    purge_on_delete: bool = False
+    allow_missing_files: bool = False
+    auto_update_package: bool = False
+    single_package: bool | None = None
+    perform_retrieve: bool = False
+
+
+@dataclass(frozen=True)
+class DeployStart:
+    check_only: bool  # validate = deploy with checkOnly
+    org: str
+    artifact: str
+    flags: DeployFlags = field(default_factory=DeployFlags)
+    at: str | None = None
+
+
+@dataclass(frozen=True)
+class DeployQuick:
+    ref: str
+    at: str | None = None
+
+
+@dataclass(frozen=True)
+class DeployRef:
+    action: str  # status | cancel
+    ref: str
+
+
+@dataclass(frozen=True)
+class DeployList:
+    pass
+
+
+@dataclass(frozen=True)
+class DeployOrgs:
+    pass
+
+
+@dataclass(frozen=True)
+class DeployHelp:
+    pass
+
+
+DeployCommand = DeployStart | DeployQuick | DeployRef | DeployList | DeployOrgs | DeployHelp
+
+
+def parse_deploy_ref(words: list[str], *, action: str) -> str:
+    if len(words) != 1:
+        raise UsageError(f"`{action}` takes one reference, such as `D12`.", usage=DEPLOY_USAGE)
+    if not DEPLOY_REF_RE.match(words[0]):
+        raise UsageError(f"`{words[0][:30]}` is not a deployment reference (they look like `D12`).", usage=DEPLOY_USAGE)
+    digits = words[0].lstrip("Dd")
+    return f"D{int(digits)}"
+
+
+def parse_test_level(text: str) -> str:
+    for level in TEST_LEVELS:
+        if text.strip().lower() == level.lower():
+            return level
+    raise UsageError(
+        f"`{text[:40]}` is not a test level. Use one of: {', '.join(f'`{level}`' for level in TEST_LEVELS)}.",
+        usage=DEPLOY_USAGE,
+    )
+
+
+def parse_tests(text: str) -> tuple[str, ...]:
+    names = [name.strip() for name in text.replace(" ", ",").split(",") if name.strip()]
+    if not names:
+        raise UsageError(
+            "`--tests` needs Apex test class names, such as `--tests InvoiceTest,TaxTest`.", usage=DEPLOY_USAGE
+        )
+    bad = [name for name in names if not TEST_NAME_RE.match(name)]
+    if bad:
+        shown = ", ".join(f"`{name[:60]}`" for name in bad[:5])
+        raise UsageError(
+            f"Not an Apex test class name: {shown} "
+            "(letters, digits and `_`, optionally `ns__Class` or `Class.method`).",
+            usage=DEPLOY_USAGE,
+        )
+    if len(names) > MAX_TESTS:
+        raise UsageError(f"`--tests` lists {len(names)} classes; at most {MAX_TESTS}.", usage=DEPLOY_USAGE)
+    return tuple(dict.fromkeys(names))
+
+
+def parse_flags(options: dict[str, str | bool]) -> DeployFlags:
+    if "--rollback-on-error" in options and "--no-rollback-on-error" in options:
+        raise UsageError("Give `--rollback-on-error` or `--no-rollback-on-error`, not both.", usage=DEPLOY_USAGE)
+    level = parse_test_level(str(options["--test-level"])) if "--test-level" in options else None
+    tests = parse_tests(str(options["--tests"])) if "--tests" in options else ()
+    if tests and level is None:
+        level = "RunSpecifiedTests"  # --tests implies RunSpecifiedTests
+    if tests and level != "RunSpecifiedTests":
+        raise UsageError(
+            f"`--tests` only goes with `--test-level RunSpecifiedTests` (you gave `{level}`).", usage=DEPLOY_USAGE
+        )
+    if level == "RunSpecifiedTests" and not tests:
+        raise UsageError("`--test-level RunSpecifiedTests` needs `--tests A,B`.", usage=DEPLOY_USAGE)
+    rollback = None
+    if "--rollback-on-error" in options:
+        rollback = True
+    elif "--no-rollback-on-error" in options:
+        rollback = False
+    return DeployFlags(
+        test_level=level,
+        tests=tests,
+        ignore_warnings="--ignore-warnings" in options,
+        rollback_on_error=rollback,
+        purge_on_delete="--purge-on-delete" in options,
+        allow_missing_files="--allow-missing-files" in options,
+        auto_update_package="--auto-update-package" in options,
+        single_package=True if "--single-package" in options else None,
+        perform_retrieve="--perform-retrieve" in options,
+    )
+
+
+def parse_deploy(text: str) -> DeployCommand:
+    tokens = tokenize(text, usage=DEPLOY_USAGE)
+    if not tokens or tokens[0].lower() in {"help", "-h", "--help"}:
+        return DeployHelp()
+    sub, rest = tokens[0].lower(), tokens[1:]
+    if sub in {"start", "validate"}:
+        words, options = _split(rest, flags=FLAGS, valued=VALUED, multiword={"--at", "--tests"}, usage=DEPLOY_USAGE)
+        if len(words) != 2:
+            raise UsageError(
+                f"`{sub}` takes an org and an artifact: `/deploy {sub} <org> <artifact> [options]`.",
+                usage=DEPLOY_USAGE,
+            )
+        org, artifact = words
+        if not ALIAS_RE.match(org):
+            raise UsageError(f"`{org[:40]}` is not an org alias (see `/deploy orgs`).", usage=DEPLOY_USAGE)
+        if len(artifact) > 500:
+            raise UsageError("That artifact name is too long (500 characters at most).", usage=DEPLOY_USAGE)
+        return DeployStart(
+            check_only=sub == "validate",
+            org=org,
+            artifact=artifact,
+            flags=parse_flags(options),
+            at=str(options["--at"]) if "--at" in options else None,
+        )
+    if sub == "quick":
+        words, options = _split(rest, flags=set(), valued={"--at"}, multiword={"--at"}, usage=DEPLOY_USAGE)
+        return DeployQuick(
+            ref=parse_deploy_ref(words, action="quick"), at=str(options["--at"]) if "--at" in options else None
+        )
+    if sub in {"status", "cancel"}:
+        words, _ = _split(rest, flags=set(), valued=set(), multiword=set(), usage=DEPLOY_USAGE)
+        return DeployRef(action=sub, ref=parse_deploy_ref(words, action=sub))
+    if sub in {"list", "orgs"}:
+        if rest:
+            raise UsageError(f"`{sub}` takes no arguments.", usage=DEPLOY_USAGE)
+        return DeployList() if sub == "list" else DeployOrgs()
+    raise UsageError(f"Unknown subcommand `{sub[:30]}`.", usage=DEPLOY_USAGE)

@@ -1,0 +1,327 @@
+"""The Slack outbox: messages the bot owes Slack, delivered in order per channel at Slack's rate.
+
+Slack accepts about one message per second per channel. A poll cycle that had to wait for that
+would take minutes with a thousand live operations, and hold its leases all the while; so cycles
+(and handlers) only insert rows here, and ``SlackOutbox.deliver`` sends them:
+
+- per channel, oldest first, one message per channel per second across every replica
+  (``slack_channel_pace`` is claimed with a conditional UPDATE);
+- each row is leased while it is sent; a row whose sender died is picked up again, and before it
+  is sent again Slack is asked whether a message carrying that row's metadata already exists;
+- status cards are rendered when they are sent, so a card that waited shows its newest state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from slack_sdk.errors import SlackApiError
+from sqlalchemy import and_, or_, update
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import col, select
+
+from bot.services.operations import OpFile
+from bot.slack.web import SlackPoster
+from bot.store.db import Database
+from bot.store.models import ChannelPace, Operation, OutboxMessage
+
+log = logging.getLogger(__name__)
+
+Blocks = list[dict[str, Any]]
+CardRenderer = Callable[[Operation], Awaitable[tuple[str, Blocks]]]
+POST_INTERVAL = timedelta(seconds=1)
+SEND_LEASE = timedelta(seconds=60)
+MAX_ATTEMPTS = 6
+
+
+def card_digest(text: str, blocks: Blocks) -> str:
+    return hashlib.sha256(json.dumps([text, blocks], sort_keys=True).encode()).hexdigest()[:32]
+
+
+def reply_row(
+    *,
+    operation: Operation,
+    text: str,
+    key: str | None = None,
+    event_type: str = "chatops_message",
+    blocks: Blocks | None = None,
+) -> OutboxMessage:
+    """A reply in the thread of the operation's card."""
+    return OutboxMessage(
+        dedupe_key=key or f"reply:{operation.id}:{uuid.uuid4().hex}",
+        operation_id=operation.id,
+        kind="reply",
+        channel=operation.channel,
+        in_card_thread=True,
+        text=text,
+        blocks=blocks,
+        event_type=event_type,
+    )
+
+
+def message_row(
+    *, channel: str, text: str, key: str, operation_id: int | None = None, event_type: str = "chatops_message"
+) -> OutboxMessage:
+    return OutboxMessage(
+        dedupe_key=key, operation_id=operation_id, kind="message", channel=channel, text=text, event_type=event_type
+    )
+
+
+def file_row(*, operation: Operation, file: OpFile, key: str) -> OutboxMessage:
+    return OutboxMessage(
+        dedupe_key=key,
+        operation_id=operation.id,
+        kind="file",
+        channel=operation.channel,
+        in_card_thread=True,
+        text=file.title,
+        file_name=file.name,
+        file_title=file.title,
+        file_content=file.content,
+    )
+
+
+def card_row(operation: Operation) -> OutboxMessage:
+    return OutboxMessage(
+        dedupe_key=f"card:{operation.id}",
+        operation_id=operation.id,
+        kind="card",
+        channel=operation.channel,
+        event_type="chatops_card",
+    )
+
+
+class SlackOutbox:
+    def __init__(self, *, db: Database, poster: SlackPoster, render_card: CardRenderer, owner: str) -> None:
+        self._db = db
+        self._poster = poster
+        self._render_card = render_card
+        self._owner = owner
+        self._lock = asyncio.Lock()
+        self.wake: Callable[[], None] = lambda: None  # set by the scheduler owner
+
+    # -- enqueueing ---------------------------------------------------------------------------
+    async def enqueue(self, *rows: OutboxMessage) -> int:
+        """Insert rows in one statement, skipping any whose dedupe key is already there."""
+        if not rows:
+            return 0
+        table = OutboxMessage.__table__  # type: ignore[attr-defined]
+        dialect = self._db.engine.dialect.name
+        insert = postgresql_insert(table) if dialect == "postgresql" else sqlite_insert(table)
+        now = datetime.now(UTC)
+        values = [
+            {column.name: getattr(row, column.name) for column in table.columns if column.name != "id"}
+            | {"created_at": row.created_at or now}
+            for row in rows
+        ]
+        added = 0
+        async with self._db.session() as session:
+            for start in range(0, len(values), 500):  # stay well under SQLite's bound-parameter limit
+                chunk = values[start : start + 500]
+                result = await session.exec(insert.values(chunk).on_conflict_do_nothing(index_elements=["dedupe_key"]))
+                added += int(result.rowcount or 0)  # type: ignore[attr-defined]
+            await session.commit()
+        self.wake()
+        return added
+
+    # -- delivering -----------------------------------------------------------------------------
+    async def deliver(self) -> int:
+        """Send what may be sent now: at most one message per channel. Returns how many were sent."""
+        if self._lock.locked():
+            return 0
+        async with self._lock:
+            now = datetime.now(UTC)
+            async with self._db.session() as session:
+                channels = (
+                    await session.exec(
+                        select(OutboxMessage.channel).where(self._deliverable(now)).distinct().limit(200)
+                    )
+                ).all()
+            results = await asyncio.gather(*(self._deliver_one(channel, now) for channel in channels))
+            return sum(results)
+
+    async def drain(self) -> None:
+        """Deliver until nothing is left that may be sent (the caller bounds the time)."""
+        while True:
+            sent = await self.deliver()
+            now = datetime.now(UTC)
+            async with self._db.session() as session:
+                left = (await session.exec(select(OutboxMessage.id).where(self._deliverable(now)).limit(1))).first()
+            if left is None:
+                return
+            if not sent:
+                await asyncio.sleep(0.2)  # another delivery is running, or a channel's next slot is ahead
+
+    @staticmethod
+    def _deliverable(now: datetime) -> Any:
+        return or_(
+            col(OutboxMessage.state) == "pending",
+            and_(col(OutboxMessage.state) == "sending", col(OutboxMessage.lease_expires_at) < now),
+        )
+
+    async def _take_slot(self, channel: str, now: datetime) -> bool:
+        async with self._db.session() as session:
+            if await session.get(ChannelPace, channel) is None:
+                session.add(ChannelPace(channel=channel, next_post_at=now - POST_INTERVAL))
+                try:
+                    await session.commit()
+                except IntegrityError:
+                    await session.rollback()
+            result = await session.exec(
+                update(ChannelPace)
+                .where(col(ChannelPace.channel) == channel, col(ChannelPace.next_post_at) <= now)
+                .values(next_post_at=now + POST_INTERVAL)
+            )
+            await session.commit()
+            return bool(result.rowcount)  # type: ignore[attr-defined]
+
+    async def _delay_channel(self, channel: str, seconds: float) -> None:
+        async with self._db.session() as session:
+            await session.exec(
+                update(ChannelPace)
+                .where(col(ChannelPace.channel) == channel)
+                .values(next_post_at=datetime.now(UTC) + timedelta(seconds=seconds))
+            )
+            await session.commit()
+
+    async def _claim(self, channel: str, now: datetime) -> OutboxMessage | None:
+        token = f"{self._owner}:{uuid.uuid4().hex[:10]}"
+        oldest = (
+            select(OutboxMessage.id)
+            .where(col(OutboxMessage.channel) == channel, self._deliverable(now))
+            .order_by(col(OutboxMessage.id))
+            .limit(1)
+        )
+        async with self._db.session() as session:
+            await session.exec(
+                update(OutboxMessage)
+                .where(col(OutboxMessage.id).in_(oldest.scalar_subquery()), self._deliverable(now))
+                .values(
+                    state="sending",
+                    lease_owner=token,
+                    lease_expires_at=now + SEND_LEASE,
+                    attempts=OutboxMessage.attempts + 1,
+                )
+                .execution_options(synchronize_session=False)
+            )
+            await session.commit()
+            return (await session.exec(select(OutboxMessage).where(OutboxMessage.lease_owner == token))).first()
+
+    async def _finish(self, row: OutboxMessage, **values: Any) -> None:
+        async with self._db.session() as session:
+            await session.exec(
+                update(OutboxMessage)
+                .where(col(OutboxMessage.id) == row.id, col(OutboxMessage.lease_owner) == row.lease_owner)
+                .values(lease_owner=None, lease_expires_at=None, **values)
+            )
+            await session.commit()
+
+    async def _deliver_one(self, channel: str, now: datetime) -> int:
+        if not await self._take_slot(channel, now):
+            return 0
+        row = await self._claim(channel, now)
+        if row is None:
+            return 0
+        try:
+            operation = await self._operation(row)
+            thread_ts = row.thread_ts
+            if row.in_card_thread:
+                thread_ts = operation.card_ts if operation else None
+                if thread_ts is None:
+                    # The card has not gone out yet (it is queued earlier in this channel, or failed).
+                    await self._finish(row, state="pending")
+                    return 0
+            if row.attempts > 1 and row.kind != "file" and await self._already_sent(row, thread_ts):
+                await self._finish(row, state="sent")
+                return 0
+            ts = await self._send(row, operation, thread_ts)
+            await self._finish(row, state="sent", sent_ts=ts, file_content=None)
+            return 1
+        except SlackApiError as exc:
+            error = str(exc.response.get("error") or "error")
+            retry_after = float(exc.response.headers.get("Retry-After", 0) or 0) if exc.response.headers else 0.0
+            if error == "ratelimited":
+                await self._delay_channel(channel, max(retry_after, 1.0))
+                await self._finish(row, state="pending", attempts=row.attempts - 1)
+            else:
+                final = row.attempts >= MAX_ATTEMPTS
+                log.warning(
+                    "slack refused outbox row %s (%s): %s%s",
+                    row.id,
+                    row.kind,
+                    error,
+                    "; giving up" if final else "; will retry",
+                )
+                await self._finish(row, state="failed" if final else "pending", last_error=error[:200])
+            return 0
+        except Exception:
+            log.exception("sending outbox row %s failed", row.id)
+            await self._finish(
+                row, state="failed" if row.attempts >= MAX_ATTEMPTS else "pending", last_error="bot error"
+            )
+            return 0
+
+    async def _operation(self, row: OutboxMessage) -> Operation | None:
+        if row.operation_id is None:
+            return None
+        async with self._db.session() as session:
+            return await session.get(Operation, row.operation_id)
+
+    def _metadata(self, row: OutboxMessage) -> dict[str, Any]:
+        return {"event_type": row.event_type, "event_payload": {"key": row.dedupe_key}}
+
+    async def _already_sent(self, row: OutboxMessage, thread_ts: str | None) -> bool:
+        """After a crash mid-send: is a message with this row's metadata already in Slack?"""
+        try:
+            if thread_ts:
+                return await self._poster.thread_has_event(
+                    channel=row.channel, thread_ts=thread_ts, event_type=row.event_type, key=row.dedupe_key
+                )
+            return await self._poster.channel_has_event(
+                channel=row.channel, oldest=row.created_at, event_type=row.event_type, key=row.dedupe_key
+            )
+        except SlackApiError as exc:
+            log.warning("could not check whether outbox row %s was sent: %s", row.id, exc.response.get("error"))
+            return False
+
+    async def _send(self, row: OutboxMessage, operation: Operation | None, thread_ts: str | None) -> str | None:
+        if row.kind == "card":
+            if operation is None:
+                return None
+            text, blocks = await self._render_card(operation)
+            ts = await self._poster.post(
+                channel=row.channel, text=text, blocks=blocks, metadata=self._metadata(row), paced=False
+            )
+            async with self._db.session() as session:
+                await session.exec(
+                    update(Operation)
+                    .where(col(Operation.id) == operation.id)
+                    .values(card_ts=ts, card_digest=card_digest(text, blocks))
+                )
+                await session.commit()
+            return ts
+        if row.kind == "file":
+            await self._poster.upload(
+                channel=row.channel,
+                thread_ts=thread_ts,
+                paced=False,
+                file=OpFile(name=row.file_name or "file", title=row.file_title or "", content=row.file_content or b""),
+            )
+            return None
+        return await self._poster.post(
+            channel=row.channel,
+            thread_ts=thread_ts,
+            text=row.text,
+            blocks=row.blocks,
+            metadata=self._metadata(row),
+            paced=False,
+        )

@@ -1,0 +1,147 @@
+"""``/fd``: parse, ack, call the FlexDeploy service, render.
+
+``show`` answers only the person who asked. Changes made at once (create, add, replace, status)
+are posted in the channel: a package is shared release state, and the team should see who
+changed it and how, as it would in FlexDeploy's own history. Changes that need approval get a
+status card in the channel instead, which the poller keeps up to date.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from slack_bolt.async_app import AsyncAck, AsyncApp, AsyncRespond
+
+from bot.errors import UsageError
+from bot.fd_commands import FdCancel, FdDelete, FdHelp, FdShow, FdStatus, FdWrite, parse_fd
+from bot.services.flexdeploy import NOT_CONFIGURED, FlexDeployService, files_csv
+from bot.slack import fd_messages
+from bot.slack.messages import error_text
+from bot.store import repo
+from bot.store.models import REF_PREFIX, OpKind
+from handlers.context import HandlerDeps
+from handlers.errors import guarded, reply_ephemeral
+
+
+def register(app: AsyncApp, deps: HandlerDeps) -> None:
+    def service() -> FlexDeployService:
+        if deps.fd is None:
+            raise UsageError(NOT_CONFIGURED)
+        return deps.fd
+
+    async def fd_command(ack: AsyncAck, command: dict[str, Any], respond: AsyncRespond) -> None:
+        user, channel, text = command["user_id"], command["channel_id"], command.get("text", "").strip()
+        detail = f"/fd {text}"[:500]
+        try:
+            parsed = parse_fd(text)
+        except UsageError as error:
+            # Syntax errors are answered in the ack itself: fastest, and nothing else happens.
+            await ack(text=error_text(error))
+            await repo.audit(
+                deps.db,
+                actor=user,
+                channel=channel,
+                action="command",
+                detail=detail,
+                outcome=f"refused: {error.message[:150]}",
+            )
+            return
+        await ack()
+
+        async def work() -> None:
+            await deps.access.check(command="fd", user=user, channel=channel)
+            if isinstance(parsed, FdHelp):
+                await reply_ephemeral(respond, fd_messages.help_text())
+            elif isinstance(parsed, FdShow):
+                package = await service().show(parsed.project_id, parsed.package)
+                text, blocks = fd_messages.show_message(package, project_id=parsed.project_id)
+                await reply_ephemeral(respond, text, blocks)
+                if fd_messages.is_long(package):
+                    # Files cannot be ephemeral in Slack; the full list is shared in the channel.
+                    await deps.poster.upload(
+                        channel=channel,
+                        thread_ts=None,
+                        file=files_csv(package, project_id=parsed.project_id),
+                        comment=fd_messages.file_comment(package, project_id=parsed.project_id, user=user),
+                    )
+            elif isinstance(parsed, FdCancel):
+                operation = await service().cancel(parsed.ref, user=user)
+                deps.kick_poller()
+                await repo.audit(
+                    deps.db, actor=user, channel=channel, operation_ref=operation.ref, action="fd.cancel", outcome="ok"
+                )
+                await reply_ephemeral(respond, f"✋ {operation.ref} is withdrawn; nothing was changed in FlexDeploy.")
+            else:
+                await change(
+                    parsed, user=user, channel=channel, trigger_id=command.get("trigger_id", ""), respond=respond
+                )
+            await repo.audit(deps.db, actor=user, channel=channel, action="command", detail=detail, outcome="ok")
+
+        await guarded(work, respond=respond, db=deps.db, actor=user, channel=channel, action="command", detail=detail)
+
+    async def change(
+        parsed: FdWrite | FdStatus | FdDelete, *, user: str, channel: str, trigger_id: str, respond: AsyncRespond
+    ) -> None:
+        fd = service()
+        planned = await fd.plan(parsed)  # reads the package; refuses bad requests before any write
+        outcome = await fd.submit(planned, requester=user, channel=channel, idempotency_key=f"fd:{trigger_id}")
+        call = f"{planned.method} project {planned.project_id} package {planned.package!r}"[:500]
+        if outcome.pending is not None:
+            operation = outcome.pending.operation
+            deps.kick_poller()
+            await repo.audit(
+                deps.db,
+                actor=user,
+                channel=channel,
+                operation_ref=operation.ref,
+                action=f"fd.{planned.action}",
+                detail=call,
+                outcome=operation.state,
+            )
+            await reply_ephemeral(respond, fd_messages.pending_ack(outcome.pending, notes=outcome.notes))
+            return
+        applied = outcome.applied
+        assert applied is not None
+        await repo.audit(
+            deps.db,
+            actor=user,
+            channel=channel,
+            action=f"fd.{planned.action}",
+            detail=call,
+            outcome="absent" if applied.absent else "ok",
+        )
+        if not applied.absent:
+            text, blocks = fd_messages.applied_message(applied, user=user)
+            ts = await deps.poster.post(channel=channel, text=text, blocks=blocks)
+            if applied.after is not None and fd_messages.is_long(applied.after):
+                await deps.poster.upload(
+                    channel=channel, thread_ts=ts, file=files_csv(applied.after, project_id=planned.project_id)
+                )
+        await reply_ephemeral(respond, fd_messages.applied_ack(applied, notes=outcome.notes))
+
+    async def on_cancel(ack: AsyncAck, body: dict[str, Any], respond: AsyncRespond) -> None:
+        await ack()
+        user, channel = body["user"]["id"], (body.get("channel") or {}).get("id", "")
+        value = str((body.get("actions") or [{}])[0].get("value") or "")
+
+        async def work() -> None:
+            await deps.access.check(command="fd", user=user, channel=channel)
+            operation = await service().cancel(f"{REF_PREFIX[OpKind.FD]}{value}", user=user)
+            await repo.audit(
+                deps.db, actor=user, channel=channel, operation_ref=operation.ref, action="fd.cancel", outcome="ok"
+            )
+            deps.kick_poller()
+            await reply_ephemeral(respond, f"✋ {operation.ref} is withdrawn; nothing was changed in FlexDeploy.")
+
+        await guarded(
+            work,
+            respond=respond,
+            db=deps.db,
+            actor=user,
+            channel=channel,
+            action="fd.cancel",
+            detail=f"operation {value}",
+        )
+
+    app.command("/fd")(fd_command)
+    app.action("fd_cancel")(on_cancel)

@@ -1,0 +1,179 @@
+"""``/sfp`` and the Stop / Cancel buttons on sfp task cards: parse, ack, call the sfp service, render."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from slack_bolt.async_app import AsyncAck, AsyncApp, AsyncRespond
+
+from bot.errors import StateError, UsageError
+from bot.services.sfp import NOT_CONFIGURED, SfpService, Target, TaskRequest
+from bot.sfp_commands import SFP_USAGE, SfpHelp, SfpList, SfpRef, SfpSubmit, parse_sfp
+from bot.slack import sfp_messages
+from bot.slack.blocks import escape
+from bot.slack.messages import error_text
+from bot.store import repo
+from bot.store.models import REF_PREFIX, OpKind
+from bot.when import parse_when
+from handlers.context import HandlerDeps
+from handlers.errors import guarded, reply_ephemeral
+
+
+def _operation_id(body: dict[str, Any]) -> int:
+    value = str((body.get("actions") or [{}])[0].get("value") or "")
+    return int(value) if value.isdigit() else 0
+
+
+def _until(text: str, *, tz_name: str | None, now: datetime) -> datetime:
+    try:
+        return parse_when(text, tz_name=tz_name, now=now)
+    except UsageError as error:
+        raise UsageError(f"`--until`: {error.message}", usage=error.usage) from None
+
+
+def register(app: AsyncApp, deps: HandlerDeps) -> None:
+    def service() -> SfpService:
+        if deps.sfp is None or not deps.sfp.configured:
+            raise StateError(NOT_CONFIGURED)
+        return deps.sfp
+
+    async def sfp_command(ack: AsyncAck, command: dict[str, Any], respond: AsyncRespond) -> None:
+        user, channel, text = command["user_id"], command["channel_id"], command.get("text", "").strip()
+        detail = f"/sfp {text}"[:500]
+        try:
+            parsed = parse_sfp(text)
+        except UsageError as error:
+            # Syntax errors (bad key=value included) are answered in the ack itself: nothing is called.
+            await ack(text=error_text(error))
+            await repo.audit(
+                deps.db,
+                actor=user,
+                channel=channel,
+                action="command",
+                detail=detail,
+                outcome=f"refused: {error.message[:150]}",
+            )
+            return
+        await ack()
+
+        async def work() -> None:
+            await deps.access.check(command="sfp", user=user, channel=channel)
+            if isinstance(parsed, SfpHelp):
+                await reply_ephemeral(respond, escape(SFP_USAGE))
+            elif isinstance(parsed, SfpList):
+                await reply_ephemeral(respond, sfp_messages.list_message(await service().recent()))
+            elif isinstance(parsed, SfpSubmit):
+                await submit(
+                    parsed, user=user, channel=channel, trigger_id=command.get("trigger_id", ""), respond=respond
+                )
+            else:
+                await on_ref(parsed, user=user, channel=channel, respond=respond)
+            await repo.audit(deps.db, actor=user, channel=channel, action="command", detail=detail, outcome="ok")
+
+        await guarded(work, respond=respond, db=deps.db, actor=user, channel=channel, action="command", detail=detail)
+
+    async def submit(parsed: SfpSubmit, *, user: str, channel: str, trigger_id: str, respond: AsyncRespond) -> None:
+        sfp = service()
+        now = datetime.now(UTC)
+        zone = await deps.directory.time_zone(user) if parsed.at or parsed.until else None
+        request = TaskRequest(
+            task_type=parsed.task_type,
+            data=parsed.data,
+            priority=parsed.priority,
+            scheduled_for=parse_when(parsed.at, tz_name=zone, now=now) if parsed.at else None,
+            every=parsed.every,
+            until=_until(parsed.until, tz_name=zone, now=now) if parsed.until else None,
+            retries=parsed.retries,
+            shortcut=parsed.shortcut,
+        )
+        operation, created = await sfp.create(
+            request, requester=user, channel=channel, idempotency_key=f"sfp:{trigger_id}", now=now
+        )
+        deps.kick_poller()
+        await repo.audit(
+            deps.db,
+            actor=user,
+            channel=channel,
+            operation_ref=operation.ref,
+            action="sfp.submit",
+            detail=operation.summary,
+            outcome=operation.state,
+        )
+        await reply_ephemeral(respond, sfp_messages.created_message(operation, created=created))
+
+    async def on_ref(parsed: SfpRef, *, user: str, channel: str, respond: AsyncRespond) -> None:
+        sfp = service()
+        target = await sfp.target(parsed)
+        if parsed.action == "status":
+            live = await sfp.live_status(target)
+            if target.operation is None:
+                assert live is not None
+                await reply_ephemeral(respond, sfp_messages.foreign_status_text(target, live))
+            else:
+                blocks = sfp_messages.status_blocks(target.operation, live)
+                await reply_ephemeral(respond, f"Status of {target.label}", blocks)
+        elif parsed.action == "result":
+            await reply_ephemeral(respond, sfp_messages.result_text(target, await sfp.result(target)))
+        elif parsed.action == "runs":
+            await reply_ephemeral(respond, sfp_messages.runs_text(target, await sfp.runs(target)))
+        elif parsed.action == "cancel":
+            await cancel(target, user=user, channel=channel, respond=respond)
+        elif parsed.action == "stop":
+            await stop(target, user=user, channel=channel, respond=respond)
+
+    async def cancel(target: Target, *, user: str, channel: str, respond: AsyncRespond) -> None:
+        outcome = await service().cancel(target, user=user)
+        deps.kick_poller()
+        await repo.audit(
+            deps.db,
+            actor=user,
+            channel=channel,
+            operation_ref=target.operation.ref if target.operation else f"sfp:{target.operation_id}",
+            action="sfp.cancel",
+            outcome="requested",
+        )
+        await reply_ephemeral(respond, sfp_messages.cancel_text(outcome))
+
+    async def stop(target: Target, *, user: str, channel: str, respond: AsyncRespond) -> None:
+        outcome = await service().stop(target, user=user)
+        deps.kick_poller()
+        await repo.audit(
+            deps.db,
+            actor=user,
+            channel=channel,
+            operation_ref=target.operation.ref if target.operation else f"sfp:{target.operation_id}",
+            action="sfp.stop",
+            outcome="stopped",
+        )
+        await reply_ephemeral(respond, sfp_messages.stop_text(outcome))
+
+    def on_button(action: str) -> Any:
+        async def handle(ack: AsyncAck, body: dict[str, Any], respond: AsyncRespond) -> None:
+            await ack()
+            user, channel = body["user"]["id"], (body.get("channel") or {}).get("id", "")
+            operation_id = _operation_id(body)
+
+            async def work() -> None:
+                await deps.access.check(command="sfp", user=user, channel=channel)
+                target = await service().target(SfpRef(action=action, ref=f"{REF_PREFIX[OpKind.SFP]}{operation_id}"))
+                if action == "stop":
+                    await stop(target, user=user, channel=channel, respond=respond)
+                else:
+                    await cancel(target, user=user, channel=channel, respond=respond)
+
+            await guarded(
+                work,
+                respond=respond,
+                db=deps.db,
+                actor=user,
+                channel=channel,
+                action=f"sfp.{action}",
+                detail=f"operation {operation_id}",
+            )
+
+        return handle
+
+    app.command("/sfp")(sfp_command)
+    app.action(sfp_messages.STOP_ACTION)(on_button("stop"))
+    app.action(sfp_messages.CANCEL_ACTION)(on_button("cancel"))
