@@ -18,17 +18,16 @@ from bot.deploy_commands import (
     DeployStart,
     parse_deploy,
 )
-from bot.errors import StateError, UsageError
+from bot.errors import StateError
 from bot.outbox import reply_row
 from bot.services.deploy import DeployPlan, DeployService, QuickPlan
 from bot.slack import deploy_messages
 from bot.slack.blocks import escape
-from bot.slack.messages import error_text
 from bot.store import repo
 from bot.store.models import REF_PREFIX, OpKind
 from bot.when import parse_when
 from handlers.context import HandlerDeps
-from handlers.errors import guarded, reply_ephemeral
+from handlers.errors import guarded, parse_or_refuse, reply_ephemeral
 
 
 def _operation_id(body: dict[str, Any]) -> int:
@@ -45,19 +44,10 @@ def register(app: AsyncApp, deps: HandlerDeps) -> None:
     async def deploy_command(ack: AsyncAck, command: dict[str, Any], respond: AsyncRespond) -> None:
         user, channel, text = command["user_id"], command["channel_id"], command.get("text", "").strip()
         detail = f"/deploy {text}"[:500]
-        try:
-            parsed = parse_deploy(text)
-        except UsageError as error:
-            # Syntax errors are answered in the ack itself: fastest, and nothing else happens.
-            await ack(text=error_text(error))
-            await repo.audit(
-                deps.db,
-                actor=user,
-                channel=channel,
-                action="command",
-                detail=detail,
-                outcome=f"refused: {error.message[:150]}",
-            )
+        parsed = await parse_or_refuse(
+            ack, parse_deploy, text, db=deps.db, actor=user, channel=channel, detail=detail
+        )
+        if parsed is None:
             return
         await ack()
         trigger = command.get("trigger_id", "")

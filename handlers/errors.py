@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
+from slack_bolt.context.ack.async_ack import AsyncAck
 from slack_bolt.context.respond.async_respond import AsyncRespond
 
-from bot.errors import ChatOpsError, UserError
+from bot.errors import ChatOpsError, UsageError, UserError
 from bot.slack.messages import error_text, unexpected_error_text
 from bot.store import repo
 from bot.store.db import Database
 
 log = logging.getLogger(__name__)
+Parsed = TypeVar("Parsed")
 
 
 async def reply_ephemeral(respond: AsyncRespond, text: str, blocks: list[dict[str, Any]] | None = None) -> None:
@@ -45,3 +47,18 @@ async def guarded(
         log.exception("%s failed", action)
         await repo.audit(db, actor=actor, channel=channel, action=action, detail=detail, outcome="bot-error")
         await reply_ephemeral(respond, unexpected_error_text())
+
+
+async def parse_or_refuse(
+    ack: AsyncAck, parse: Callable[[str], Parsed], text: str, *, db: Database, actor: str, channel: str, detail: str
+) -> Parsed | None:
+    """Parse a command; a syntax error is answered in the ack itself (fastest, and nothing else
+    happens) and audited, and None is returned. On success the caller acks."""
+    try:
+        return parse(text)
+    except UsageError as error:
+        await ack(text=error_text(error))
+        await repo.audit(
+            db, actor=actor, channel=channel, action="command", detail=detail, outcome=f"refused: {error.message[:150]}"
+        )
+        return None

@@ -16,11 +16,10 @@ from bot.errors import UsageError
 from bot.fd_commands import FdCancel, FdDelete, FdHelp, FdShow, FdStatus, FdWrite, parse_fd
 from bot.services.flexdeploy import NOT_CONFIGURED, FlexDeployService, files_csv
 from bot.slack import fd_messages
-from bot.slack.messages import error_text
 from bot.store import repo
 from bot.store.models import REF_PREFIX, OpKind
 from handlers.context import HandlerDeps
-from handlers.errors import guarded, reply_ephemeral
+from handlers.errors import guarded, parse_or_refuse, reply_ephemeral
 
 
 def register(app: AsyncApp, deps: HandlerDeps) -> None:
@@ -32,19 +31,10 @@ def register(app: AsyncApp, deps: HandlerDeps) -> None:
     async def fd_command(ack: AsyncAck, command: dict[str, Any], respond: AsyncRespond) -> None:
         user, channel, text = command["user_id"], command["channel_id"], command.get("text", "").strip()
         detail = f"/fd {text}"[:500]
-        try:
-            parsed = parse_fd(text)
-        except UsageError as error:
-            # Syntax errors are answered in the ack itself: fastest, and nothing else happens.
-            await ack(text=error_text(error))
-            await repo.audit(
-                deps.db,
-                actor=user,
-                channel=channel,
-                action="command",
-                detail=detail,
-                outcome=f"refused: {error.message[:150]}",
-            )
+        parsed = await parse_or_refuse(
+            ack, parse_fd, text, db=deps.db, actor=user, channel=channel, detail=detail
+        )
+        if parsed is None:
             return
         await ack()
 

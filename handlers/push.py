@@ -7,33 +7,20 @@ from typing import Any
 from slack_bolt.async_app import AsyncAck, AsyncApp, AsyncRespond
 
 from bot.commands import PUSH_USAGE, Help, PushCreate, PushList, PushRef, PushRetry, parse_push
-from bot.errors import UsageError
 from bot.slack import push_messages
 from bot.slack.blocks import escape
-from bot.slack.messages import error_text
 from bot.store import repo
 from bot.when import parse_when
 from handlers.context import HandlerDeps
-from handlers.errors import guarded, reply_ephemeral
+from handlers.errors import guarded, parse_or_refuse, reply_ephemeral
 
 
 def register(app: AsyncApp, deps: HandlerDeps) -> None:
     async def push_command(ack: AsyncAck, command: dict[str, Any], respond: AsyncRespond) -> None:
         user, channel, text = command["user_id"], command["channel_id"], command.get("text", "").strip()
         detail = f"/push {text}"[:500]
-        try:
-            parsed = parse_push(text)
-        except UsageError as error:
-            # Syntax errors are answered in the ack itself: fastest, and nothing else happens.
-            await ack(text=error_text(error))
-            await repo.audit(
-                deps.db,
-                actor=user,
-                channel=channel,
-                action="command",
-                detail=detail,
-                outcome=f"refused: {error.message[:150]}",
-            )
+        parsed = await parse_or_refuse(ack, parse_push, text, db=deps.db, actor=user, channel=channel, detail=detail)
+        if parsed is None:
             return
         await ack()
 

@@ -12,12 +12,11 @@ from bot.services.sfp import NOT_CONFIGURED, SfpService, Target, TaskRequest
 from bot.sfp_commands import SFP_USAGE, SfpHelp, SfpList, SfpRef, SfpSubmit, parse_sfp
 from bot.slack import sfp_messages
 from bot.slack.blocks import escape
-from bot.slack.messages import error_text
 from bot.store import repo
 from bot.store.models import REF_PREFIX, OpKind
 from bot.when import parse_when
 from handlers.context import HandlerDeps
-from handlers.errors import guarded, reply_ephemeral
+from handlers.errors import guarded, parse_or_refuse, reply_ephemeral
 
 
 def _operation_id(body: dict[str, Any]) -> int:
@@ -41,19 +40,10 @@ def register(app: AsyncApp, deps: HandlerDeps) -> None:
     async def sfp_command(ack: AsyncAck, command: dict[str, Any], respond: AsyncRespond) -> None:
         user, channel, text = command["user_id"], command["channel_id"], command.get("text", "").strip()
         detail = f"/sfp {text}"[:500]
-        try:
-            parsed = parse_sfp(text)
-        except UsageError as error:
-            # Syntax errors (bad key=value included) are answered in the ack itself: nothing is called.
-            await ack(text=error_text(error))
-            await repo.audit(
-                deps.db,
-                actor=user,
-                channel=channel,
-                action="command",
-                detail=detail,
-                outcome=f"refused: {error.message[:150]}",
-            )
+        parsed = await parse_or_refuse(
+            ack, parse_sfp, text, db=deps.db, actor=user, channel=channel, detail=detail
+        )
+        if parsed is None:
             return
         await ack()
 
