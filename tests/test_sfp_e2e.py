@@ -342,7 +342,7 @@ async def test_recurring_tasks_runs_stop_second_stop_and_end_date(sandbox: Sandb
 
     async def ended_by_its_end_date() -> None:
         channel = new_channel(sandbox, "enddate")
-        text = f"submit checkReviewEnvironment env=rev2 simulateFailure:=true --every 1m --until {iso_in(2)}"
+        text = f"submit checkReviewEnvironment env=rev2 simulateFailure:=true --every 1m --until {iso_in(6)}"
         ref = ref_in(await sfp(sandbox, text, channel=channel))
         op = await done(sandbox, ref, OpState.FAILED)
         replies = thread(sandbox, op)

@@ -971,6 +971,7 @@ class SalesforceOrgSim:
         self.clock = clock
         self.url = ""
         self.calls: list[tuple[str, str]] = []
+        self.queries: list[str] = []  # the text of every SOQL query received, as Salesforce would parse it
         self.refuse_org_keys: dict[str, str] = {}
         self._ids = IdFactory(pod="5f")
         self.user_id = self._ids.new("User")
@@ -1036,6 +1037,7 @@ class SalesforceOrgSim:
 
     def reset_calls(self) -> None:
         self.calls.clear()
+        self.queries.clear()
 
     def fail_next(self, n: int, status: int = 503) -> None:
         """The next n data API calls answer status (503: HTML maintenance page; 500: JSON error)."""
@@ -1352,6 +1354,7 @@ class SalesforceOrgSim:
 
     async def _query(self, request: web.Request) -> web.Response:
         text = request.query.get("q")
+        self.queries.append(text or "")
         if not text:
             raise ApiError(400, "MALFORMED_QUERY", "A query string has to be specified")
         version = request.match_info["version"]

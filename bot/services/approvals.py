@@ -136,6 +136,11 @@ class ApprovalService:
             raise NotAllowedError(f"You requested {operation.ref}; to withdraw it use `cancel {operation.ref}`.")
         if not await self._may_approve(requirement, user):
             raise NotAllowedError(f"You are not an approver for {operation.ref} ({requirement.get('rule', 'policy')}).")
+        # Wake the poller first: if this process dies between recording the decision and applying
+        # it, the poller applies it (``settle``) on its next cycle instead of leaving it waiting.
+        await repo.update_operation(
+            self._db, operation_id=operation_id, expect_states=[OpState.AWAITING_APPROVAL], values={"next_poll_at": now}
+        )
         recorded = await repo.add_approval(
             self._db,
             approval=Approval(
@@ -145,51 +150,47 @@ class ApprovalService:
                 reason=reason[:500],
             ),
         )
-        if not recorded:
+        outcome, approvals, needed = await settle(self._db, operation, now=now)
+        if not recorded and outcome not in {"approved", "rejected"}:
+            # A double click: the first click's decision stands (and, if that click's process died
+            # before applying it, settle() just applied it for them).
             raise StateError(f"You already decided on {operation.ref}.")
-        decisions = await repo.approvals_for(self._db, operation_id=operation_id)
-        approvals = sum(1 for d in decisions if d.decision == "approve")
-        needed = int(requirement.get("count", 1))
-        if not approve:
-            changed = await repo.update_operation(
-                self._db,
-                operation_id=operation_id,
-                expect_states=[OpState.AWAITING_APPROVAL],
-                values={
-                    "state": OpState.REJECTED,
-                    "next_poll_at": now,
-                    "data": {**operation.data, "rejected_by": user, "reject_reason": reason[:500]},
-                },
-            )
-            outcome = "rejected" if changed else "late"
-        elif approvals >= needed:
-            changed = await repo.update_operation(
-                self._db,
-                operation_id=operation_id,
-                expect_states=[OpState.AWAITING_APPROVAL],
-                values={
-                    "state": OpState.STARTING,
-                    "next_poll_at": now,
-                    "data": {
-                        **operation.data,
-                        "approved_by": [d.approver for d in decisions if d.decision == "approve"],
-                    },
-                },
-            )
-            outcome = "approved" if changed else "late"
-        else:
-            await repo.update_operation(
-                self._db,
-                operation_id=operation_id,
-                expect_states=[OpState.AWAITING_APPROVAL],
-                values={"next_poll_at": now},
-            )
-            outcome = "recorded"
         if outcome == "late":
-            raise StateError(f"{operation.ref} was decided by someone else a moment ago.")
+            raise StateError(f"{operation.ref} was decided a moment ago.")
         fresh = await repo.get_operation(self._db, operation_id=operation_id)
         assert fresh is not None
         return Decision(operation=fresh, outcome=outcome, approvals=approvals, needed=needed)
+
+
+async def settle(db: Database, operation: Operation, *, now: datetime | None = None) -> tuple[str, int, int]:
+    """Apply the decisions recorded for an operation waiting for approval.
+
+    Returns (outcome, approvals, needed); outcome is "rejected" (any rejection wins), "approved"
+    (enough approvals), "recorded" (more are needed) or "late" (someone else applied it first).
+    Safe to call from any replica at any time: leaving ``awaiting_approval`` is one compare-and-set.
+    """
+    assert operation.id is not None
+    now = now or datetime.now(UTC)
+    decisions = await repo.approvals_for(db, operation_id=operation.id)
+    approvers = [d.approver for d in decisions if d.decision == "approve"]
+    needed = int((operation.data.get("approval") or {}).get("count", 1))
+    rejection = next((d for d in decisions if d.decision == "reject"), None)
+    if rejection is not None:
+        state: str = OpState.REJECTED
+        data = {**operation.data, "rejected_by": rejection.approver, "reject_reason": rejection.reason}
+    elif len(approvers) >= needed:
+        state, data = OpState.STARTING, {**operation.data, "approved_by": approvers}
+    else:
+        return "recorded", len(approvers), needed
+    changed = await repo.update_operation(
+        db,
+        operation_id=operation.id,
+        expect_states=[OpState.AWAITING_APPROVAL],
+        values={"state": state, "next_poll_at": now, "data": data},
+    )
+    if not changed:
+        return "late", len(approvers), needed
+    return ("rejected" if state == OpState.REJECTED else "approved"), len(approvers), needed
 
 
 def _aware(moment: datetime) -> datetime:

@@ -380,7 +380,8 @@ class ArtifactStore:
         raw_path = parts.path
         if "\\" in url or re.search(r"%(2f|5c|00)", raw_path, re.IGNORECASE):
             raise _refuse(f"`{url[:100]}` has an encoded slash or backslash in its path.")
-        if any(segment in {"..", "."} for segment in unquote(raw_path).split("/")):
+        # `..;x` is `..` to servlet containers (Tomcat, Jetty: `;` starts a path parameter).
+        if any(segment.split(";", 1)[0] in {"..", "."} for segment in unquote(raw_path).split("/")):
             raise _refuse(f"`{url[:100]}` has `..` in its path.")
         prefixes = self._config.allowed_url_prefixes
         if not prefixes:

@@ -355,12 +355,15 @@ class PushService:
         if operation.is_terminal:
             raise StateError(f"{operation.ref} already ended ({operation.state}); nothing to cancel.")
         if operation.external_id is None:
-            # Nothing exists in Salesforce yet; if the poller creates the request meanwhile it sees
-            # the canceled state when saving and cancels that request itself.
+            # Nothing exists in Salesforce yet. If the poller is creating the request right now,
+            # either its save of the request id comes first (this compare-and-set then fails and
+            # the request is canceled in Salesforce below) or ours does (its save fails and it
+            # cancels the request it just created).
             done = await repo.update_operation(
                 self._db,
                 operation_id=operation.id,
                 expect_states=[OpState.AWAITING_APPROVAL, OpState.STARTING],
+                expect_no_external_id=True,
                 values={
                     "state": OpState.CANCELED,
                     "next_poll_at": datetime.now(UTC),
@@ -542,14 +545,29 @@ class PushService:
         if pending:
             if len(pending) > BULK_THRESHOLD or operation.data.get("bulk_job_id"):
                 created, refused = await self._create_jobs_bulk(operation, lease_token, client, pending)
+            elif operation.data.get("jobs_attempted_at"):
+                # An earlier attempt (a replica killed mid-step, say) may have created some of these
+                # jobs without recording them: creating them again would only be refused as duplicates.
+                existing = await self._existing_jobs(operation, client)
+                remaining = [t for t in pending if t.org_key[:15] not in existing]
+                created, refused = (
+                    await self._create_jobs_collections(operation, client, remaining) if remaining else ({}, {})
+                )
+                created = {
+                    **{t.org_key[:15]: existing[t.org_key[:15]] for t in pending if t.org_key[:15] in existing},
+                    **created,
+                }
             else:
+                attempted = {**operation.data, "jobs_attempted_at": datetime.now(UTC).isoformat()}
+                if not await self._writes.save(operation, lease_token, data=attempted):
+                    return []
                 created, refused = await self._create_jobs_collections(operation, client, pending)
             await repo.record_push_job_results(self._db, operation_id=operation.id, job_ids=created, refused=refused)
             targets = await repo.push_targets(self._db, operation_id=operation.id)
         # Counted from the stored targets, so a resumed step never counts twice.
         refusals = sorted((t.org_key, t.refused_reason or "") for t in targets if t.refused_reason)
         jobs = {"created": sum(1 for t in targets if t.job_id), "refused": len(refusals)}
-        data = {key: value for key, value in operation.data.items() if key != "bulk_job_id"}
+        data = {key: value for key, value in operation.data.items() if key not in {"bulk_job_id", "jobs_attempted_at"}}
         data["jobs"] = jobs
         events = [
             OpEvent(

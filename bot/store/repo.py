@@ -66,12 +66,16 @@ async def update_operation(
     operation_id: int,
     expect_states: Iterable[str] | None = None,
     lease_token: str | None = None,
+    expect_no_external_id: bool = False,
     values: dict[str, Any],
 ) -> bool:
-    """Compare-and-set: applies ``values`` only if the state (and lease) still match."""
+    """Compare-and-set: applies ``values`` only if the state (and lease, and the absence of an
+    external id when asked) still match."""
     conditions = [col(Operation.id) == operation_id]
     if expect_states is not None:
         conditions.append(col(Operation.state).in_(list(expect_states)))
+    if expect_no_external_id:
+        conditions.append(col(Operation.external_id).is_(None))
     if lease_token is not None:
         conditions.append(col(Operation.lease_owner) == lease_token)
     values = {**values, "updated_at": utcnow()}
@@ -168,6 +172,16 @@ async def claim_due(db: Database, *, owner: str, now: datetime, lease: timedelta
         await session.commit()
         claimed = (await session.exec(select(Operation).where(Operation.lease_owner == token))).all()
         return list(claimed)
+
+
+async def extend_leases(db: Database, *, lease_token: str, until: datetime) -> int:
+    """Keep holding everything leased under ``lease_token`` (a long cycle is still working on it)."""
+    async with db.session() as session:
+        result = await session.exec(
+            update(Operation).where(col(Operation.lease_owner) == lease_token).values(lease_expires_at=until)
+        )
+        await session.commit()
+        return int(result.rowcount)  # type: ignore[attr-defined]
 
 
 async def release_lease(

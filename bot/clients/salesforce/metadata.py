@@ -222,7 +222,7 @@ class MetadataClient:
             ]
         )
         result = await self._call("deploy", body, idempotent=False)
-        return checked_id(_text(result, "id"))
+        return _accepted_id(_text(result, "id"), "deploy")
 
     async def check_deploy_status(self, deploy_id: str, *, include_details: bool = True) -> DeployResult:
         body = (
@@ -245,7 +245,7 @@ class MetadataClient:
         ).encode()
         result = await self._call("deployRecentValidation", body, idempotent=False)
         # The response's <result> is the new deployment id itself (type string).
-        return checked_id((result.text or "").strip())
+        return _accepted_id((result.text or "").strip(), "deployRecentValidation")
 
     # -- the one request path ------------------------------------------------------------
     async def _call(self, operation: str, body: bytes, *, idempotent: bool) -> Element:
@@ -305,7 +305,18 @@ class MetadataClient:
                 elif status != 200:
                     raise ApiError(f"HTTP {status}", system=SYSTEM, status=status, code=f"HTTP_{status}")
                 else:
-                    return _result_of(payload, operation)
+                    try:
+                        return _result_of(payload, operation)
+                    except TransientError:
+                        if idempotent:
+                            raise
+                        # HTTP 200: Salesforce took the request. An answer the bot cannot read
+                        # (cut off, or refused by the XML parser) must not get it sent again.
+                        raise AmbiguousWriteError(
+                            f"Salesforce accepted {operation} with an answer the bot cannot read",
+                            system=SYSTEM,
+                            status=status,
+                        ) from None
             if attempt >= self._retry.attempts:
                 raise failure
             delay = self._retry.delay(attempt, retry_after=retry_after)
@@ -314,6 +325,16 @@ class MetadataClient:
                 extra={"operation": operation, "attempt": attempt, "delay": round(delay, 2), "why": str(failure)},
             )
             await asyncio.sleep(delay)
+
+
+def _accepted_id(text: str, operation: str) -> str:
+    """The id Salesforce gave a deployment it accepted; anything else leaves it unknown, not unsent."""
+    try:
+        return checked_id(text)
+    except ValueError:
+        raise AmbiguousWriteError(
+            f"Salesforce accepted {operation} but its answer has no usable id", system=SYSTEM
+        ) from None
 
 
 def _envelope(session_id: str, body: bytes) -> bytes:
