@@ -44,11 +44,15 @@ async def run(sizes: list[int]) -> dict[str, Any]:
         results["ack"] = await ack_latency.measure(workdir)
         results["push"] = []
         for size in sizes:
-            print(f"push to {size:,} subscribers …", flush=True)
+            print(f"push to {size:,} orgs …", flush=True)
             results["push"].append(await push_calls.measure(size))
         print("poll cycle over 1,000 operations …", flush=True)
         results["poll"] = await poll_cycle.measure(workdir)
     return results
+
+
+def _verdict(ok: bool) -> str:
+    return "met" if ok else "**missed**"
 
 
 def table(results: dict[str, Any]) -> str:
@@ -56,35 +60,41 @@ def table(results: dict[str, Any]) -> str:
     lines = [
         f"Machine: {results['machine']}",
         "",
-        "| measure | result | target |",
-        "|---|---|---|",
-        f"| ack latency, {ack['concurrency']} concurrent × {ack['requests'] // ack['concurrency']} rounds "
-        f"| p50 {ack['p50_ms']} ms · p99 {ack['p99_ms']} ms · max {ack['max_ms']} ms | p99 ≤ 100 ms |",
+        "| measure | result | target | |",
+        "|---|---|---|---|",
+        f"| ack latency, {ack['concurrency']} concurrent signed commands × {ack['requests'] // ack['concurrency']} "
+        f"rounds | p50 {ack['p50_ms']} ms · p99 {ack['p99_ms']} ms · max {ack['max_ms']} ms | p99 ≤ 100 ms "
+        f"| {_verdict(ack['p99_ms'] <= 100)} |",
     ]
     for push in results["push"]:
         bot = push["bot (Bulk API 2.0)"]
         for name in ("bot (Bulk API 2.0)", "baseline: 200 per call", "baseline: 1 per call"):
             row = push[name]
-            ratio = (
-                f" ({row['calls'] / bot['calls']:.1f}× the bot's calls, "
-                f"{row['seconds'] / bot['seconds']:.1f}× its time)"
-                if name != "bot (Bulk API 2.0)"
-                else ""
-            )
-            target = f"≤ {push['budget']} calls" if name.startswith("bot") else ""
-            lines.append(
-                f"| push to {row['orgs']:,} orgs ({push['subscribers']:,} subscribers): {name} "
-                f"| {row['calls']:,} calls, {row['seconds']} s{ratio} | {target} |"
-            )
+            what = f"push to {row['orgs']:,} orgs ({push['subscribers']:,} subscribers): {name}"
+            if name.startswith("bot"):
+                lines.append(
+                    f"| {what} | {row['calls']:,} calls ({row['pages']} subscriber query pages + "
+                    f"{row['calls'] - row['pages']}), {row['seconds']} s | ≤ {push['budget']} calls "
+                    f"(ceil(N/2000) + 15) | {_verdict(row['calls'] <= push['budget'])} |"
+                )
+            else:
+                lines.append(
+                    f"| {what} | {row['calls']:,} calls, {row['seconds']} s ({row['calls'] / bot['calls']:.1f}× the "
+                    f"bot's calls, {row['seconds'] / bot['seconds']:.1f}× its time) | | |"
+                )
     for index, cycle in enumerate(poll["cycles"], 1):
+        ok = cycle["seconds"] < 2 and cycle["max_updates_per_card"] <= 1
         lines.append(
-            f"| poll cycle {index} over {cycle['operations']:,} operations, {poll['latency_ms']:.0f} ms/call "
-            f"| {cycle['seconds']} s · {cycle['salesforce_calls']} Salesforce calls · "
-            f"{cycle['slack_calls']} Slack calls | < 2 s |"
+            f"| poll cycle {index} over {cycle['operations']:,} active operations, {poll['latency_ms']:.0f} ms per "
+            f"call | {cycle['seconds']} s · {cycle['salesforce_calls']} Salesforce + {cycle['sfp_calls']} sfp calls · "
+            f"{cycle['slack_calls']} Slack calls, {cycle['chat_updates']} of them chat.update "
+            f"(at most {cycle['max_updates_per_card']} per card) "
+            f"| < 2 s, ≤ 1 chat.update per operation | {_verdict(ok)} |"
         )
+    rss = max(poll["bot_peak_rss_mb"], ack["bot_peak_rss_mb"])
     lines.append(
         f"| bot peak resident memory (poll run / ack run) | {poll['bot_peak_rss_mb']} MB / "
-        f"{ack['bot_peak_rss_mb']} MB | < 250 MB |"
+        f"{ack['bot_peak_rss_mb']} MB | < 250 MB | {_verdict(rss < 250)} |"
     )
     return "\n".join(lines)
 

@@ -3,15 +3,19 @@
 The bot runs as its own process (`python -m bot serve`); the simulators (packaging org, sandbox
 org with the Metadata API, sfp server) and the fake Slack run here. The operations are created the
 way users create them — signed slash commands, spread over 20 channels — and started by the bot.
-Then every active operation is made due at once and the next cycle is timed by the bot itself
-(its /healthz reports the last cycle); Salesforce, sfp and Slack calls are counted by the
-simulators between the two cycle ends.
+Then, right after a cycle ends, every active operation is made due at once, and the first cycle
+that starts after that is timed by the bot itself (its /healthz reports the last cycle, with when
+it started); it must have covered at least 90% of the active operations, or the attempt is
+repeated. Salesforce, sfp and Slack calls are counted by the simulators from the moment the
+operations were made due to the end of that cycle.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -91,15 +95,42 @@ async def _create_operations(agent: SlackUserAgent, packaging: SalesforceOrgSim)
     await asyncio.gather(*(send(i, command, words) for i, (command, words) in enumerate(commands)))
 
 
-async def _next_cycle(bot: BotProcess, after: str | None, minimum: int, timeout: float = 120) -> dict[str, Any]:
+async def _cycle_after(bot: BotProcess, test: Callable[[dict[str, Any]], bool], timeout: float = 60) -> dict[str, Any]:
+    """The bot's last cycle (from /healthz) once it passes ``test``."""
     deadline = time.monotonic() + timeout
     cycle: dict[str, Any] = {}
     while time.monotonic() < deadline:
         cycle = (await bot.health()).get("last_cycle") or {}
-        if cycle.get("finished_at") and cycle["finished_at"] != after and cycle.get("operations", 0) >= minimum:
+        if cycle.get("finished_at") and test(cycle):
             return dict(cycle)
-        await asyncio.sleep(0.02)
-    raise RuntimeError(f"no poll cycle over {minimum}+ operations seen; last: {cycle}")
+        await asyncio.sleep(0.01)
+    raise RuntimeError(f"no such poll cycle within {timeout} s; last: {cycle}")
+
+
+async def _full_cycle(
+    bot: BotProcess, database_url: str, *, active: int, counters: Callable[[], tuple[int, ...]], attempts: int = 5
+) -> tuple[dict[str, Any], tuple[int, ...]]:
+    """Make everything due between two cycles and return the next cycle, which must cover it all.
+
+    A cycle in flight when the operations are made due would hand its own operations back with a
+    later poll time, so we first wait for a cycle to end, then make everything due, then take the
+    first cycle that started after that. Should another cycle have slipped in between (the bot
+    started one right after the previous ended), the measured one is partial and we try again.
+    """
+    cycle: dict[str, Any] = {}
+    for _ in range(attempts):
+        previous = ((await bot.health()).get("last_cycle") or {}).get("finished_at")
+        await _cycle_after(bot, lambda c, previous=previous: c["finished_at"] != previous)
+        marks = counters()
+        await _make_all_due(database_url)
+        due_at = datetime.now(UTC)
+        cycle = await _cycle_after(
+            bot, lambda c, due_at=due_at: datetime.fromisoformat(c.get("started_at") or "1970-01-01T00:00Z") >= due_at
+        )
+        if cycle["operations"] >= 0.9 * active:
+            return cycle, tuple(now - then for now, then in zip(counters(), marks, strict=True))
+        await asyncio.sleep(1)  # a partial cycle: let the bot settle and try again
+    raise RuntimeError(f"no poll cycle covered 90% of {active} active operations; last: {cycle}")
 
 
 async def measure(workdir: Path) -> dict[str, Any]:
@@ -148,23 +179,26 @@ async def measure(workdir: Path) -> dict[str, Any]:
         active = int(await _scalar(database_url, f"SELECT COUNT(*) FROM operations WHERE state IN {ACTIVE}"))
         for server in (packaging, uat, sfp):
             server.latency = LATENCY
-        last = ((await bot.health()).get("last_cycle") or {}).get("finished_at")
+
+        def counters() -> tuple[int, ...]:
+            return len(packaging.calls) + len(uat.calls), len(sfp.calls), len(slack.calls)
+
         for _ in range(3):
-            marks = (len(packaging.calls) + len(uat.calls), len(sfp.calls), len(slack.calls))
             # Everything due at once: the worst case for one cycle.
-            await _make_all_due(database_url)
-            cycle = await _next_cycle(bot, last, minimum=1)
-            last = cycle["finished_at"]
+            cycle, counted = await _full_cycle(bot, database_url, active=active, counters=counters)
+            slack_calls = slack.calls[len(slack.calls) - counted[2] :]
+            updates = Counter((p.get("channel"), p.get("ts")) for method, p in slack_calls if method == "chat.update")
             cycles.append(
                 {
                     "seconds": cycle["seconds"],
                     "operations": cycle["operations"],
-                    "salesforce_calls": len(packaging.calls) + len(uat.calls) - marks[0],
-                    "sfp_calls": len(sfp.calls) - marks[1],
-                    "slack_calls": len(slack.calls) - marks[2],
+                    "salesforce_calls": counted[0],
+                    "sfp_calls": counted[1],
+                    "slack_calls": counted[2],
+                    "chat_updates": sum(updates.values()),
+                    "max_updates_per_card": max(updates.values(), default=0),
                 }
             )
-            await asyncio.sleep(2.5)
         rss = bot.peak_rss_mb()
         kinds = {
             kind: int(

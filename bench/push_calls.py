@@ -30,6 +30,7 @@ from bot.store.db import Database, migrate
 from bot.store.models import OpState
 
 SPEC = VersionSpec(package_name="Acme Billing", number=(1, 4, 0))
+ELIGIBLE_SHARE = 0.74  # a little under the generated share (about 0.75), so there is a surplus to trim
 LATENCY = 0.05  # per Salesforce call, as in the poll-cycle benchmark: loopback alone flatters chatty clients
 # Scheduled a day ahead and canceled after measuring, so every approach meets the same subscribers.
 LATER = datetime.now(UTC) + timedelta(days=1)
@@ -97,10 +98,38 @@ async def _baseline(sim: SalesforceOrgSim, session: aiohttp.ClientSession, *, pe
     return len(orgs), request_id
 
 
-async def measure(subscribers: int) -> dict[str, Any]:
-    sim = SalesforceOrgSim(subscribers=subscribers, failure_rate=0.0, job_seconds=3600.0, latency=LATENCY)
+def _sim_with_eligible(orgs: int) -> tuple[SalesforceOrgSim, int]:
+    """A packaging org where exactly ``orgs`` subscribers are eligible for the push, and its
+    number of Acme Billing subscribers.
+
+    The generated subscriber base has about three eligible orgs in four (the others are already on
+    1.4.0 or newer, or uninstalled); we generate a few more than needed and mark the surplus
+    inactive (expired orgs, which the subscriber query leaves out).
+    """
+    sim = SalesforceOrgSim(
+        subscribers=math.ceil(orgs / ELIGIBLE_SHARE), failure_rate=0.0, job_seconds=3600.0, latency=LATENCY
+    )
+    versions = {v["Id"]: (v["MajorVersion"], v["MinorVersion"], v["PatchVersion"]) for v in sim.versions}
+    billing = next(p["Id"] for p in sim.packages if p["Name"] == SPEC.package_name)
+    mine = [s for s in sim.subscribers if s["MetadataPackageId"] == billing]
+    eligible = [
+        s
+        for s in mine
+        if s["InstalledStatus"] == "i"
+        and s["OrgStatus"] != "Inactive"
+        and versions.get(s["MetadataPackageVersionId"], SPEC.number) < SPEC.number
+    ]
+    if len(eligible) < orgs:
+        raise RuntimeError(f"the simulated org has only {len(eligible):,} eligible subscribers, not {orgs:,}")
+    for subscriber in eligible[orgs:]:
+        subscriber["OrgStatus"] = "Inactive"
+    return sim, len(mine)
+
+
+async def measure(orgs: int) -> dict[str, Any]:
+    sim, subscribers = _sim_with_eligible(orgs)
     await sim.start()
-    results: dict[str, Any] = {"subscribers": subscribers}
+    results: dict[str, Any] = {"orgs": orgs, "subscribers": subscribers}
     try:
         async with aiohttp.ClientSession() as session:
             with tempfile.TemporaryDirectory() as tmp:
@@ -114,13 +143,17 @@ async def measure(subscribers: int) -> dict[str, Any]:
                     orgs, request_id = await run()
                     seconds = time.perf_counter() - started
                     calls = len(sim.calls)
-                    results[name] = {"orgs": orgs, "calls": calls, "seconds": round(seconds, 3)}
+                    # The subscriber query's pages: its first page, then one call per next-page locator.
+                    pages = 1 + sum(1 for method, path in sim.calls if method == "GET" and "/query/" in path)
+                    results[name] = {"orgs": orgs, "calls": calls, "seconds": round(seconds, 3), "pages": pages}
                     # Leave the subscribers as they were for the next approach.
                     client = SalesforceClient(
                         session=session, tokens=TokenCache(parse_sfdx_auth_url(build_auth_url(sim)))
                     )
                     await client.update("PackagePushRequest", request_id, {"Status": "Canceled"})
-        orgs = results["bot (Bulk API 2.0)"]["orgs"]
+        for name in ("bot (Bulk API 2.0)", "baseline: 200 per call", "baseline: 1 per call"):
+            if results[name]["orgs"] != orgs:
+                raise RuntimeError(f"{name} pushed to {results[name]['orgs']:,} orgs, not {orgs:,}")
         results["budget"] = math.ceil(orgs / 2000) + 15
     finally:
         await sim.stop()

@@ -18,7 +18,7 @@ import hashlib
 import json
 import logging
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -110,28 +110,46 @@ class SlackOutbox:
         self.wake: Callable[[], None] = lambda: None  # set by the scheduler owner
 
     # -- enqueueing ---------------------------------------------------------------------------
-    async def enqueue(self, *rows: OutboxMessage) -> int:
-        """Insert rows in one statement, skipping any whose dedupe key is already there."""
+    async def enqueue(self, *rows: OutboxMessage) -> None:
+        """Insert rows in order in one statement, skipping any whose dedupe key is already there.
+
+        One statement with many parameter sets (executemany), not a multi-row VALUES clause:
+        SQLAlchemy builds the latter value by value in Python, which made queueing the replies of
+        500 operations take most of a poll cycle.
+        """
         if not rows:
-            return 0
+            return
         table = OutboxMessage.__table__  # type: ignore[attr-defined]
         dialect = self._db.engine.dialect.name
         insert = postgresql_insert(table) if dialect == "postgresql" else sqlite_insert(table)
+        statement = insert.on_conflict_do_nothing(index_elements=["dedupe_key"])
         now = datetime.now(UTC)
-        values = [
-            {column.name: getattr(row, column.name) for column in table.columns if column.name != "id"}
-            | {"created_at": row.created_at or now}
-            for row in rows
-        ]
-        added = 0
+        names = [column.name for column in table.columns if column.name != "id"]
+        values = [{name: getattr(row, name) for name in names} | {"created_at": row.created_at or now} for row in rows]
         async with self._db.session() as session:
-            for start in range(0, len(values), 500):  # stay well under SQLite's bound-parameter limit
-                chunk = values[start : start + 500]
-                result = await session.exec(insert.values(chunk).on_conflict_do_nothing(index_elements=["dedupe_key"]))
-                added += int(result.rowcount or 0)  # type: ignore[attr-defined]
+            connection = await session.connection()
+            await connection.execute(statement, values)
             await session.commit()
         self.wake()
-        return added
+
+    async def enqueue_cards(self, operations: Sequence[Operation]) -> None:
+        """Queue the status card of each operation that has none queued yet.
+
+        The poller calls this every cycle for every operation whose card is not in Slack yet (a
+        thousand, after a burst of new operations): one lookup of the keys already queued is far
+        cheaper than building a row object for each and letting the insert skip it.
+        """
+        keys = {f"card:{op.id}": op for op in operations}
+        if not keys:
+            return
+        queued: set[str] = set()
+        names = list(keys)
+        key = col(OutboxMessage.dedupe_key)
+        async with self._db.session() as session:
+            for start in range(0, len(names), 500):  # stay well under SQLite's bound-parameter limit
+                query = select(OutboxMessage.dedupe_key).where(key.in_(names[start : start + 500]))
+                queued.update((await session.exec(query)).all())
+        await self.enqueue(*(card_row(op) for name, op in keys.items() if name not in queued))
 
     # -- delivering -----------------------------------------------------------------------------
     async def deliver(self) -> int:
@@ -140,12 +158,18 @@ class SlackOutbox:
             return 0
         async with self._lock:
             now = datetime.now(UTC)
+            # Only channels whose next slot has come: this runs four times a second, and asking
+            # for the slot of every channel with a backlog would mostly be refused.
+            pace = col(ChannelPace.next_post_at)
+            ready = (
+                select(OutboxMessage.channel)
+                .outerjoin(ChannelPace, col(ChannelPace.channel) == col(OutboxMessage.channel))
+                .where(self._deliverable(now), or_(pace.is_(None), pace <= now))
+                .distinct()
+                .limit(200)
+            )
             async with self._db.session() as session:
-                channels = (
-                    await session.exec(
-                        select(OutboxMessage.channel).where(self._deliverable(now)).distinct().limit(200)
-                    )
-                ).all()
+                channels = (await session.exec(ready)).all()
             results = await asyncio.gather(*(self._deliver_one(channel, now) for channel in channels))
             return sum(results)
 

@@ -12,13 +12,14 @@ never waits for Slack's one-message-per-second-per-channel rate. Completion is e
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -26,7 +27,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from slack_sdk.errors import SlackApiError
 from sqlmodel import col, select
 
-from bot.outbox import SlackOutbox, card_digest, card_row, file_row, message_row, reply_row
+from bot.outbox import SlackOutbox, card_digest, file_row, message_row, reply_row
 from bot.services.operations import Advance, Advancer, OpEvent
 from bot.settings import PollerConfig
 from bot.slack.web import COMPLETION_EVENT, SlackPoster
@@ -153,33 +154,75 @@ class Poller:
             )
             if not claimed:
                 return 0
-            by_kind: dict[str, list[Operation]] = defaultdict(list)
-            for operation in claimed:
-                by_kind[operation.kind].append(operation)
-            advances: dict[int, Advance] = {}
-            for kind, operations in by_kind.items():
-                view = self._views.get(kind)
-                if view is None:
-                    continue
-                token = operations[0].lease_owner or ""
+            async with self._holding(claimed[0].lease_owner or ""):
+                by_kind: dict[str, list[Operation]] = defaultdict(list)
+                for operation in claimed:
+                    by_kind[operation.kind].append(operation)
+                # Each kind talks to its own system: they are advanced side by side.
+                advances: dict[int, Advance] = {}
+                for outcome in await asyncio.gather(*(self._advance(kind, ops) for kind, ops in by_kind.items())):
+                    advances.update(outcome)
+                fresh = await self._reload([op.id for op in claimed if op.id is not None])
+                # An operation someone else moved meanwhile (an approval, a cancel) is looked at again
+                # at once rather than after the delay its advancer chose for the old state.
+                advanced = {op.id: op.state for op in claimed}
+                for op in fresh:
+                    if op.id is not None and op.state != advanced.get(op.id):
+                        advances[op.id] = replace(advances.get(op.id, Advance()), next_poll_in=0.0)
+                approvals = await self._approvals([op for op in fresh if op.state == OpState.AWAITING_APPROVAL])
+                # Cards not in Slack yet, in one statement and ahead of any reply of this cycle; the
+                # outbox renders each when it sends it, so it goes out with the newest content.
+                await self.outbox.enqueue_cards([op for op in fresh if op.card_ts is None and op.kind in self._views])
+                self._replies = []
+                releases = await asyncio.gather(
+                    *(
+                        self._publish(op, advances.get(op.id or 0, Advance()), approvals.get(op.id or 0, []))
+                        for op in fresh
+                    )
+                )
+                await self.outbox.enqueue(*self._replies)  # thread replies of the whole cycle, one statement
+                await repo.release_many(self._db, rows=releases)
+                self.last_cycle = {
+                    "operations": len(claimed),
+                    "seconds": round(time.perf_counter() - started, 4),
+                    "started_at": now.isoformat(),
+                    "finished_at": datetime.now(UTC).isoformat(),
+                }
+                return len(claimed)
+
+    @contextlib.asynccontextmanager
+    async def _holding(self, lease_token: str) -> AsyncIterator[None]:
+        """Renew this cycle's leases while it runs, so that a cycle slowed down by slow systems
+        is not taken over half-way by another replica (which would see half-done steps)."""
+
+        async def renew() -> None:
+            every = self._config.lease_seconds / 3
+            while True:
+                await asyncio.sleep(every)
+                until = datetime.now(UTC) + timedelta(seconds=self._config.lease_seconds)
                 try:
-                    advances.update(await view.advancer.advance(operations, lease_token=token))
+                    await repo.extend_leases(self._db, lease_token=lease_token, until=until)
                 except Exception:
-                    log.exception("advancing %d %s operation(s) failed", len(operations), kind)
-            fresh = await self._reload([op.id for op in claimed if op.id is not None])
-            approvals = await self._approvals([op for op in fresh if op.state == OpState.AWAITING_APPROVAL])
-            self._replies = []
-            releases = await asyncio.gather(
-                *(self._publish(op, advances.get(op.id or 0, Advance()), approvals.get(op.id or 0, [])) for op in fresh)
-            )
-            await self.outbox.enqueue(*self._replies)  # thread replies of the whole cycle, one statement
-            await repo.release_many(self._db, rows=releases)
-            self.last_cycle = {
-                "operations": len(claimed),
-                "seconds": round(time.perf_counter() - started, 4),
-                "finished_at": datetime.now(UTC).isoformat(),
-            }
-            return len(claimed)
+                    log.exception("could not renew the leases of this cycle")
+
+        keeper = asyncio.create_task(renew())
+        try:
+            yield
+        finally:
+            keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await keeper
+
+    async def _advance(self, kind: str, operations: list[Operation]) -> dict[int, Advance]:
+        """Advance the operations of one kind; a failure of one kind leaves the others alone."""
+        view = self._views.get(kind)
+        if view is None:
+            return {}
+        try:
+            return await view.advancer.advance(operations, lease_token=operations[0].lease_owner or "")
+        except Exception:
+            log.exception("advancing %d %s operation(s) failed", len(operations), kind)
+            return {}
 
     async def _reload(self, ids: Sequence[int]) -> list[Operation]:
         async with self._db.session() as session:
@@ -243,9 +286,7 @@ class Poller:
         Returns the digest of what Slack now shows and whether that is the current content.
         """
         if op.card_ts is None:
-            # Rendered when the outbox sends it, so it goes out with the newest content.
-            await self.outbox.enqueue(card_row(op))
-            return op.card_digest, True
+            return op.card_digest, True  # queued by the cycle (``tick``)
         text, blocks = view.card(op, approvals=approvals)
         digest = card_digest(text, blocks)
         if digest == op.card_digest:

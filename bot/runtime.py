@@ -20,7 +20,7 @@ from bot.services.push import PushService
 from bot.services.sfp import SfpService
 from bot.settings import Settings
 from bot.slack import deploy_messages, fd_messages, push_messages, sfp_messages
-from bot.slack.web import SlackDirectory, SlackPoster, make_web_client
+from bot.slack.web import SLACK_TIMEOUT_SECONDS, SlackDirectory, SlackPoster, make_web_client
 from bot.store.db import Database, migrate
 from bot.store.models import OpKind
 from handlers.context import HandlerDeps
@@ -52,12 +52,17 @@ async def build_runtime(
         await migrate(settings.database_url)
     db = Database(settings.database_url)
     http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=settings.http_timeout_seconds))
-    web = make_web_client(token=settings.slack_bot_token.get_secret_value(), base_url=settings.slack_api_url)
+    # Slack gets a session of its own (its timeout is Slack's), kept open so connections are reused.
+    slack_http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=SLACK_TIMEOUT_SECONDS))
+    web = make_web_client(
+        token=settings.slack_bot_token.get_secret_value(), base_url=settings.slack_api_url, session=slack_http
+    )
     poster = SlackPoster(web)
     directory = SlackDirectory(web)
     orgs = OrgRegistry(settings=settings, session=http, retry=retry)
     push = PushService(db=db, orgs=orgs, settings=settings)
-    approvals = ApprovalService(db=db, directory=directory)
+    access = AccessPolicy(rules=settings.access, directory=directory)
+    approvals = ApprovalService(db=db, directory=directory, access=access)
     fd = FlexDeployService.from_settings(settings=settings, db=db, session=http, retry=retry)
     sfp = SfpService.from_settings(settings=settings, db=db, session=http, retry=retry)
     deploy = DeployService(db=db, orgs=orgs, settings=settings, session=http, retry=retry)
@@ -108,7 +113,7 @@ async def build_runtime(
         db=db,
         push=push,
         approvals=approvals,
-        access=AccessPolicy(rules=settings.access, directory=directory),
+        access=access,
         poster=poster,
         directory=directory,
         kick_poller=poller.kick,

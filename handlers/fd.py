@@ -31,9 +31,7 @@ def register(app: AsyncApp, deps: HandlerDeps) -> None:
     async def fd_command(ack: AsyncAck, command: dict[str, Any], respond: AsyncRespond) -> None:
         user, channel, text = command["user_id"], command["channel_id"], command.get("text", "").strip()
         detail = f"/fd {text}"[:500]
-        parsed = await parse_or_refuse(
-            ack, parse_fd, text, db=deps.db, actor=user, channel=channel, detail=detail
-        )
+        parsed = await parse_or_refuse(ack, parse_fd, text, db=deps.db, actor=user, channel=channel, detail=detail)
         if parsed is None:
             return
         await ack()

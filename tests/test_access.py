@@ -305,3 +305,21 @@ async def test_buttons_apply_the_same_rules_as_the_commands(guarded: Sandbox) ->
     assert f"{push_ref} is canceled" in await click(sandbox, ALICE, ops[push_ref], "Cancel")
     assert f"{fd_ref} is withdrawn" in await click(sandbox, ALICE, ops[fd_ref], "Cancel")
     assert (await operation(sandbox, push_ref)).state in {OpState.CANCELED, OpState.CANCELING}
+
+
+async def test_the_default_approver_must_be_allowed_to_run_the_command(guarded: Sandbox) -> None:
+    """ "Anyone but the requester" means anyone [access] lets run the command: Carol, barred from
+    /push, cannot start Alice's production push by approving it; Bob (via the group) can."""
+    sandbox = guarded
+    ref = ref_in(await run(sandbox, ALICE, "push", "create Acme Billing@1.4.0 --orgs production"), "P")
+    op = await card_with(sandbox, ref, "Approve")
+    before = external_calls(sandbox)
+    answer = await click(sandbox, CAROL, op, "Approve")
+    assert "not an approver" in answer, answer
+    assert (await operation(sandbox, ref)).state == OpState.AWAITING_APPROVAL
+    assert writes_since(before, external_calls(sandbox)) == {}
+    rows = [r for r in await audit_of(sandbox, CAROL) if r.action == "approve"]
+    assert len(rows) == 1 and rows[0].outcome.startswith("refused")
+
+    assert "You approved" in await click(sandbox, BOB, op, "Approve")  # answered once it is applied
+    assert (await operation(sandbox, ref)).state != OpState.AWAITING_APPROVAL

@@ -426,6 +426,32 @@ async def test_queue_then_cancel_shows_canceling_then_canceled(sandbox: Sandbox)
     assert done.data["result"]["status"] == "Succeeded"
 
 
+@pytest.mark.parametrize("delay", [0.2, 0.5, 0.8, 1.1])
+async def test_cancel_racing_the_completion_ends_in_one_consistent_state(sandbox: Sandbox, delay: float) -> None:
+    """A cancel sent as the deployment finishes: whichever wins in Salesforce, the bot's state,
+    the card, the user's answer and the completion notices all say the same thing, once."""
+    uat = mdapi(sandbox, "uat")
+    uat.component_seconds = 0.3  # about a second for the three components
+    uat.cancel_seconds = 0.2
+    ref = ref_in(await deploy(sandbox, ALICE, "start uat good-release.zip"))
+    await wait_op(sandbox, ref, states=[OpState.RUNNING, OpState.SUCCEEDED])
+    await asyncio.sleep(delay)
+    answer = await deploy(sandbox, ALICE, f"cancel {ref}")
+    op = await wait_op(sandbox, ref, states=[OpState.SUCCEEDED, OpState.CANCELED], announced=True)
+    in_salesforce = uat.snapshot(op.external_id or "").status
+    assert (op.state, in_salesforce) in {(OpState.SUCCEEDED, "Succeeded"), (OpState.CANCELED, "Canceled")}
+    if "already ended" in answer or "already finished in Salesforce" in answer:
+        assert op.state == OpState.SUCCEEDED
+    else:
+        assert f"Salesforce is canceling {ref}" in answer, answer
+    label = "Succeeded" if op.state == OpState.SUCCEEDED else "Canceled"
+    assert label in await card_text_when(sandbox, op, label)
+    finished = [m for m in thread_texts(sandbox, op) if m.startswith(("✅", "✋ Canceled"))]
+    notices = [m for m in sandbox.slack.messages.get(NOTIFY_CHANNEL, []) if f"deployment {ref} " in m.text]
+    assert len(notices) == 1 and label in notices[0].text, [n.text for n in notices]
+    assert len(uat.calls("deploy")) == 1 and len(finished) <= 1
+
+
 async def test_cancel_before_approval_or_schedule_sends_nothing(sandbox: Sandbox) -> None:
     waiting = ref_in(await deploy(sandbox, ALICE, "start prod good-release.zip"))
     scheduled_answer = await deploy(sandbox, ALICE, "validate uat good-release.zip --at +2h")

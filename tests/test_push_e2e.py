@@ -284,7 +284,12 @@ async def test_slack_retry_of_the_same_command_creates_one_push(sandbox: Sandbox
 @pytest.mark.parametrize(
     "delay",
     [
-        0.0, 0.05, 0.15, 0.3, 0.8, 1.5,
+        0.0,
+        0.05,
+        0.15,
+        0.3,
+        0.8,
+        1.5,
     ],
 )
 async def test_cancel_racing_the_start_ends_in_one_consistent_state(sandbox: Sandbox, delay: float) -> None:

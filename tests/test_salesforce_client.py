@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
 import pytest
@@ -72,6 +73,30 @@ async def test_query_follows_next_records_url(sim: SalesforceOrgSim, session: ai
     records = await client.query("SELECT OrgKey FROM PackageSubscriber")
     assert len(records) == len(sim.subscribers) > 2000
     assert sum(1 for _, path in sim.calls if "/query" in path) == 2
+
+
+@pytest.mark.parametrize(
+    "hostile", ["@evil.example.com/q", "//evil.example.com/q", "/services/apexrest/x", "https://evil.example.com/q"]
+)
+async def test_a_next_page_elsewhere_is_refused_and_never_fetched(session: aiohttp.ClientSession, hostile: str) -> None:
+    """A nextRecordsUrl pointing anywhere but this API's query locator would take the bearer
+    token with it (the path is appended to the instance URL): refused, nothing fetched."""
+
+    class HostileOrg(SalesforceOrgSim):
+        def _page(self, cursor: Any, locator: str | None, offset: int, version: str) -> dict[str, Any]:
+            body = super()._page(cursor, locator, offset, version)
+            if "nextRecordsUrl" in body:
+                body["nextRecordsUrl"] = hostile
+            return body
+
+    org = HostileOrg()
+    await org.start()
+    try:
+        with pytest.raises(ApiError, match="unexpected next page"):
+            await client_for(org, session).query("SELECT OrgKey FROM PackageSubscriber")
+        assert sum(1 for _, path in org.calls if "/query" in path) == 1
+    finally:
+        await org.stop()
 
 
 async def test_jwt_bearer_flow(sim: SalesforceOrgSim, session: aiohttp.ClientSession) -> None:

@@ -217,7 +217,7 @@ def _banner(sandbox: Sandbox) -> str:
             "  channel #releases; users alice (requester), bob and dave (approvers), carol (not an approver).",
             "Try:  /push create Acme Billing@1.4.0 --orgs all --dry-run     then without --dry-run,",
             "      as bob, click Approve.   Type `help` for console commands.",
-            "FlexDeploy (projects 101 Acme Salesforce, 102 HR Database):  /fd show 101 \"Release 42\"   /fd help",
+            'FlexDeploy (projects 101 Acme Salesforce, 102 HR Database):  /fd show 101 "Release 42"   /fd help',
             "sfp server:  /sfp review-env fetch --repo acme/sf-core --pool core --branch feature/ABC-1   /sfp help",
             "Deploy (orgs prod, uat; good-release.zip, good-release/, failing-release.zip, slow-release.zip):",
             "      /deploy validate prod good-release.zip --test-level RunLocalTests   then click Quick deploy",

@@ -20,12 +20,16 @@ class AccessPolicy:
         if rule.channels and channel not in rule.channels:
             allowed = ", ".join(rule.channels)
             raise NotAllowedError(f"`/{command.lstrip('/')}` can only be used in these channels: {allowed}.")
-        if not rule.users and not rule.usergroups:
-            return
-        if user in rule.users:
-            return
+        if not await self.user_may(command=command, user=user):
+            raise NotAllowedError(f"You are not allowed to use `/{command.lstrip('/')}`; ask a release manager.")
+
+    async def user_may(self, *, command: str, user: str) -> bool:
+        """Whether the rule for ``command`` (if any) lets ``user`` in, wherever they are."""
+        rule = self._rules.get(command.lstrip("/"))
+        if rule is None or (not rule.users and not rule.usergroups) or user in rule.users:
+            return True
         for group in rule.usergroups:
             members = await self._directory.usergroup_members(group)
             if members and user in members:
-                return
-        raise NotAllowedError(f"You are not allowed to use `/{command.lstrip('/')}`; ask a release manager.")
+                return True
+        return False

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from bot.errors import NotAllowedError, NotFoundError, StateError
 from bot.settings import ApprovalRule
 from bot.store import repo
 from bot.store.db import Database
 from bot.store.models import Approval, Operation, OpState
+
+if TYPE_CHECKING:  # access.py needs Directory from here
+    from bot.services.access import AccessPolicy
 
 DEFAULT_EXPIRY = timedelta(hours=24)
 
@@ -102,13 +105,18 @@ class Decision:
 
 
 class ApprovalService:
-    def __init__(self, *, db: Database, directory: Directory) -> None:
+    def __init__(self, *, db: Database, directory: Directory, access: AccessPolicy | None = None) -> None:
         self._db = db
         self._directory = directory
+        self._access = access
 
-    async def _may_approve(self, requirement: dict[str, Any], user: str) -> bool:
+    async def _may_approve(self, operation: Operation, requirement: dict[str, Any], user: str) -> bool:
         approvers: list[str] = requirement.get("approvers") or []
-        if not approvers or user in approvers:
+        if not approvers:
+            # "Anyone but the requester" still means anyone allowed to run the command: someone
+            # barred from /push by [access] must not be able to start a push by approving it.
+            return self._access is None or await self._access.user_may(command=operation.kind, user=user)
+        if user in approvers:
             return True
         for group in (entry for entry in approvers if entry.startswith("S")):
             members = await self._directory.usergroup_members(group)
@@ -134,7 +142,7 @@ class ApprovalService:
             if approve:
                 raise NotAllowedError(f"You requested {operation.ref}, so someone else has to approve it.")
             raise NotAllowedError(f"You requested {operation.ref}; to withdraw it use `cancel {operation.ref}`.")
-        if not await self._may_approve(requirement, user):
+        if not await self._may_approve(operation, requirement, user):
             raise NotAllowedError(f"You are not an approver for {operation.ref} ({requirement.get('rule', 'policy')}).")
         # Wake the poller first: if this process dies between recording the decision and applying
         # it, the poller applies it (``settle``) on its next cycle instead of leaving it waiting.

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from bisect import bisect_left
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -442,10 +443,12 @@ class DeployService:
                 # e.g. the org was removed from the configuration since it was requested.
                 results[operation.id] = await self._fail(operation, lease_token, f"Nothing was deployed: {exc.message}")
         if watching:
-            active = await self._active()
+            queue = DeployQueue.of(await self._active())
+            batch: list[dict[str, Any]] = []  # plain progress of many deployments: saved in one statement
             outcomes = await asyncio.gather(
-                *(self._watch(op, lease_token, active) for op in watching), return_exceptions=True
+                *(self._watch(op, lease_token, queue, batch=batch) for op in watching), return_exceptions=True
             )
+            await self._writes.save_many(batch)
             for op, outcome in zip(watching, outcomes, strict=True):
                 assert op.id is not None
                 if isinstance(outcome, Advance):
@@ -531,7 +534,7 @@ class DeployService:
         submitted = OpEvent("submitted", {"deploy_id": deploy_id})
         try:
             # Read its status at once, so the card says Pending (and behind what) or InProgress.
-            first = await self._watch(op, lease_token, await self._active())
+            first = await self._watch(op, lease_token, DeployQueue.of(await self._active()))
         except UpstreamError:
             return Advance(events=[submitted], next_poll_in=2.0)
         return Advance(events=[submitted, *first.events], next_poll_in=first.next_poll_in)
@@ -546,13 +549,21 @@ class DeployService:
         except (UpstreamError, UserError):
             log.warning("could not cancel orphaned deployment %s in %s", deploy_id, alias)
 
-    async def _watch(self, op: Operation, lease_token: str, active: list[Operation]) -> Advance:
+    async def _watch(
+        self,
+        op: Operation,
+        lease_token: str,
+        queue: DeployQueue,
+        *,
+        batch: list[dict[str, Any]] | None = None,
+    ) -> Advance:
+        """Read the deployment's status; a plain progress write goes to ``batch`` when given, else is made now."""
         result = await self.metadata(str(op.org)).check_deploy_status(str(op.external_id), include_details=True)
         previous = op.data.get("progress") or {}
         progress = _progress(result)
         events: list[OpEvent] = []
         if result.status == "Pending":
-            progress["queue_ahead"] = _queue_ahead(op, active)
+            progress["queue_ahead"] = queue.ahead(op)
             if progress["queue_ahead"] and not op.data.get("queued_announced"):
                 events.append(OpEvent("queued", {"ahead": progress["queue_ahead"]}))
         elif (
@@ -572,7 +583,10 @@ class DeployService:
             state = OpState.CANCELING  # canceled in Salesforce's UI, or by another tool
         if progress != previous or state != op.state or "last_problem" in op.data:
             data["progress"] = progress
-            await self._writes.save(op, lease_token, state=state, data=data)
+            if batch is None:
+                await self._writes.save(op, lease_token, state=state, data=data)
+            else:
+                batch.append(self._writes.pending_save(op, lease_token, state=state, data=data))
         return Advance(events=events, next_poll_in=self._next_poll(op, state))
 
     def _next_poll(self, op: Operation, state: OpState) -> float:
@@ -638,19 +652,28 @@ def _progress(result: DeployResult) -> dict[str, Any]:
     }
 
 
-def _queue_ahead(op: Operation, active: list[Operation]) -> int:
-    """Deployments sent from here to the same org before this one and not finished: Salesforce
-    runs one at a time per org. (Deployments started elsewhere are invisible to the bot.)"""
-    mine = str(op.data.get("submitted_at") or "")
-    return sum(
-        1
-        for other in active
-        if other.id != op.id
-        and other.org == op.org
-        and other.external_id
-        and other.state in {OpState.RUNNING, OpState.CANCELING}
-        and str(other.data.get("submitted_at") or "") < mine
-    )
+@dataclass(frozen=True)
+class DeployQueue:
+    """Deployments sent from here and not finished, by org: Salesforce runs one at a time per org.
+    (Deployments started elsewhere are invisible to the bot.)
+
+    Built once per poll cycle, so that placing each of hundreds of deployments is a bisection,
+    not a scan of all the others.
+    """
+
+    submitted: dict[str | None, list[str]]  # org → the submitted_at of its running deployments, sorted
+
+    @classmethod
+    def of(cls, active: Sequence[Operation]) -> DeployQueue:
+        submitted: dict[str | None, list[str]] = {}
+        for op in active:
+            if op.external_id and op.state in {OpState.RUNNING, OpState.CANCELING}:
+                submitted.setdefault(op.org, []).append(str(op.data.get("submitted_at") or ""))
+        return cls({org: sorted(times) for org, times in submitted.items()})
+
+    def ahead(self, op: Operation) -> int:
+        """How many were sent to the same org before this one (itself not counted)."""
+        return bisect_left(self.submitted.get(op.org, []), str(op.data.get("submitted_at") or ""))
 
 
 def deploy_report(op: Operation) -> str:

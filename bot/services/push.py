@@ -19,6 +19,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from functools import cached_property
 from typing import Any
 
 from bot.clients.salesforce.rest import AmbiguousWriteError, SalesforceClient, soql_id_list, soql_literal
@@ -60,7 +61,7 @@ class VersionInfo:
     release_state: str
     deprecated: bool
 
-    @property
+    @cached_property  # read once per subscriber when planning: thousands of times
     def label(self) -> str:
         return ".".join(str(part) for part in self.number[:3])
 

@@ -12,6 +12,7 @@ import time
 from datetime import datetime
 from typing import Any
 
+import aiohttp
 from slack_sdk.errors import SlackApiError
 from slack_sdk.http_retry.builtin_async_handlers import (
     AsyncConnectionErrorRetryHandler,
@@ -25,6 +26,7 @@ from bot.services.operations import OpFile
 log = logging.getLogger(__name__)
 
 COMPLETION_EVENT = "chatops_operation_finished"
+SLACK_TIMEOUT_SECONDS = 30
 POST_SPACING_SECONDS = 1.0  # chat.postMessage: about one message per second per channel
 UPDATES_PER_MINUTE = 50  # chat.update is Tier 3: "50+ per minute" per workspace
 UPDATE_BURST = 20
@@ -49,11 +51,14 @@ class TokenBucket:
         return False
 
 
-def make_web_client(*, token: str, base_url: str) -> AsyncWebClient:
+def make_web_client(*, token: str, base_url: str, session: aiohttp.ClientSession | None = None) -> AsyncWebClient:
+    """The bot's Web API client. Pass the ``session`` to reuse connections: without one, slack_sdk
+    opens a new session (and TCP connection) for every call."""
     return AsyncWebClient(
         token=token,
         base_url=base_url,
-        timeout=30,
+        session=session,
+        timeout=SLACK_TIMEOUT_SECONDS,
         retry_handlers=[
             AsyncConnectionErrorRetryHandler(max_retry_count=3),
             AsyncRateLimitErrorRetryHandler(max_retry_count=5),

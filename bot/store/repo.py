@@ -227,12 +227,14 @@ async def claim_delivery(db: Database, *, key: str) -> bool:
 
 
 async def add_push_targets(db: Database, *, operation_id: int, targets: Sequence[dict[str, Any]]) -> None:
+    """Insert the planned targets: one statement, many parameter sets (a push can have 50,000)."""
     if not targets:
         return
     rows = [{"operation_id": operation_id, **target} for target in targets]
+    table = PushTarget.__table__  # type: ignore[attr-defined]
     async with db.session() as session:
-        for start in range(0, len(rows), 1000):
-            await session.exec(PushTarget.__table__.insert().values(rows[start : start + 1000]))  # type: ignore[attr-defined]
+        connection = await session.connection()
+        await connection.execute(table.insert(), rows)
         await session.commit()
 
 
@@ -244,16 +246,29 @@ async def push_targets(db: Database, *, operation_id: int) -> Sequence[PushTarge
 async def record_push_job_results(
     db: Database, *, operation_id: int, job_ids: dict[str, str], refused: dict[str, str]
 ) -> None:
-    """Store the job id or refusal reason per org key (15-char keys)."""
+    """Store the job id or refusal reason per org key (15-char keys).
+
+    Two UPDATE statements with many parameter sets, not one ORM object per target: a push to
+    50,000 orgs records 50,000 results.
+    """
+    table = PushTarget.__table__  # type: ignore[attr-defined]
     async with db.session() as session:
-        targets = (await session.exec(select(PushTarget).where(PushTarget.operation_id == operation_id))).all()
-        for target in targets:
-            key = target.org_key[:15]
+        connection = await session.connection()
+        targets = (
+            await connection.execute(select(table.c.id, table.c.org_key).where(table.c.operation_id == operation_id))
+        ).all()
+        jobs: list[dict[str, Any]] = []
+        refusals: list[dict[str, Any]] = []
+        for target_id, org_key in targets:
+            key = org_key[:15]
             if key in job_ids:
-                target.job_id = job_ids[key]
+                jobs.append({"b_id": target_id, "b_value": job_ids[key]})
             elif key in refused:
-                target.refused_reason = refused[key]
-            session.add(target)
+                refusals.append({"b_id": target_id, "b_value": refused[key]})
+        for column, params in (("job_id", jobs), ("refused_reason", refusals)):
+            if params:
+                statement = update(table).where(table.c.id == bindparam("b_id")).values({column: bindparam("b_value")})
+                await connection.execute(statement, params)
         await session.commit()
 
 

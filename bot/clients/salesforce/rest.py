@@ -196,6 +196,12 @@ class SalesforceClient:
             next_url = payload.get("nextRecordsUrl")
             if payload.get("done", True) or not next_url:
                 return
+            # The next page is a path under this API version; anything else (another host via
+            # "@…" or "//…", another API) would carry the bearer token away, so it is refused.
+            if not re.fullmatch(rf"{re.escape(self.data_path)}/query/[0-9A-Za-z-]+", str(next_url)):
+                raise ApiError(
+                    f"Salesforce answered with an unexpected next page: {str(next_url)[:80]}", system="salesforce"
+                )
             response = await self._send("GET", next_url, idempotent=True)
 
     async def query(self, soql: str) -> list[dict[str, Any]]:
