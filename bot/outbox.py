@@ -23,7 +23,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from slack_sdk.errors import SlackApiError
-from sqlalchemy import and_, or_, update
+from sqlalchemy import and_, func, not_, or_, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
@@ -187,9 +187,21 @@ class SlackOutbox:
 
     @staticmethod
     def _deliverable(now: datetime) -> Any:
-        return or_(
-            col(OutboxMessage.state) == "pending",
-            and_(col(OutboxMessage.state) == "sending", col(OutboxMessage.lease_expires_at) < now),
+        """Rows that may be claimed now. A reply waits until its operation's card is in Slack, and
+        while it waits it is not claimable at all: claiming it only to put it back would spend the
+        channel's posting slot on it every second, holding up everything behind it."""
+        card_posted = (
+            select(Operation.id)
+            .where(col(Operation.id) == col(OutboxMessage.operation_id), col(Operation.card_ts).is_not(None))
+            .correlate_except(Operation)
+            .exists()
+        )
+        return and_(
+            or_(
+                col(OutboxMessage.state) == "pending",
+                and_(col(OutboxMessage.state) == "sending", col(OutboxMessage.lease_expires_at) < now),
+            ),
+            or_(not_(col(OutboxMessage.in_card_thread)), card_posted),
         )
 
     async def _take_slot(self, channel: str, now: datetime) -> bool:
@@ -260,13 +272,19 @@ class SlackOutbox:
             thread_ts = row.thread_ts
             if row.in_card_thread:
                 thread_ts = operation.card_ts if operation else None
-                if thread_ts is None:
-                    # The card has not gone out yet (it is queued earlier in this channel, or failed).
-                    await self._finish(row, state="pending")
+                if thread_ts is None:  # the operation is gone; nothing to reply to
+                    await self._finish(row, state="failed", last_error="card not posted")
                     return 0
-            if row.attempts > 1 and row.kind != "file" and await self._already_sent(row, thread_ts):
-                await self._finish(row, state="sent")
-                return 0
+            if row.attempts > 1 and row.kind != "file":
+                found = await self._already_sent(row, thread_ts)
+                if found:
+                    if row.kind == "card" and operation is not None:
+                        # Its sender died after posting and before recording where: record it now,
+                        # or the replies would wait for the card forever. No digest, so the poller
+                        # edits it to the newest content.
+                        await self._record_card(operation, ts=found, digest=None)
+                    await self._finish(row, state="sent", sent_ts=found)
+                    return 0
             ts = await self._send(row, operation, thread_ts)
             await self._finish(row, state="sent", sent_ts=ts, file_content=None)
             return 1
@@ -303,19 +321,29 @@ class SlackOutbox:
     def _metadata(self, row: OutboxMessage) -> dict[str, Any]:
         return {"event_type": row.event_type, "event_payload": {"key": row.dedupe_key}}
 
-    async def _already_sent(self, row: OutboxMessage, thread_ts: str | None) -> bool:
-        """After a crash mid-send: is a message with this row's metadata already in Slack?"""
+    async def _already_sent(self, row: OutboxMessage, thread_ts: str | None) -> str | None:
+        """After a crash mid-send: the ts of a message with this row's metadata already in Slack."""
         try:
             if thread_ts:
-                return await self._poster.thread_has_event(
+                return await self._poster.find_in_thread(
                     channel=row.channel, thread_ts=thread_ts, event_type=row.event_type, key=row.dedupe_key
                 )
-            return await self._poster.channel_has_event(
+            return await self._poster.find_in_channel(
                 channel=row.channel, oldest=row.created_at, event_type=row.event_type, key=row.dedupe_key
             )
         except SlackApiError as exc:
             log.warning("could not check whether outbox row %s was sent: %s", row.id, exc.response.get("error"))
-            return False
+            return None
+
+    async def _record_card(self, operation: Operation, *, ts: str | None, digest: str | None) -> None:
+        values: dict[str, Any] = {"card_ts": ts, "card_digest": digest}
+        if digest is None:
+            # The card may show an older state; a finished operation is no longer polled, so ask
+            # the poller to look at it once more (one that is still polled keeps its time).
+            values["next_poll_at"] = func.coalesce(col(Operation.next_poll_at), datetime.now(UTC))
+        async with self._db.session() as session:
+            await session.exec(update(Operation).where(col(Operation.id) == operation.id).values(**values))
+            await session.commit()
 
     async def _send(self, row: OutboxMessage, operation: Operation | None, thread_ts: str | None) -> str | None:
         if row.kind == "card":
@@ -325,13 +353,7 @@ class SlackOutbox:
             ts = await self._poster.post(
                 channel=row.channel, text=text, blocks=blocks, metadata=self._metadata(row), paced=False
             )
-            async with self._db.session() as session:
-                await session.exec(
-                    update(Operation)
-                    .where(col(Operation.id) == operation.id)
-                    .values(card_ts=ts, card_digest=card_digest(text, blocks))
-                )
-                await session.commit()
+            await self._record_card(operation, ts=ts, digest=card_digest(text, blocks))
             return ts
         if row.kind == "file":
             await self._poster.upload(

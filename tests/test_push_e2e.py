@@ -64,6 +64,22 @@ async def test_dry_run_shows_the_plan_and_creates_nothing(sandbox: Sandbox) -> N
     assert "Dry run — nothing created" in text
     assert f"{len(eligible):,} org(s) would be upgraded" in text
     assert "Production org(s) on 1.0.0" in text and "Sandbox org(s) on 1.3.0" in text
+    versions = {v["Id"]: (v["MajorVersion"], v["MinorVersion"], v["PatchVersion"]) for v in sandbox.packaging.versions}
+    billing = next(p["Id"] for p in sandbox.packaging.packages if p["Name"] == "Acme Billing")
+    current = [
+        s
+        for s in sandbox.packaging.subscribers
+        if s["MetadataPackageId"] == billing
+        and s["InstalledStatus"] == "i"
+        and s["OrgStatus"] != "Inactive"
+        and versions[s["MetadataPackageVersionId"]] >= TARGET
+    ]
+    assert current and f"Left out: {len(current):,} already on this version or newer" in text
+    # Only the orgs to upgrade are read, the rest only counted.
+    subscriber_queries = [q for q in sandbox.packaging.queries if "FROM PackageSubscriber" in q]
+    assert len(subscriber_queries) == 2, subscriber_queries
+    assert "MetadataPackageVersionId IN (" in subscriber_queries[0]
+    assert subscriber_queries[1].startswith("SELECT COUNT() FROM PackageSubscriber")
     assert writes(sandbox.packaging.calls) == []
     assert sandbox.runtime is not None
     assert await repo.count_operations(sandbox.runtime.db) == 0

@@ -184,7 +184,8 @@ class PushService:
         by_id = {v.id[:15]: v for v in versions}
         _, client = self._client()
         fields = "OrgKey, OrgName, OrgType, OrgStatus, InstalledStatus, MetadataPackageVersionId"
-        base = f"SELECT {fields} FROM PackageSubscriber WHERE MetadataPackageId = {soql_literal(target.package_id)}"
+        of_package = f"MetadataPackageId = {soql_literal(target.package_id)}"
+        base = f"SELECT {fields} FROM PackageSubscriber WHERE {of_package}"
         plan = PushPlan(version=target, selection=selection, targets=[])
         if selection.scope == "ids":
             records: list[dict[str, Any]] = []
@@ -199,7 +200,19 @@ class PushService:
             where = " AND InstalledStatus = 'i' AND OrgStatus != 'Inactive'"
             if selection.scope in {"production", "sandbox"}:
                 where += f" AND OrgType = {soql_literal(selection.scope.capitalize())}"
-            records = await client.query(base + where)
+            older = [v.id for v in versions if v.number < target.number]
+            if older and len(older) <= IN_CHUNK:
+                # Only the orgs that need the push come back: the pages read (2,000 rows each) grow
+                # with the push, not with the whole subscriber base. The rest are only counted.
+                ids = soql_id_list(older)
+                records = await client.query(f"{base}{where} AND MetadataPackageVersionId IN {ids}")
+                left_out = await client.count(
+                    "PackageSubscriber", f"{of_package}{where} AND MetadataPackageVersionId NOT IN {ids}"
+                )
+                if left_out:
+                    plan.skipped["already on this version or newer"] += left_out
+            else:
+                records = await client.query(base + where)
         for record in records:
             key = str(record["OrgKey"])[:15]
             current = by_id.get(str(record.get("MetadataPackageVersionId") or "")[:15])

@@ -146,8 +146,9 @@ class SlackPoster:
             initial_comment=comment,
         )
 
-    async def thread_has_event(self, *, channel: str, thread_ts: str, event_type: str, key: str) -> bool:
-        """Was a message with this metadata already posted in the thread (crash between post and record)?"""
+    async def find_in_thread(self, *, channel: str, thread_ts: str, event_type: str, key: str) -> str | None:
+        """The ts of a message with this metadata in the thread, if one was already posted (a crash
+        between posting and recording it)."""
         cursor: str | None = None
         while True:
             response = await self.client.conversations_replies(
@@ -156,13 +157,13 @@ class SlackPoster:
             for message in response.get("messages", []):
                 metadata = message.get("metadata") or {}
                 if metadata.get("event_type") == event_type and (metadata.get("event_payload") or {}).get("key") == key:
-                    return True
+                    return str(message["ts"])
             cursor = (response.get("response_metadata") or {}).get("next_cursor")
             if not cursor:
-                return False
+                return None
 
-    async def channel_has_event(self, *, channel: str, oldest: datetime, event_type: str, key: str) -> bool:
-        """Was a top-level message with this metadata posted since ``oldest``?"""
+    async def find_in_channel(self, *, channel: str, oldest: datetime, event_type: str, key: str) -> str | None:
+        """The ts of a top-level message with this metadata posted since ``oldest``, if any."""
         cursor: str | None = None
         while True:
             response = await self.client.conversations_history(
@@ -175,10 +176,10 @@ class SlackPoster:
             for message in response.get("messages", []):
                 metadata = message.get("metadata") or {}
                 if metadata.get("event_type") == event_type and (metadata.get("event_payload") or {}).get("key") == key:
-                    return True
+                    return str(message["ts"])
             cursor = (response.get("response_metadata") or {}).get("next_cursor")
             if not cursor:
-                return False
+                return None
 
 
 class SlackDirectory:

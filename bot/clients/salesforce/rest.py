@@ -210,6 +210,16 @@ class SalesforceClient:
             records.extend(page)
         return records
 
+    async def count(self, sobject: str, where: str) -> int:
+        """``SELECT COUNT() FROM sobject WHERE …``: Salesforce answers with ``totalSize`` and no records."""
+        response = await self._send(
+            "GET",
+            f"{self.data_path}/query",
+            params={"q": f"SELECT COUNT() FROM {_sobject(sobject)} WHERE {where}"},
+            idempotent=True,
+        )
+        return int(response.json().get("totalSize") or 0)
+
     async def get_record(self, sobject: str, record_id: str) -> dict[str, Any]:
         path = f"{self.data_path}/sobjects/{_sobject(sobject)}/{checked_id(record_id)}"
         return dict((await self._send("GET", path, idempotent=True)).json())

@@ -1,0 +1,161 @@
+"""The Slack outbox on its own: per-channel order, replies that wait for their card, and sends
+interrupted by a crash, against the fake Slack Web API through the bot's real client."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import update
+from sqlmodel import col, select
+
+from bot.outbox import SlackOutbox, card_row, message_row, reply_row
+from bot.sandbox.fake_slack import FakeSlack
+from bot.slack.web import SlackPoster, make_web_client
+from bot.store import repo
+from bot.store.db import Database, migrate
+from bot.store.models import Operation, OutboxMessage
+
+CHANNEL = "C0RELEASES"
+
+
+@dataclass
+class Setup:
+    db: Database
+    slack: FakeSlack
+    poster: SlackPoster
+    outbox: SlackOutbox
+
+    async def operation(self) -> Operation:
+        op, _ = await repo.insert_operation(
+            self.db,
+            operation=Operation(
+                kind="push", state="running", requester="U0ALICE", channel=CHANNEL, idempotency_key=uuid.uuid4().hex
+            ),
+        )
+        return op
+
+    async def row(self, key: str) -> OutboxMessage:
+        async with self.db.session() as session:
+            return (await session.exec(select(OutboxMessage).where(OutboxMessage.dedupe_key == key))).one()
+
+    def posted(self, key: str) -> list[Any]:
+        return [
+            m
+            for m in self.slack.channel_messages(CHANNEL)
+            if ((m.metadata or {}).get("event_payload") or {}).get("key") == key
+        ]
+
+
+async def drained(setup: Setup) -> None:
+    await asyncio.wait_for(setup.outbox.drain(), 20)
+
+
+async def render(op: Operation) -> tuple[str, list[dict[str, Any]]]:
+    return f"card of {op.ref}", [{"type": "section", "text": {"type": "mrkdwn", "text": f"card of {op.ref}"}}]
+
+
+@pytest.fixture
+async def setup(tmp_path: Path) -> AsyncIterator[Setup]:
+    url = f"sqlite:///{tmp_path / 'outbox.db'}"
+    await migrate(url)
+    db = Database(url)
+    slack = FakeSlack()
+    await slack.start()
+    client = make_web_client(token=slack.bot_token, base_url=slack.api_url)
+    poster = SlackPoster(client)
+    try:
+        yield Setup(db, slack, poster, SlackOutbox(db=db, poster=poster, render_card=render, owner="test"))
+    finally:
+        await slack.stop()
+        await db.close()
+
+
+async def test_a_reply_waiting_for_its_card_does_not_hold_up_the_channel(setup: Setup) -> None:
+    op = await setup.operation()
+    waiting = reply_row(operation=op, text="progress of the push", key="reply-waiting")
+    other = message_row(channel=CHANNEL, text="someone else's news", key="other")
+    await setup.outbox.enqueue(waiting, other)
+
+    await drained(setup)
+    assert [m.text for m in setup.posted("other")] == ["someone else's news"]
+    assert setup.posted("reply-waiting") == []
+    row = await setup.row("reply-waiting")
+    assert (row.state, row.attempts) == ("pending", 0)  # never claimed, so no attempt spent
+
+    await setup.outbox.enqueue(card_row(op))
+    await drained(setup)
+    card = setup.posted(f"card:{op.id}")
+    replies = setup.posted("reply-waiting")
+    assert len(card) == 1 and len(replies) == 1
+    assert replies[0].thread_ts == card[0].ts
+    assert (await setup.row("reply-waiting")).state == "sent"
+
+
+async def test_a_send_cut_short_by_a_crash_is_checked_before_it_is_repeated(setup: Setup) -> None:
+    op = await setup.operation()
+    await setup.outbox.enqueue(card_row(op))
+    await drained(setup)
+    await setup.outbox.enqueue(
+        reply_row(operation=op, text="done", key="reached-slack"),
+        reply_row(operation=op, text="also done", key="lost-on-the-way"),
+    )
+    # A replica claimed both and died: one post reached Slack, the other never left.
+    op_now = await repo.get_operation(setup.db, operation_id=op.id or 0)
+    assert op_now is not None and op_now.card_ts
+    await setup.poster.post(
+        channel=CHANNEL,
+        thread_ts=op_now.card_ts,
+        text="done",
+        metadata={"event_type": "chatops_message", "event_payload": {"key": "reached-slack"}},
+        paced=False,
+    )
+    async with setup.db.session() as session:
+        await session.exec(
+            update(OutboxMessage)
+            .where(col(OutboxMessage.dedupe_key).in_(["reached-slack", "lost-on-the-way"]))
+            .values(
+                state="sending",
+                attempts=1,
+                lease_owner="dead-replica",
+                lease_expires_at=datetime.now(UTC) - timedelta(seconds=1),
+            )
+        )
+        await session.commit()
+
+    await drained(setup)
+    assert len(setup.posted("reached-slack")) == 1  # found in the thread, not posted again
+    assert [m.text for m in setup.posted("lost-on-the-way")] == ["also done"]
+    assert {(await setup.row(key)).state for key in ("reached-slack", "lost-on-the-way")} == {"sent"}
+
+
+async def test_a_card_posted_by_a_replica_that_died_is_adopted_and_its_replies_follow(setup: Setup) -> None:
+    op = await setup.operation()
+    await setup.outbox.enqueue(card_row(op), reply_row(operation=op, text="finished", key="completion"))
+    # The dying replica posted the card but never recorded its ts, so the reply has no thread yet.
+    ts = await setup.poster.post(
+        channel=CHANNEL,
+        text="card as it was",
+        metadata={"event_type": "chatops_card", "event_payload": {"key": f"card:{op.id}"}},
+        paced=False,
+    )
+    async with setup.db.session() as session:
+        await session.exec(
+            update(OutboxMessage)
+            .where(col(OutboxMessage.dedupe_key) == f"card:{op.id}")
+            .values(state="sending", attempts=1, lease_expires_at=datetime.now(UTC) - timedelta(seconds=1))
+        )
+        await session.commit()
+
+    await drained(setup)
+    assert [m.ts for m in setup.posted(f"card:{op.id}")] == [ts]  # not posted a second time
+    assert [m.thread_ts for m in setup.posted("completion")] == [ts]
+    adopted = await repo.get_operation(setup.db, operation_id=op.id or 0)
+    assert adopted is not None and adopted.card_ts == ts
+    assert adopted.card_digest is None and adopted.next_poll_at is not None  # the poller refreshes it
