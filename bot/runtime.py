@@ -23,6 +23,7 @@ from bot.slack import deploy_messages, fd_messages, push_messages, sfp_messages
 from bot.slack.web import SLACK_TIMEOUT_SECONDS, SlackDirectory, SlackPoster, make_web_client
 from bot.store.db import Database, migrate
 from bot.store.models import OpKind
+from handlers.ack_first import AckFirst
 from handlers.context import HandlerDeps
 
 
@@ -34,8 +35,10 @@ class Runtime:
     app: AsyncApp
     poller: Poller
     push: PushService
+    ack_first: AckFirst
 
     async def close(self) -> None:
+        await self.ack_first.drain(timeout=10.0)  # commands already acked get their answers
         await self.poller.stop()
         with contextlib.suppress(Exception):
             await self.app.client.session.close() if self.app.client.session else None  # type: ignore[func-returns-value]
@@ -106,7 +109,7 @@ async def build_runtime(
         client=web,
         signing_secret=None if socket_mode else settings.slack_signing_secret.get_secret_value(),  # type: ignore[union-attr]
         request_verification_enabled=not socket_mode,
-        process_before_response=False,
+        process_before_response=True,  # listeners return right after ack(); work runs in AckFirst
     )
     deps = HandlerDeps(
         settings=settings,
@@ -121,6 +124,7 @@ async def build_runtime(
         fd=fd,
         sfp=sfp,
         deploy=deploy,
+        ack_first=AckFirst(),
     )
     handlers.register(app, deps)
-    return Runtime(settings=settings, db=db, http=http, app=app, poller=poller, push=push)
+    return Runtime(settings=settings, db=db, http=http, app=app, poller=poller, push=push, ack_first=deps.ack_first)

@@ -55,7 +55,7 @@ def register(app: AsyncApp, deps: HandlerDeps) -> None:
                 operation_id=operation_id, user=user, channel=channel, approve=True, reason="", respond=respond
             ),
             respond=respond,
-            db=deps.db,
+            deps=deps,
             actor=user,
             channel=channel,
             action="approve",
@@ -76,7 +76,7 @@ def register(app: AsyncApp, deps: HandlerDeps) -> None:
         await guarded(
             work,
             respond=respond,
-            db=deps.db,
+            deps=deps,
             actor=user,
             channel=channel,
             action="reject",
@@ -101,7 +101,7 @@ def register(app: AsyncApp, deps: HandlerDeps) -> None:
                 operation_id=operation_id, user=user, channel=channel, approve=False, reason=reason, respond=None
             ),
             respond=respond_via_ephemeral,  # type: ignore[arg-type]
-            db=deps.db,
+            deps=deps,
             actor=user,
             channel=channel,
             action="reject",
@@ -130,7 +130,7 @@ def register(app: AsyncApp, deps: HandlerDeps) -> None:
         await guarded(
             work,
             respond=respond,
-            db=deps.db,
+            deps=deps,
             actor=user,
             channel=channel,
             action="push.cancel",

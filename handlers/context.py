@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from bot.outbox import SlackOutbox
 from bot.services.access import AccessPolicy
@@ -15,6 +15,7 @@ from bot.services.sfp import SfpService
 from bot.settings import Settings
 from bot.slack.web import SlackDirectory, SlackPoster
 from bot.store.db import Database
+from handlers.ack_first import AckFirst
 
 
 @dataclass(frozen=True)
@@ -31,3 +32,4 @@ class HandlerDeps:
     fd: FlexDeployService | None = None
     sfp: SfpService | None = None
     deploy: DeployService | None = None
+    ack_first: AckFirst = field(default_factory=AckFirst)

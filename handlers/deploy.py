@@ -44,7 +44,7 @@ def register(app: AsyncApp, deps: HandlerDeps) -> None:
     async def deploy_command(ack: AsyncAck, command: dict[str, Any], respond: AsyncRespond) -> None:
         user, channel, text = command["user_id"], command["channel_id"], command.get("text", "").strip()
         detail = f"/deploy {text}"[:500]
-        parsed = await parse_or_refuse(ack, parse_deploy, text, db=deps.db, actor=user, channel=channel, detail=detail)
+        parsed = await parse_or_refuse(ack, parse_deploy, text, deps=deps, actor=user, channel=channel, detail=detail)
         if parsed is None:
             return
         await ack()
@@ -77,7 +77,7 @@ def register(app: AsyncApp, deps: HandlerDeps) -> None:
                 )
             await repo.audit(deps.db, actor=user, channel=channel, action="command", detail=detail, outcome="ok")
 
-        await guarded(work, respond=respond, db=deps.db, actor=user, channel=channel, action="command", detail=detail)
+        await guarded(work, respond=respond, deps=deps, actor=user, channel=channel, action="command", detail=detail)
 
     async def scheduled_time(at: str | None, user: str) -> datetime | None:
         if at is None:
@@ -137,7 +137,7 @@ def register(app: AsyncApp, deps: HandlerDeps) -> None:
         await guarded(
             work,
             respond=respond,
-            db=deps.db,
+            deps=deps,
             actor=user,
             channel=channel,
             action="deploy.cancel",
@@ -164,7 +164,7 @@ def register(app: AsyncApp, deps: HandlerDeps) -> None:
         await guarded(
             work,
             respond=respond,
-            db=deps.db,
+            deps=deps,
             actor=user,
             channel=channel,
             action="deploy.quick",

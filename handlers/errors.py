@@ -12,7 +12,7 @@ from slack_bolt.context.respond.async_respond import AsyncRespond
 from bot.errors import ChatOpsError, UsageError, UserError
 from bot.slack.messages import error_text, unexpected_error_text
 from bot.store import repo
-from bot.store.db import Database
+from handlers.context import HandlerDeps
 
 log = logging.getLogger(__name__)
 Parsed = TypeVar("Parsed")
@@ -26,39 +26,57 @@ async def guarded(
     work: Callable[[], Awaitable[None]],
     *,
     respond: AsyncRespond,
-    db: Database,
+    deps: HandlerDeps,
     actor: str,
     channel: str,
     action: str,
     detail: str,
 ) -> None:
-    """Run a listener's work after ack(); turn errors into an ephemeral reply and an audit row."""
-    try:
-        await work()
-    except ChatOpsError as error:
-        outcome = "refused" if isinstance(error, UserError) else "upstream-error"
-        if not isinstance(error, UserError):
-            log.warning("%s failed upstream: %s", action, error.message)
-        await repo.audit(
-            db, actor=actor, channel=channel, action=action, detail=detail, outcome=f"{outcome}: {error.message[:150]}"
-        )
-        await reply_ephemeral(respond, error_text(error))
-    except Exception:
-        log.exception("%s failed", action)
-        await repo.audit(db, actor=actor, channel=channel, action=action, detail=detail, outcome="bot-error")
-        await reply_ephemeral(respond, unexpected_error_text())
+    """Start a listener's work after ack(), behind the acks in flight (``AckFirst``), and return;
+    errors become an ephemeral reply and an audit row."""
+
+    async def run() -> None:
+        try:
+            await work()
+        except ChatOpsError as error:
+            outcome = "refused" if isinstance(error, UserError) else "upstream-error"
+            if not isinstance(error, UserError):
+                log.warning("%s failed upstream: %s", action, error.message)
+            await repo.audit(
+                deps.db,
+                actor=actor,
+                channel=channel,
+                action=action,
+                detail=detail,
+                outcome=f"{outcome}: {error.message[:150]}",
+            )
+            await reply_ephemeral(respond, error_text(error))
+        except Exception:
+            log.exception("%s failed", action)
+            await repo.audit(deps.db, actor=actor, channel=channel, action=action, detail=detail, outcome="bot-error")
+            await reply_ephemeral(respond, unexpected_error_text())
+
+    deps.ack_first.spawn(run())
 
 
 async def parse_or_refuse(
-    ack: AsyncAck, parse: Callable[[str], Parsed], text: str, *, db: Database, actor: str, channel: str, detail: str
+    ack: AsyncAck,
+    parse: Callable[[str], Parsed],
+    text: str,
+    *,
+    deps: HandlerDeps,
+    actor: str,
+    channel: str,
+    detail: str,
 ) -> Parsed | None:
     """Parse a command; a syntax error is answered in the ack itself (fastest, and nothing else
-    happens) and audited, and None is returned. On success the caller acks."""
+    happens) and audited after it, and None is returned. On success the caller acks."""
     try:
         return parse(text)
     except UsageError as error:
         await ack(text=error_text(error))
-        await repo.audit(
-            db, actor=actor, channel=channel, action="command", detail=detail, outcome=f"refused: {error.message[:150]}"
+        outcome = f"refused: {error.message[:150]}"
+        deps.ack_first.spawn(
+            repo.audit(deps.db, actor=actor, channel=channel, action="command", detail=detail, outcome=outcome)
         )
         return None

@@ -31,7 +31,7 @@ def register(app: AsyncApp, deps: HandlerDeps) -> None:
     async def fd_command(ack: AsyncAck, command: dict[str, Any], respond: AsyncRespond) -> None:
         user, channel, text = command["user_id"], command["channel_id"], command.get("text", "").strip()
         detail = f"/fd {text}"[:500]
-        parsed = await parse_or_refuse(ack, parse_fd, text, db=deps.db, actor=user, channel=channel, detail=detail)
+        parsed = await parse_or_refuse(ack, parse_fd, text, deps=deps, actor=user, channel=channel, detail=detail)
         if parsed is None:
             return
         await ack()
@@ -65,7 +65,7 @@ def register(app: AsyncApp, deps: HandlerDeps) -> None:
                 )
             await repo.audit(deps.db, actor=user, channel=channel, action="command", detail=detail, outcome="ok")
 
-        await guarded(work, respond=respond, db=deps.db, actor=user, channel=channel, action="command", detail=detail)
+        await guarded(work, respond=respond, deps=deps, actor=user, channel=channel, action="command", detail=detail)
 
     async def change(
         parsed: FdWrite | FdStatus | FdDelete, *, user: str, channel: str, trigger_id: str, respond: AsyncRespond
@@ -124,7 +124,7 @@ def register(app: AsyncApp, deps: HandlerDeps) -> None:
         await guarded(
             work,
             respond=respond,
-            db=deps.db,
+            deps=deps,
             actor=user,
             channel=channel,
             action="fd.cancel",

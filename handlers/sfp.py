@@ -40,7 +40,7 @@ def register(app: AsyncApp, deps: HandlerDeps) -> None:
     async def sfp_command(ack: AsyncAck, command: dict[str, Any], respond: AsyncRespond) -> None:
         user, channel, text = command["user_id"], command["channel_id"], command.get("text", "").strip()
         detail = f"/sfp {text}"[:500]
-        parsed = await parse_or_refuse(ack, parse_sfp, text, db=deps.db, actor=user, channel=channel, detail=detail)
+        parsed = await parse_or_refuse(ack, parse_sfp, text, deps=deps, actor=user, channel=channel, detail=detail)
         if parsed is None:
             return
         await ack()
@@ -59,7 +59,7 @@ def register(app: AsyncApp, deps: HandlerDeps) -> None:
                 await on_ref(parsed, user=user, channel=channel, respond=respond)
             await repo.audit(deps.db, actor=user, channel=channel, action="command", detail=detail, outcome="ok")
 
-        await guarded(work, respond=respond, db=deps.db, actor=user, channel=channel, action="command", detail=detail)
+        await guarded(work, respond=respond, deps=deps, actor=user, channel=channel, action="command", detail=detail)
 
     async def submit(parsed: SfpSubmit, *, user: str, channel: str, trigger_id: str, respond: AsyncRespond) -> None:
         sfp = service()
@@ -153,7 +153,7 @@ def register(app: AsyncApp, deps: HandlerDeps) -> None:
             await guarded(
                 work,
                 respond=respond,
-                db=deps.db,
+                deps=deps,
                 actor=user,
                 channel=channel,
                 action=f"sfp.{action}",

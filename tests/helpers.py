@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, TypeVar
 
 from sqlmodel import select
 
@@ -16,6 +16,7 @@ from bot.store import repo
 from bot.store.models import Operation, OpKind, OutboxMessage
 
 CHANNEL = RELEASES_CHANNEL
+T = TypeVar("T")
 
 
 def ephemerals(sandbox: Sandbox, user: str) -> list[Message]:
@@ -68,6 +69,17 @@ async def operation(sandbox: Sandbox, ref: str) -> Operation:
     op = await repo.get_operation(sandbox.runtime.db, operation_id=int(ref.lstrip("P")))
     assert op is not None and op.kind == OpKind.PUSH
     return op
+
+
+async def eventually(check: Callable[[], Awaitable[T]], *, until: Callable[[T], bool], timeout: float = 10.0) -> T:
+    """What ``check`` returns once ``until`` accepts it, or at the timeout (for the caller to assert
+    on): a command's work runs after its HTTP answer."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = await check()
+        if until(result) or time.monotonic() > deadline:
+            return result
+        await asyncio.sleep(0.05)
 
 
 async def outbox_drained(sandbox: Sandbox, operation_id: int) -> bool:

@@ -183,7 +183,10 @@ async def test_three_replicas_share_mixed_work_and_survive_a_sigkill(cluster: Cl
         await cluster.agents[n % REPLICAS].command(
             user="U0ALICE", channel=CHANNELS[0], command="/fd", text=f'create {FD_PROJECT} "Replica {n}"'
         )
-    assert all(f"Replica {n}" in project.packages for n in range(MIX["fd"]))
+    created = await cluster.slack.wait_for(
+        lambda: all(f"Replica {n}" in project.packages for n in range(MIX["fd"])), 30
+    )  # a command's work runs after its HTTP answer
+    assert created
     cluster.flexdeploy.reset_calls()
 
     limit = asyncio.Semaphore(25)

@@ -25,7 +25,7 @@ from bot.sandbox.sfp_server import SfpServerSim
 from bot.settings import ApprovalRule
 from bot.store import repo
 from bot.store.models import AuditEvent, Operation, OpKind, OpState
-from tests.helpers import CHANNEL, full_text, outbox_drained
+from tests.helpers import CHANNEL, eventually, full_text, outbox_drained
 
 ALICE, BOB, CAROL = "U0ALICE", "U0BOB", "U0CAROL"
 REVIEW_ENV = "review-env fetch --repo acme/sf-core --pool core --branch feature/ABC-123 --issue 42"
@@ -486,8 +486,13 @@ async def test_bad_input_is_refused_before_any_call(sandbox: Sandbox) -> None:
     assert sim.calls == []
     assert sandbox.runtime is not None
     assert await repo.count_operations(sandbox.runtime.db) == 0
-    async with sandbox.runtime.db.session() as session:
-        audit = (await session.exec(select(AuditEvent).where(AuditEvent.action == "command"))).all()
+    runtime = sandbox.runtime
+
+    async def refusals() -> list[AuditEvent]:
+        async with runtime.db.session() as session:
+            return list((await session.exec(select(AuditEvent).where(AuditEvent.action == "command"))).all())
+
+    audit = await eventually(refusals, until=lambda rows: len(rows) >= len(cases))  # audited after the ack
     assert len(audit) == len(cases) and all(row.outcome.startswith("refused") for row in audit)
 
 

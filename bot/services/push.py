@@ -663,14 +663,19 @@ class PushService:
                 f"Bulk API job {job_id} ended {info.get('state')}: {str(info.get('errorMessage') or '')[:150]}",
                 system="salesforce",
             )
+        # The job's counts say which result sets hold anything: at 50,000 orgs every call counts.
+        # Without them (they are documented for every finished job), read both.
+        known = "numberRecordsProcessed" in info and "numberRecordsFailed" in info
+        failed = int(info.get("numberRecordsFailed") or 0) if known else 1
+        succeeded = int(info.get("numberRecordsProcessed") or 0) - failed if known else 1
         created = {
             row["SubscriberOrganizationKey"][:15]: row["sf__Id"]
-            for row in await client.bulk_results(job_id, "successfulResults")
+            for row in (await client.bulk_results(job_id, "successfulResults") if succeeded > 0 else [])
             if row.get("sf__Id")
         }
         refused = {
             row["SubscriberOrganizationKey"][:15]: _bulk_error(row.get("sf__Error", ""))
-            for row in await client.bulk_results(job_id, "failedResults")
+            for row in (await client.bulk_results(job_id, "failedResults") if failed > 0 else [])
         }
         return created, refused
 
