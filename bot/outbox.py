@@ -279,10 +279,7 @@ class SlackOutbox:
                 found = await self._already_sent(row, thread_ts)
                 if found:
                     if row.kind == "card" and operation is not None:
-                        # Its sender died after posting and before recording where: record it now,
-                        # or the replies would wait for the card forever. No digest, so the poller
-                        # edits it to the newest content.
-                        await self._record_card(operation, ts=found, digest=None)
+                        await self._adopt_card(operation, ts=found)
                     await self._finish(row, state="sent", sent_ts=found)
                     return 0
             ts = await self._send(row, operation, thread_ts)
@@ -304,6 +301,8 @@ class SlackOutbox:
                     "; giving up" if final else "; will retry",
                 )
                 await self._finish(row, state="failed" if final else "pending", last_error=error[:200])
+                if final and row.kind == "card":
+                    await self._fail_replies(row, why=f"the card could not be posted: {error}"[:200])
             return 0
         except Exception:
             log.exception("sending outbox row %s failed", row.id)
@@ -312,11 +311,29 @@ class SlackOutbox:
             )
             return 0
 
+    async def _fail_replies(self, card: OutboxMessage, *, why: str) -> None:
+        """Replies that would have gone in the thread of a card Slack refused for good have nowhere
+        to go; mark them, rather than leave them waiting for ever."""
+        async with self._db.session() as session:
+            await session.exec(
+                update(OutboxMessage)
+                .where(
+                    col(OutboxMessage.operation_id) == card.operation_id,
+                    col(OutboxMessage.in_card_thread),
+                    col(OutboxMessage.state) == "pending",
+                )
+                .values(state="failed", last_error=why)
+            )
+            await session.commit()
+
     async def _operation(self, row: OutboxMessage) -> Operation | None:
-        if row.operation_id is None:
+        return await self._operation_by_id(row.operation_id)
+
+    async def _operation_by_id(self, operation_id: int | None) -> Operation | None:
+        if operation_id is None:
             return None
         async with self._db.session() as session:
-            return await session.get(Operation, row.operation_id)
+            return await session.get(Operation, operation_id)
 
     def _metadata(self, row: OutboxMessage) -> dict[str, Any]:
         return {"event_type": row.event_type, "event_payload": {"key": row.dedupe_key}}
@@ -338,12 +355,22 @@ class SlackOutbox:
     async def _record_card(self, operation: Operation, *, ts: str | None, digest: str | None) -> None:
         values: dict[str, Any] = {"card_ts": ts, "card_digest": digest}
         if digest is None:
-            # The card may show an older state; a finished operation is no longer polled, so ask
-            # the poller to look at it once more (one that is still polled keeps its time).
+            # Not brought up to date now: have the poller look at it once more (a finished
+            # operation is no longer polled; one that still is keeps its time).
             values["next_poll_at"] = func.coalesce(col(Operation.next_poll_at), datetime.now(UTC))
         async with self._db.session() as session:
             await session.exec(update(Operation).where(col(Operation.id) == operation.id).values(**values))
             await session.commit()
+
+    async def _adopt_card(self, operation: Operation, *, ts: str) -> None:
+        """Its sender died after posting the card and before recording where. Record it, or the
+        replies would wait for it forever, and bring it up to date: it shows the state of then."""
+        fresh = await self._operation_by_id(operation.id)
+        text, blocks = await self._render_card(fresh or operation)
+        if await self._poster.try_update(channel=operation.channel, ts=ts, text=text, blocks=blocks):
+            await self._record_card(operation, ts=ts, digest=card_digest(text, blocks))
+        else:  # this minute's edits are spent: the poller edits it later
+            await self._record_card(operation, ts=ts, digest=None)
 
     async def _send(self, row: OutboxMessage, operation: Operation | None, thread_ts: str | None) -> str | None:
         if row.kind == "card":

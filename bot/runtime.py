@@ -23,7 +23,7 @@ from bot.slack import deploy_messages, fd_messages, push_messages, sfp_messages
 from bot.slack.web import SLACK_TIMEOUT_SECONDS, SlackDirectory, SlackPoster, make_web_client
 from bot.store.db import Database, migrate
 from bot.store.models import OpKind
-from handlers.ack_first import AckFirst
+from handlers.ack_first import AckFirst, AckFirstApp
 from handlers.context import HandlerDeps
 
 
@@ -105,7 +105,9 @@ async def build_runtime(
         views=views,
     )
     socket_mode = settings.slack_signing_secret is None
-    app = AsyncApp(
+    ack_first = AckFirst()
+    app = AckFirstApp(
+        ack_first=ack_first,
         client=web,
         signing_secret=None if socket_mode else settings.slack_signing_secret.get_secret_value(),  # type: ignore[union-attr]
         request_verification_enabled=not socket_mode,
@@ -124,7 +126,7 @@ async def build_runtime(
         fd=fd,
         sfp=sfp,
         deploy=deploy,
-        ack_first=AckFirst(),
+        ack_first=ack_first,
     )
     handlers.register(app, deps)
-    return Runtime(settings=settings, db=db, http=http, app=app, poller=poller, push=push, ack_first=deps.ack_first)
+    return Runtime(settings=settings, db=db, http=http, app=app, poller=poller, push=push, ack_first=ack_first)

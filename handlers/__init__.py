@@ -9,7 +9,6 @@ from handlers.context import HandlerDeps
 
 
 def register(app: AsyncApp, deps: HandlerDeps) -> None:
-    deps.ack_first.register(app)
     dedupe.register(app, deps)
     push.register(app, deps)
     fd.register(app, deps)

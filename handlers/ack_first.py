@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Coroutine, Iterator
 from typing import Any
 
 from slack_bolt.async_app import AsyncApp
@@ -32,28 +32,26 @@ class AckFirst:
         self._last_ack = 0.0
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def register(self, app: AsyncApp) -> None:
-        async def count_acks(
-            req: AsyncBoltRequest, resp: BoltResponse, next: Callable[[], Awaitable[BoltResponse]]
-        ) -> BoltResponse:
-            self._acking += 1
-            try:
-                return await next()
-            finally:
-                self._acking -= 1
-                self._last_ack = asyncio.get_running_loop().time()
+    @contextlib.contextmanager
+    def acking(self) -> Iterator[None]:
+        """Around the dispatch of one request, up to its answer."""
+        self._acking += 1
+        try:
+            yield
+        finally:
+            self._acking -= 1
+            self._last_ack = asyncio.get_running_loop().time()
 
-        app.middleware(count_acks)
-
-    def spawn(self, work: Coroutine[Any, Any, None]) -> None:
-        """Run ``work`` once the acks in flight are out; kept referenced until it ends."""
-        task = asyncio.get_running_loop().create_task(self._after_acks(work))
+    def spawn(self, work: Coroutine[Any, Any, None], *, promptly: bool = False) -> None:
+        """Run ``work`` once the acks in flight are out (``promptly``: at once, for what must
+        happen within seconds of the click, like opening a modal); kept referenced until it ends."""
+        task = asyncio.get_running_loop().create_task(self._after_acks(work, wait=not promptly))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _after_acks(self, work: Coroutine[Any, Any, None]) -> None:
+    async def _after_acks(self, work: Coroutine[Any, Any, None], *, wait: bool) -> None:
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._max_wait
+        deadline = loop.time() + (self._max_wait if wait else 0.0)
         while loop.time() < deadline:
             calm_for = loop.time() - self._last_ack
             if self._acking == 0 and calm_for >= self._settle:
@@ -65,7 +63,22 @@ class AckFirst:
             log.exception("work after an ack failed")
 
     async def drain(self, timeout: float) -> None:
-        """On shutdown: let the work already started finish, within ``timeout`` seconds."""
+        """On shutdown: let the work already acknowledged finish, within ``timeout`` seconds (what
+        is still running then is canceled)."""
         if self._tasks:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.gather(*self._tasks, return_exceptions=True), timeout)
+
+
+class AckFirstApp(AsyncApp):
+    """Bolt's app, telling ``AckFirst`` while a request is being dispatched: Bolt runs global
+    middleware one after the other rather than nested, so only the dispatch as a whole (HTTP and
+    Socket Mode alike) spans a request up to its answer."""
+
+    def __init__(self, *, ack_first: AckFirst, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.ack_first = ack_first
+
+    async def async_dispatch(self, req: AsyncBoltRequest) -> BoltResponse:
+        with self.ack_first.acking():
+            return await super().async_dispatch(req)

@@ -68,7 +68,6 @@ def register(app: AsyncApp, deps: HandlerDeps) -> None:
         operation_id = _operation_id(body)
 
         async def work() -> None:
-            # Check the clicker may decide before asking for a reason; the decision itself re-checks.
             op = await repo.get_operation(deps.db, operation_id=operation_id)
             ref = op.ref if op else f"#{operation_id}"
             await client.views_open(trigger_id=body["trigger_id"], view=reject_modal(operation_id, ref))
@@ -81,29 +80,37 @@ def register(app: AsyncApp, deps: HandlerDeps) -> None:
             channel=channel,
             action="reject",
             detail=f"operation {operation_id}",
+            promptly=True,  # the trigger_id is good for 3 s only
         )
 
     async def on_reject_submit(ack: AsyncAck, body: dict[str, Any], view: dict[str, Any]) -> None:
         await ack()
         user = body["user"]["id"]
-        operation_id = int(view.get("private_metadata") or 0)
+        metadata = str(view.get("private_metadata") or "")
+        operation_id = int(metadata) if metadata.isdigit() else 0
         reason = str(
             ((view.get("state") or {}).get("values") or {}).get("reason", {}).get("reason", {}).get("value") or ""
         ).strip()
-        op = await repo.get_operation(deps.db, operation_id=operation_id)
-        channel = op.channel if op else ""
+        card_channel = ""  # a modal has no channel: answers go where the operation's card is
+
+        async def work() -> None:
+            nonlocal card_channel
+            op = await repo.get_operation(deps.db, operation_id=operation_id)
+            card_channel = op.channel if op else ""
+            await decide(
+                operation_id=operation_id, user=user, channel=card_channel, approve=False, reason=reason, respond=None
+            )
 
         async def respond_via_ephemeral(text: str, **_: Any) -> None:
-            await deps.poster.ephemeral(channel=channel, user=user, text=text)
+            if card_channel:
+                await deps.poster.ephemeral(channel=card_channel, user=user, text=text)
 
         await guarded(
-            lambda: decide(
-                operation_id=operation_id, user=user, channel=channel, approve=False, reason=reason, respond=None
-            ),
+            work,
             respond=respond_via_ephemeral,  # type: ignore[arg-type]
             deps=deps,
             actor=user,
-            channel=channel,
+            channel="",
             action="reject",
             detail=f"operation {operation_id}",
         )

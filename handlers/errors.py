@@ -31,9 +31,10 @@ async def guarded(
     channel: str,
     action: str,
     detail: str,
+    promptly: bool = False,
 ) -> None:
-    """Start a listener's work after ack(), behind the acks in flight (``AckFirst``), and return;
-    errors become an ephemeral reply and an audit row."""
+    """Start a listener's work after ack(), behind the acks in flight (``AckFirst``; ``promptly``:
+    at once), and return; errors become an ephemeral reply and an audit row."""
 
     async def run() -> None:
         try:
@@ -56,7 +57,7 @@ async def guarded(
             await repo.audit(deps.db, actor=actor, channel=channel, action=action, detail=detail, outcome="bot-error")
             await reply_ephemeral(respond, unexpected_error_text())
 
-    deps.ack_first.spawn(run())
+    deps.ack_first.spawn(run(), promptly=promptly)
 
 
 async def parse_or_refuse(

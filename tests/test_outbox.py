@@ -157,5 +157,25 @@ async def test_a_card_posted_by_a_replica_that_died_is_adopted_and_its_replies_f
     assert [m.ts for m in setup.posted(f"card:{op.id}")] == [ts]  # not posted a second time
     assert [m.thread_ts for m in setup.posted("completion")] == [ts]
     adopted = await repo.get_operation(setup.db, operation_id=op.id or 0)
-    assert adopted is not None and adopted.card_ts == ts
-    assert adopted.card_digest is None and adopted.next_poll_at is not None  # the poller refreshes it
+    assert adopted is not None and adopted.card_ts == ts and adopted.card_digest is not None
+    card = setup.slack.find_message(CHANNEL, ts)
+    assert card is not None and card.text == f"card of {op.ref}"  # brought up to date, not left as it was
+
+
+async def test_a_card_slack_refuses_for_good_takes_its_waiting_replies_with_it(setup: Setup) -> None:
+    async def too_big(op: Operation) -> tuple[str, list[dict[str, Any]]]:
+        section = {"type": "section", "text": {"type": "mrkdwn", "text": "row"}}
+        return "card", [section] * 51  # Slack takes at most 50 blocks in a message
+
+    outbox = SlackOutbox(db=setup.db, poster=setup.poster, render_card=too_big, owner="test")
+    op = await setup.operation()
+    await outbox.enqueue(card_row(op), reply_row(operation=op, text="finished", key="completion"))
+    async with setup.db.session() as session:  # the card has already been refused five times
+        await session.exec(update(OutboxMessage).where(col(OutboxMessage.kind) == "card").values(attempts=5))
+        await session.commit()
+
+    await asyncio.wait_for(outbox.drain(), 20)
+    card, reply = await setup.row(f"card:{op.id}"), await setup.row("completion")
+    assert (card.state, card.last_error) == ("failed", "invalid_blocks")
+    assert reply.state == "failed" and "card could not be posted" in (reply.last_error or "")
+    assert setup.slack.channel_messages(CHANNEL) == []

@@ -201,13 +201,14 @@ class PushService:
             if selection.scope in {"production", "sandbox"}:
                 where += f" AND OrgType = {soql_literal(selection.scope.capitalize())}"
             older = [v.id for v in versions if v.number < target.number]
-            if older and len(older) <= IN_CHUNK:
+            current = [v.id for v in versions if v.number >= target.number]
+            if older and len(versions) <= IN_CHUNK:
                 # Only the orgs that need the push come back: the pages read (2,000 rows each) grow
                 # with the push, not with the whole subscriber base. The rest are only counted.
-                ids = soql_id_list(older)
-                records = await client.query(f"{base}{where} AND MetadataPackageVersionId IN {ids}")
+                older_ids = soql_id_list(older)
+                records = await client.query(f"{base}{where} AND MetadataPackageVersionId IN {older_ids}")
                 left_out = await client.count(
-                    "PackageSubscriber", f"{of_package}{where} AND MetadataPackageVersionId NOT IN {ids}"
+                    "PackageSubscriber", f"{of_package}{where} AND MetadataPackageVersionId IN {soql_id_list(current)}"
                 )
                 if left_out:
                     plan.skipped["already on this version or newer"] += left_out
