@@ -171,9 +171,12 @@ async def measure(workdir: Path) -> dict[str, Any]:
             await _create_operations(agent, packaging)
         total = sum(MIX.values())
         deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:  # wait until every operation has been sent to its system
+        # Wait until every operation exists (a command's work runs after its ack) and has been sent
+        # to its system.
+        while time.monotonic() < deadline:
+            created = await _scalar(database_url, "SELECT COUNT(*) FROM operations")
             starting = await _scalar(database_url, "SELECT COUNT(*) FROM operations WHERE state = 'starting'")
-            if starting == 0:
+            if created >= total and starting == 0:
                 break
             await asyncio.sleep(1)
         active = int(await _scalar(database_url, f"SELECT COUNT(*) FROM operations WHERE state IN {ACTIVE}"))
