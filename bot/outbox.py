@@ -306,9 +306,10 @@ class SlackOutbox:
             return 0
         except Exception:
             log.exception("sending outbox row %s failed", row.id)
-            await self._finish(
-                row, state="failed" if row.attempts >= MAX_ATTEMPTS else "pending", last_error="bot error"
-            )
+            final = row.attempts >= MAX_ATTEMPTS
+            await self._finish(row, state="failed" if final else "pending", last_error="bot error")
+            if final and row.kind == "card":
+                await self._fail_replies(row, why="the card could not be posted (bot error)")
             return 0
 
     async def _fail_replies(self, card: OutboxMessage, *, why: str) -> None:
@@ -365,12 +366,13 @@ class SlackOutbox:
     async def _adopt_card(self, operation: Operation, *, ts: str) -> None:
         """Its sender died after posting the card and before recording where. Record it, or the
         replies would wait for it forever, and bring it up to date: it shows the state of then."""
-        fresh = await self._operation_by_id(operation.id)
-        text, blocks = await self._render_card(fresh or operation)
-        if await self._poster.try_update(channel=operation.channel, ts=ts, text=text, blocks=blocks):
-            await self._record_card(operation, ts=ts, digest=card_digest(text, blocks))
-        else:  # this minute's edits are spent: the poller edits it later
-            await self._record_card(operation, ts=ts, digest=None)
+        await self._record_card(operation, ts=ts, digest=None)  # first: whatever happens next
+        try:
+            text, blocks = await self._render_card(await self._operation_by_id(operation.id) or operation)
+            if await self._poster.try_update(channel=operation.channel, ts=ts, text=text, blocks=blocks):
+                await self._record_card(operation, ts=ts, digest=card_digest(text, blocks))
+        except SlackApiError as exc:  # the poller edits it later (no digest recorded)
+            log.warning("could not refresh adopted card of operation %s: %s", operation.id, exc.response.get("error"))
 
     async def _send(self, row: OutboxMessage, operation: Operation | None, thread_ts: str | None) -> str | None:
         if row.kind == "card":

@@ -201,14 +201,15 @@ class PushService:
             if selection.scope in {"production", "sandbox"}:
                 where += f" AND OrgType = {soql_literal(selection.scope.capitalize())}"
             older = [v.id for v in versions if v.number < target.number]
-            current = [v.id for v in versions if v.number >= target.number]
+            up_to_date = [v.id for v in versions if v.number >= target.number]
             if older and len(versions) <= IN_CHUNK:
                 # Only the orgs that need the push come back: the pages read (2,000 rows each) grow
                 # with the push, not with the whole subscriber base. The rest are only counted.
                 older_ids = soql_id_list(older)
                 records = await client.query(f"{base}{where} AND MetadataPackageVersionId IN {older_ids}")
                 left_out = await client.count(
-                    "PackageSubscriber", f"{of_package}{where} AND MetadataPackageVersionId IN {soql_id_list(current)}"
+                    "PackageSubscriber",
+                    f"{of_package}{where} AND MetadataPackageVersionId IN {soql_id_list(up_to_date)}",
                 )
                 if left_out:
                     plan.skipped["already on this version or newer"] += left_out
