@@ -18,7 +18,7 @@ import socket
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -69,6 +69,7 @@ class Poller:
         self.owner = owner or f"{socket.gethostname()}:{uuid.uuid4().hex[:6]}"
         self._scheduler: AsyncIOScheduler | None = None
         self._tick_lock = asyncio.Lock()
+        self._jobs: set[asyncio.Task[Any]] = set()  # scheduler jobs running now
         self._stopping = False
         self._replies: list[OutboxMessage] = []
         self.last_cycle: dict[str, Any] = {}  # shown on /healthz: what the latest non-empty cycle did
@@ -79,7 +80,7 @@ class Poller:
     def start(self) -> None:
         self._scheduler = AsyncIOScheduler(timezone=UTC)
         self._scheduler.add_job(
-            self.tick,
+            self._tracked(self.tick),
             "interval",
             seconds=self._config.interval_seconds,
             id="poll",
@@ -88,7 +89,7 @@ class Poller:
             next_run_time=datetime.now(UTC),
         )
         self._scheduler.add_job(
-            self.outbox.deliver,
+            self._tracked(self.outbox.deliver),
             "interval",
             seconds=0.25,
             id="outbox",
@@ -116,8 +117,28 @@ class Poller:
             await asyncio.wait_for(self.outbox.drain(), timeout=grace_seconds)
         except TimeoutError:
             log.warning("Slack messages still queued at shutdown; they are sent after the next start")
+        # APScheduler's shutdown cancels the job tasks still in flight and returns at once. They
+        # must be over before the caller closes the database (a task cut off in the middle of a
+        # query can wait for ever on a connection that is gone): let them finish first, and
+        # then let any that had to be canceled unwind.
+        if self._jobs:
+            await asyncio.wait(set(self._jobs), timeout=grace_seconds)
         if self._scheduler is not None and self._scheduler.running:
             self._scheduler.shutdown(wait=False)
+        if self._jobs:
+            await asyncio.wait(set(self._jobs), timeout=grace_seconds)
+
+    def _tracked(self, job: Callable[[], Awaitable[int]]) -> Callable[[], Awaitable[int]]:
+        async def run() -> int:
+            task = asyncio.current_task()
+            assert task is not None
+            self._jobs.add(task)
+            try:
+                return await job()
+            finally:
+                self._jobs.discard(task)
+
+        return run
 
     def _wake_outbox(self) -> None:
         if self._scheduler is not None and self._scheduler.running and (job := self._scheduler.get_job("outbox")):
