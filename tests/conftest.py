@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -14,11 +15,22 @@ SCRUBBED = {"DATABASE_URL", "CHATOPS_CONFIG", "PORT"}
 
 @pytest.fixture(autouse=True)
 def clean_environment(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """No test may see the developer's real Slack or Salesforce settings."""
+    """No test may see the developer's real Slack or Salesforce settings; and the logging set up
+    by a test that runs the CLI in-process (a handler on that test's captured stderr) goes with it,
+    or threads still logging later write to a closed file."""
     for name in list(os.environ):
         if name in SCRUBBED or name.startswith(SCRUBBED_PREFIXES):
             monkeypatch.delenv(name, raising=False)
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
     yield
+    for handler in list(root.handlers):
+        if handler not in handlers:
+            root.removeHandler(handler)
+    for handler in handlers:
+        if handler not in root.handlers:
+            root.addHandler(handler)
+    root.setLevel(level)
 
 
 @pytest.fixture
