@@ -268,7 +268,7 @@ class SlackOutbox:
         if row is None:
             return 0
         try:
-            operation = await self._operation(row)
+            operation = await self._operation(row.operation_id)
             thread_ts = row.thread_ts
             if row.in_card_thread:
                 thread_ts = operation.card_ts if operation else None
@@ -292,45 +292,38 @@ class SlackOutbox:
                 await self._delay_channel(channel, max(retry_after, 1.0))
                 await self._finish(row, state="pending", attempts=row.attempts - 1)
             else:
-                final = row.attempts >= MAX_ATTEMPTS
-                log.warning(
-                    "slack refused outbox row %s (%s): %s%s",
-                    row.id,
-                    row.kind,
-                    error,
-                    "; giving up" if final else "; will retry",
-                )
-                await self._finish(row, state="failed" if final else "pending", last_error=error[:200])
-                if final and row.kind == "card":
-                    await self._fail_replies(row, why=f"the card could not be posted: {error}"[:200])
+                log.warning("slack refused outbox row %s (%s): %s", row.id, row.kind, error)
+                await self._retry_or_give_up(row, error=error)
             return 0
         except Exception:
             log.exception("sending outbox row %s failed", row.id)
-            final = row.attempts >= MAX_ATTEMPTS
-            await self._finish(row, state="failed" if final else "pending", last_error="bot error")
-            if final and row.kind == "card":
-                await self._fail_replies(row, why="the card could not be posted (bot error)")
+            await self._retry_or_give_up(row, error="bot error")
             return 0
 
-    async def _fail_replies(self, card: OutboxMessage, *, why: str) -> None:
-        """Replies that would have gone in the thread of a card Slack refused for good have nowhere
-        to go; mark them, rather than leave them waiting for ever."""
+    async def _retry_or_give_up(self, row: OutboxMessage, *, error: str) -> None:
+        """Back to pending, or failed after MAX_ATTEMPTS; the replies that would have gone in the
+        thread of a card that failed for good have nowhere to go, so they fail with it rather
+        than wait for ever."""
+        if row.attempts < MAX_ATTEMPTS:
+            await self._finish(row, state="pending", last_error=error[:200])
+            return
+        log.warning("giving up on outbox row %s after %d attempts", row.id, row.attempts)
+        await self._finish(row, state="failed", last_error=error[:200])
+        if row.kind != "card":
+            return
         async with self._db.session() as session:
             await session.exec(
                 update(OutboxMessage)
                 .where(
-                    col(OutboxMessage.operation_id) == card.operation_id,
+                    col(OutboxMessage.operation_id) == row.operation_id,
                     col(OutboxMessage.in_card_thread),
                     col(OutboxMessage.state) == "pending",
                 )
-                .values(state="failed", last_error=why)
+                .values(state="failed", last_error=f"the card could not be posted: {error}"[:200])
             )
             await session.commit()
 
-    async def _operation(self, row: OutboxMessage) -> Operation | None:
-        return await self._operation_by_id(row.operation_id)
-
-    async def _operation_by_id(self, operation_id: int | None) -> Operation | None:
+    async def _operation(self, operation_id: int | None) -> Operation | None:
         if operation_id is None:
             return None
         async with self._db.session() as session:
@@ -368,7 +361,7 @@ class SlackOutbox:
         replies would wait for it forever, and bring it up to date: it shows the state of then."""
         await self._record_card(operation, ts=ts, digest=None)  # first: whatever happens next
         try:
-            text, blocks = await self._render_card(await self._operation_by_id(operation.id) or operation)
+            text, blocks = await self._render_card(await self._operation(operation.id) or operation)
             if await self._poster.try_update(channel=operation.channel, ts=ts, text=text, blocks=blocks):
                 await self._record_card(operation, ts=ts, digest=card_digest(text, blocks))
         except SlackApiError as exc:  # the poller edits it later (no digest recorded)

@@ -667,17 +667,18 @@ class PushService:
             )
         # The job's counts say which result sets hold anything: at 50,000 orgs every call counts.
         # Without them (they are documented for every finished job), read both.
-        known = "numberRecordsProcessed" in info and "numberRecordsFailed" in info
-        failed = int(info.get("numberRecordsFailed") or 0) if known else 1
-        succeeded = int(info.get("numberRecordsProcessed") or 0) - failed if known else 1
+        processed, failed = info.get("numberRecordsProcessed"), info.get("numberRecordsFailed")
+        counted = processed is not None and failed is not None
+        any_created = not counted or int(processed) > int(failed)
+        any_refused = not counted or int(failed) > 0
         created = {
             row["SubscriberOrganizationKey"][:15]: row["sf__Id"]
-            for row in (await client.bulk_results(job_id, "successfulResults") if succeeded > 0 else [])
+            for row in (await client.bulk_results(job_id, "successfulResults") if any_created else [])
             if row.get("sf__Id")
         }
         refused = {
             row["SubscriberOrganizationKey"][:15]: _bulk_error(row.get("sf__Error", ""))
-            for row in (await client.bulk_results(job_id, "failedResults") if failed > 0 else [])
+            for row in (await client.bulk_results(job_id, "failedResults") if any_refused else [])
         }
         return created, refused
 
