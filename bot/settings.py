@@ -24,6 +24,7 @@ from pydantic_settings import (
 )
 
 PLACEHOLDER_SECRETS = {"changeme", "change-me", "changethis", "xoxb-your-token", "secret", "todo", "xxx"}
+COMMANDS = ("push", "deploy", "sfp", "fd")
 ALIAS_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,39}$")
 
 
@@ -111,6 +112,24 @@ class AccessRule(_Strict):
     channels: list[str] = Field(default_factory=list)
 
 
+class AccessConfig(_Strict):
+    """``[access]``: admins, and one optional table per command (``[access.push]`` …).
+
+    A table for anything but a command is refused at start-up, so a typo such as
+    ``[access.deploys]`` cannot silently restrict nothing.
+    """
+
+    admins: list[str] = Field(default_factory=list)  # may cancel any operation (SPEC §13)
+    push: AccessRule | None = None
+    deploy: AccessRule | None = None
+    sfp: AccessRule | None = None
+    fd: AccessRule | None = None
+
+    def rule_for(self, command: str) -> AccessRule | None:
+        value = getattr(self, command.lstrip("/"), None) if command.lstrip("/") in COMMANDS else None
+        return value if isinstance(value, AccessRule) else None
+
+
 class SfpConfig(_Strict):
     url: str
 
@@ -164,7 +183,7 @@ class Settings(BaseSettings):
     flexdeploy_password: SecretStr | None = None
     notifications: NotificationsConfig = Field(default_factory=NotificationsConfig)
     approval: list[ApprovalRule] = Field(default_factory=list)
-    access: dict[str, AccessRule] = Field(default_factory=dict)
+    access: AccessConfig = Field(default_factory=AccessConfig)
     artifacts: ArtifactsConfig = Field(default_factory=ArtifactsConfig)
     poller: PollerConfig = Field(default_factory=PollerConfig)
     salesforce_api_version: str = "61.0"

@@ -77,7 +77,11 @@ allowed_url_prefixes = ["https://ci.acme.com/"]
     assert settings.orgs["pkg"].auth_url is not None and settings.orgs["pkg"].auth_url.get_secret_value() == AUTH_URL
     assert settings.orgs["uat"].jwt is not None and settings.orgs["uat"].jwt.username == "ci@acme.com"
     assert settings.approval[0].count == 2 and settings.approval[0].expires_after.total_seconds() == 4 * 3600
-    assert settings.access["push"].channels == ["C1"] and settings.notifications.channel == "C0NOTIFY"
+    assert (
+        settings.access.push is not None
+        and settings.access.push.channels == ["C1"]
+        and settings.notifications.channel == "C0NOTIFY"
+    )
 
 
 def test_chatops_config_variable_names_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 from bot.errors import NotAllowedError
 from bot.services.approvals import Directory
-from bot.settings import AccessRule
+from bot.settings import AccessConfig
 
 
 class AccessPolicy:
-    def __init__(self, *, rules: dict[str, AccessRule], directory: Directory) -> None:
+    def __init__(self, *, rules: AccessConfig, directory: Directory) -> None:
         self._rules = rules
         self._directory = directory
 
     async def check(self, *, command: str, user: str, channel: str) -> None:
         """Raise NotAllowedError unless ``user`` may run ``command`` (e.g. "push") in ``channel``."""
-        rule = self._rules.get(command.lstrip("/"))
+        rule = self._rules.rule_for(command)
         if rule is None:
             return
         if rule.channels and channel not in rule.channels:
@@ -25,7 +25,7 @@ class AccessPolicy:
 
     async def user_may(self, *, command: str, user: str) -> bool:
         """Whether the rule for ``command`` (if any) lets ``user`` in, wherever they are."""
-        rule = self._rules.get(command.lstrip("/"))
+        rule = self._rules.rule_for(command)
         if rule is None or (not rule.users and not rule.usergroups) or user in rule.users:
             return True
         for group in rule.usergroups:
