@@ -25,18 +25,27 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", type=Path, help="TOML configuration file (default: $CHATOPS_CONFIG)")
     parser.add_argument("--log-level", default="INFO")
+    # Every subcommand takes the global options after its name too (`serve --config FILE`, SPEC §16).
+    # SUPPRESS keeps a value given before the subcommand when none is given after it.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="TOML configuration file")
+    common.add_argument("--log-level", default=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command")
-    serve = sub.add_parser("serve", help="run the bot against Slack (HTTP mode or Socket Mode)")
+    serve = sub.add_parser("serve", parents=[common], help="run the bot against Slack (HTTP mode or Socket Mode)")
     serve.add_argument("--host", default="0.0.0.0")
-    sandbox = sub.add_parser("sandbox", help="the local sandbox with a console that plays Slack (the default)")
+    sandbox = sub.add_parser(
+        "sandbox", parents=[common], help="the local sandbox with a console that plays Slack (the default)"
+    )
     sandbox.add_argument("--fast", action="store_true", help="run simulated pushes quickly")
-    demo = sub.add_parser("demo", help="run a scripted tour against the sandbox; non-zero exit if a step fails")
+    demo = sub.add_parser(
+        "demo", parents=[common], help="run a scripted tour against the sandbox; non-zero exit if a step fails"
+    )
     demo.add_argument("--script", type=Path, help="tour file (default: the built-in push tour)")
-    audit = sub.add_parser("audit", help="export the audit log")
+    audit = sub.add_parser("audit", parents=[common], help="export the audit log")
     audit.add_argument("--format", choices=("csv", "json"), default="csv")
     audit.add_argument("--since", help="ISO date or datetime (UTC)")
     audit.add_argument("--out", type=Path, help="file to write (default: stdout)")
-    sub.add_parser("migrate", help="bring the database schema up to date")
+    sub.add_parser("migrate", parents=[common], help="bring the database schema up to date")
     return parser
 
 
