@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import csv
 import json
 import sys
 from datetime import UTC, datetime
@@ -115,6 +114,7 @@ async def _serve(settings: Any, *, host: str) -> int:
 
 
 async def _audit(database_url: str, *, fmt: str, since: str | None, out: Path | None) -> int:
+    from bot.redaction import redact, write_csv
     from bot.store import repo
     from bot.store.db import Database, migrate
 
@@ -133,16 +133,15 @@ async def _audit(database_url: str, *, fmt: str, since: str | None, out: Path | 
     finally:
         await db.close()
     columns = ["id", "at", "actor", "channel", "operation_ref", "action", "detail", "outcome"]
-    rows = [{c: (getattr(e, c).isoformat() if c == "at" else getattr(e, c)) for c in columns} for e in events]
+    # Rows are redacted when written; redacting again here also covers rows older than that.
+    rows = [redact({c: (getattr(e, c).isoformat() if c == "at" else getattr(e, c)) for c in columns}) for e in events]
     stream = out.open("w", newline="") if out else sys.stdout
     try:
         if fmt == "json":
             json.dump(rows, stream, indent=2, ensure_ascii=False)
             stream.write("\n")
         else:
-            writer = csv.DictWriter(stream, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(rows)
+            write_csv(stream, header=columns, rows=([row[c] for c in columns] for row in rows))
     finally:
         if out:
             stream.close()

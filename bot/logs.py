@@ -3,36 +3,24 @@
 from __future__ import annotations
 
 import logging
-import re
 import sys
 from collections.abc import Iterable
 
+from bot.redaction import redact_text
+
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
-# Shapes of secrets that must never be printed, whatever path they took into a log line.
-_PATTERNS = [
-    re.compile(r"xox[abposr]-[A-Za-z0-9-]+"),
-    re.compile(r"xapp-[A-Za-z0-9-]+"),
-    re.compile(r"force://[^\s'\"]+"),
-    re.compile(r"(?i)(bearer\s+)[A-Za-z0-9!._~+/=-]{8,}"),
-    re.compile(
-        r"(?i)((?:access_token|refresh_token|client_secret|password|assertion)[\"']?\s*[:=]\s*[\"']?)[^\s\"'&,}]+"
-    ),
-]
 
 
 class RedactingFilter(logging.Filter):
-    """Masks known secret values and secret-shaped strings in every record."""
+    """Masks known secret values (the configured credentials) and, through the bot's one
+    redaction routine, every secret-shaped string in every record."""
 
     def __init__(self, secrets: Iterable[str] = ()) -> None:
         super().__init__()
         self._secrets = sorted({s for s in secrets if s and len(s) >= 6}, key=len, reverse=True)
 
     def redact(self, text: str) -> str:
-        for secret in self._secrets:
-            text = text.replace(secret, "[redacted]")
-        for pattern in _PATTERNS:
-            text = pattern.sub(lambda m: (m.group(1) if m.groups() else "") + "[redacted]", text)
-        return text
+        return redact_text(text, known=self._secrets)
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()

@@ -10,7 +10,9 @@ from slack_bolt.context.ack.async_ack import AsyncAck
 from slack_bolt.context.respond.async_respond import AsyncRespond
 
 from bot.errors import ChatOpsError, UsageError, UserError
+from bot.redaction import redact_text
 from bot.slack.messages import error_text, unexpected_error_text
+from bot.slack.web import redacted_blocks
 from bot.store import repo
 from handlers.context import HandlerDeps
 
@@ -19,7 +21,9 @@ Parsed = TypeVar("Parsed")
 
 
 async def reply_ephemeral(respond: AsyncRespond, text: str, blocks: list[dict[str, Any]] | None = None) -> None:
-    await respond(text=text, blocks=blocks, response_type="ephemeral", replace_original=False)
+    await respond(
+        text=redact_text(text), blocks=redacted_blocks(blocks), response_type="ephemeral", replace_original=False
+    )
 
 
 async def guarded(
@@ -75,7 +79,7 @@ async def parse_or_refuse(
     try:
         return parse(text)
     except UsageError as error:
-        await ack(text=error_text(error))
+        await ack(text=redact_text(error_text(error)))
         outcome = f"refused: {error.message[:150]}"
         deps.ack_first.spawn(
             repo.audit(deps.db, actor=actor, channel=channel, action="command", detail=detail, outcome=outcome)

@@ -219,6 +219,8 @@ class SfpServerSim:
         self.durations: dict[str, float] = dict(DEFAULT_DURATIONS)
         self.time_speedup = time_speedup
         self.fail_types: dict[str, int] = {}
+        # Tests set what a task type answers (e.g. a result carrying credentials).
+        self.results: dict[str, Any] = {}
         self.fail_next = 0
         self.latency = 0.0
         self.clock = clock
@@ -418,6 +420,8 @@ class SfpServerSim:
         return view
 
     def _result_of(self, task: SimTask) -> Any:
+        if task.type in self.results:
+            return self.results[task.type]
         data, when = task.data, task.finished_at
         rng = int(hashlib.sha256(task.operation_id.encode()).hexdigest()[:8], 16)
         if task.type == "fetchReviewEnvironment":

@@ -43,6 +43,7 @@ from bot.errors import (
     UsageError,
     UserError,
 )
+from bot.redaction import redact_text
 from bot.services.approvals import ApprovalFacts, ApprovalRequirement, requirement_for
 from bot.services.artifacts import Artifact, ArtifactStore
 from bot.services.lifecycle import LeasedWrites
@@ -540,7 +541,7 @@ class DeployService:
         return Advance(events=[submitted, *first.events], next_poll_in=first.next_poll_in)
 
     async def _fail(self, op: Operation, lease_token: str, message: str) -> Advance:
-        await self._writes.save(op, lease_token, state=OpState.ERROR, data={**op.data, "error": message})
+        await self._writes.save(op, lease_token, state=OpState.ERROR, data={**op.data, "error": redact_text(message)})
         return Advance(events=[OpEvent("error")])
 
     async def _quietly_cancel(self, alias: str, deploy_id: str) -> None:

@@ -20,8 +20,6 @@ project id.
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -51,6 +49,7 @@ from bot.fd_commands import (
     check_sequence_numbers,
     check_type_rules,
 )
+from bot.redaction import csv_bytes, redact_text
 from bot.services.approvals import ApprovalFacts, ApprovalRequirement, requirement_for
 from bot.services.lifecycle import LeasedWrites
 from bot.services.operations import Advance, OpEvent, OpFile
@@ -432,7 +431,7 @@ class FlexDeployService:
             data["after"] = summary_of(after)
             data["after_files"] = [_file_json(file) for file in after.files]
         if error:
-            data["error"] = error[:500]
+            data["error"] = redact_text(error)[:500]
         if not await self._writes.save(operation, lease_token, state=state, step="", data=data):
             return Advance()
         return Advance(events=[OpEvent("completed" if state == OpState.SUCCEEDED else "error")])
@@ -619,16 +618,13 @@ def _file_of(item: dict[str, Any]) -> PackageFile:
 
 
 def files_csv(package: Package, *, project_id: int) -> OpFile:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(["sequenceNumber", "objectType", "filePath"])
-    for file in package.files:
-        writer.writerow(
-            ["" if file.sequence_number is None else file.sequence_number, file.object_type or "", file.file_path]
-        )
+    content = csv_bytes(
+        header=["sequenceNumber", "objectType", "filePath"],
+        rows=([file.sequence_number, file.object_type, file.file_path] for file in package.files),
+    )
     slug = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in package.name)[:60] or "package"
     return OpFile(
         name=f"fd-{project_id}-{slug}-files.csv",
         title=f"{package.name} (project {project_id}): {len(package.files)} files",
-        content=buffer.getvalue().encode(),
+        content=content,
     )

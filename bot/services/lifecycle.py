@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from bot.errors import UpstreamError
+from bot.redaction import redact_text
 from bot.services.approvals import settle
 from bot.services.operations import Advance, OpEvent
 from bot.store import repo
@@ -84,7 +85,7 @@ class LeasedWrites:
         assert operation.id is not None
         failures = int(operation.data.get("transient_failures", 0)) + 1
         log.warning("%s: transient failure %s: %s", operation.ref, failures, exc.message)
-        data = {**operation.data, "transient_failures": failures, "last_problem": exc.message[:200]}
+        data = {**operation.data, "transient_failures": failures, "last_problem": redact_text(exc.message)[:200]}
         await repo.update_operation(self._db, operation_id=operation.id, lease_token=lease_token, values={"data": data})
         operation.data = data
         return Advance(next_poll_in=delay or min(5.0 * failures, 120.0))

@@ -12,8 +12,6 @@ Bulk API job 6 + polls, Pending 1 — independent of N beyond the subscriber pag
 from __future__ import annotations
 
 import asyncio
-import csv
-import io
 import logging
 from collections import Counter
 from collections.abc import Sequence
@@ -25,6 +23,7 @@ from typing import Any
 from bot.clients.salesforce.rest import AmbiguousWriteError, SalesforceClient, soql_id_list, soql_literal
 from bot.commands import OrgSelection, VersionSpec
 from bot.errors import ApiError, AuthError, NotFoundError, StateError, TransientError, UpstreamError, UsageError
+from bot.redaction import csv_bytes, redact_text
 from bot.services.approvals import ApprovalFacts, ApprovalRequirement, requirement_for
 from bot.services.lifecycle import LeasedWrites
 from bot.services.operations import Advance, OpEvent, OpFile
@@ -505,7 +504,10 @@ class PushService:
                     operation,
                     lease_token,
                     state=OpState.ERROR,
-                    data={**operation.data, "error": f"Salesforce refused the push request: {exc.message}"},
+                    data={
+                        **operation.data,
+                        "error": f"Salesforce refused the push request: {redact_text(exc.message)}",
+                    },
                 )
                 return [OpEvent("error")]
         if not await self._writes.save(operation, lease_token, external_id=request_id, step="create_jobs"):
@@ -709,7 +711,7 @@ class PushService:
                     operation,
                     lease_token,
                     state=OpState.ERROR,
-                    data={**operation.data, "error": f"Salesforce refused to start it: {exc.message}"},
+                    data={**operation.data, "error": f"Salesforce refused to start it: {redact_text(exc.message)}"},
                 )
                 return [OpEvent("error")]
             # Already Pending or further: an earlier attempt went through.
@@ -850,10 +852,10 @@ class PushService:
         failed = [t for t in await repo.push_targets(self._db, operation_id=operation.id) if t.job_status == "Failed"]
         if not failed:
             return []
-        buffer = io.StringIO()
-        writer = csv.writer(buffer)
-        writer.writerow(
-            [
+        # Org names are set by the subscribers and error texts by Salesforce: the shared writer
+        # neutralises formulas and redacts.
+        content = csv_bytes(
+            header=[
                 "org_key",
                 "org_name",
                 "org_type",
@@ -862,10 +864,8 @@ class PushService:
                 "error_title",
                 "error_message",
                 "error_details",
-            ]
-        )
-        for t in sorted(failed, key=lambda t: (t.error_type or "", t.org_key)):
-            writer.writerow(
+            ],
+            rows=(
                 [
                     t.org_key,
                     t.org_name,
@@ -876,12 +876,14 @@ class PushService:
                     t.error_message or "",
                     t.error_details or "",
                 ]
-            )
+                for t in sorted(failed, key=lambda t: (t.error_type or "", t.org_key))
+            ),
+        )
         return [
             OpFile(
                 name=f"push-{operation.ref}-failures.csv",
                 title=f"{operation.ref} failures ({len(failed)} orgs)",
-                content=buffer.getvalue().encode(),
+                content=content,
             )
         ]
 

@@ -23,11 +23,8 @@ Results and errors are stored with secret-looking fields removed (``sfdxAuthUrl`
 from __future__ import annotations
 
 import asyncio
-import csv
-import io
 import json
 import logging
-import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -47,6 +44,7 @@ from bot.clients.sfp import (
     TaskStatus,
 )
 from bot.errors import ApiError, AuthError, NotFoundError, StateError, TransientError, UpstreamError, UsageError
+from bot.redaction import csv_bytes, redact, redact_text
 from bot.services.approvals import ApprovalFacts, ApprovalRequirement, requirement_for
 from bot.services.lifecycle import LeasedWrites
 from bot.services.operations import Advance, OpEvent, OpFile
@@ -70,11 +68,6 @@ INLINE_RESULT_CHARS = 1800  # longer results are attached as a file
 INLINE_RESULT_LINES = 30
 NOT_CONFIGURED = "The sfp server is not configured for this bot: set `[sfp] url` in the config file and `SFP_TOKEN`."
 _ACTIVE = {OpState.SCHEDULED, OpState.RUNNING, OpState.CANCELING}
-_SECRET_KEY = re.compile(
-    r"(?i)(token|secret|password|passwd|authurl|auth_url|private_?key|api_?key|credential|session_?id|assertion)"
-)
-_SECRET_VALUE = re.compile(r"(?i)(force://\S+|bearer\s+\S+|xox[abposr]-\S+)")
-REDACTED = "[redacted]"
 
 
 # -- plain data ---------------------------------------------------------------------------------
@@ -155,31 +148,7 @@ class StopOutcome:
     stopped: Stopped | None  # None when the answer was lost but the task is stopped
 
 
-# -- redaction and result size --------------------------------------------------------------------
-
-
-def redact(value: Any, *, depth: int = 0) -> Any:
-    """Results are shown in Slack: drop anything that looks like a credential."""
-    if depth > 20:
-        return "…"
-    if isinstance(value, dict):
-        return {
-            str(key): (
-                REDACTED
-                if _SECRET_KEY.search(str(key)) and value[key] not in (None, "")
-                else redact(v, depth=depth + 1)
-            )
-            for key, v in value.items()
-        }
-    if isinstance(value, list):
-        return [redact(item, depth=depth + 1) for item in value]
-    if isinstance(value, str):
-        return redact_text(value)
-    return value
-
-
-def redact_text(text: str) -> str:
-    return _SECRET_VALUE.sub(REDACTED, text)
+# -- result size (redaction: bot.redaction) --------------------------------------------------------------------
 
 
 def result_json(result: Any) -> str:
@@ -829,11 +798,9 @@ class SfpService:
             )
         runs = data.get("runs") or []
         if runs:
-            buffer = io.StringIO()
-            writer = csv.writer(buffer)
-            writer.writerow(["run", "status", "started_at", "finished_at", "error", "operation_id"])
-            for run in runs:
-                writer.writerow(
+            runs_csv = csv_bytes(
+                header=["run", "status", "started_at", "finished_at", "error", "operation_id"],
+                rows=(
                     [
                         run.get("number"),
                         run.get("status"),
@@ -842,12 +809,14 @@ class SfpService:
                         run.get("message") or "",
                         run.get("operation_id") or "",
                     ]
-                )
+                    for run in runs
+                ),
+            )
             files.append(
                 OpFile(
                     name=f"sfp-{operation.ref}-runs.csv",
                     title=f"{operation.ref} runs ({len(runs)})",
-                    content=buffer.getvalue().encode(),
+                    content=runs_csv,
                 )
             )
         return files

@@ -167,7 +167,7 @@ def deploy_card(op: Operation, *, approvals: Sequence[str] = ()) -> tuple[str, l
     if data.get("approved_by"):
         context.append("approved by " + ", ".join(f"<@{user}>" for user in data["approved_by"]))
     blocks.append(bk.context(" · ".join(context)))
-    return f"{title}: {status_label(op)}", bk.limit_blocks(blocks)
+    return f"{bk.escape(title)}: {status_label(op)}", bk.limit_blocks(blocks)  # mrkdwn, unlike the header
 
 
 def _progress_text(op: Operation, progress: dict[str, Any]) -> str:

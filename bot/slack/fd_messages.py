@@ -126,7 +126,11 @@ def _chunked(lines: list[str], *, limit: int = bk.SECTION_TEXT_MAX - 100) -> lis
 
 
 def show_message(package: Package, *, project_id: int) -> tuple[str, list[Block]]:
-    text = f"{package.name} (FlexDeploy project {project_id}): {package.package_status}, {len(package.files)} files"
+    # ``text`` is mrkdwn too (notifications, screen readers): names are escaped there as in the blocks.
+    text = (
+        f"{bk.escape(package.name)} (FlexDeploy project {project_id}): {bk.escape(package.package_status)}, "
+        f"{len(package.files)} files"
+    )
     return bk.clip(text, bk.MESSAGE_TEXT_MAX), package_blocks(package, project_id=project_id)
 
 
@@ -259,7 +263,9 @@ def fd_card(op: Operation, *, approvals: Sequence[str] = ()) -> tuple[str, list[
     if data.get("approved_by"):
         context.append("approved by " + ", ".join(f"<@{user}>" for user in data["approved_by"]))
     blocks.append(bk.context(" · ".join(context)))
-    return bk.clip(f"{title}: {FD_STATE_LABEL[state]}", bk.MESSAGE_TEXT_MAX), bk.limit_blocks(blocks)
+    # The header is plain text; the message ``text`` is mrkdwn, so the title is escaped there.
+    text = f"{bk.escape(title)}: {FD_STATE_LABEL[state]}"
+    return bk.clip(text, bk.MESSAGE_TEXT_MAX), bk.limit_blocks(blocks)
 
 
 def _cancel_button(op: Operation) -> Block:

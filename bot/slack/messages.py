@@ -37,7 +37,7 @@ def approval_ack(ref: str, outcome: str, approvals: int, needed: int) -> str:
 
 def approval_thread_text(user: str, outcome: str, reason: str = "") -> str:
     if outcome == "rejected":
-        return f"🚫 Rejected by <@{user}>: {reason or 'no reason given'}"
+        return f"🚫 Rejected by <@{user}>: {bk.escape(reason) or 'no reason given'}"
     if outcome == "approved":
         return f"✅ Approved by <@{user}>. Starting it…"
     return f"👍 <@{user}> approved; more approvals are needed."

@@ -76,7 +76,7 @@ def push_card(op: Operation, *, approvals: Sequence[str] = ()) -> tuple[str, lis
     if data.get("approved_by"):
         context.append("approved by " + ", ".join(f"<@{user}>" for user in data["approved_by"]))
     blocks.append(bk.context(" · ".join(context)))
-    text = f"{title}: {STATE_LABEL[state]}"
+    text = f"{bk.escape(title)}: {STATE_LABEL[state]}"  # the message text is mrkdwn, unlike the header
     return text, bk.limit_blocks(blocks)
 
 

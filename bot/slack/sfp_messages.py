@@ -1,8 +1,8 @@
 """Everything a person reads about sfp server tasks: the card, thread replies, results, lists.
 
 Pure functions from plain data to text or ``(text, blocks)``; no I/O. Anything that came from
-the user or the sfp server goes through ``escape``; results were already stripped of
-credentials by the service.
+the user or the sfp server goes through ``escape``, and through ``redact_text`` when it comes
+straight from the sfp server (live status, errors); stored results were already redacted.
 """
 
 from __future__ import annotations
@@ -14,16 +14,15 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from bot.clients.sfp import Recurrence, TaskStatus, parse_time
+from bot.redaction import REDACTED, redact, redact_text
 from bot.services.operations import OpEvent
 from bot.services.sfp import (
-    REDACTED,
     CancelOutcome,
     StopOutcome,
     Target,
     duration_text,
     is_long_result,
     is_recurring,
-    redact,
     result_json,
     stored_result,
 )
@@ -228,7 +227,7 @@ def sfp_card(op: Operation, *, approvals: Sequence[str] = ()) -> tuple[str, list
     if data.get("approved_by"):
         context.append("approved by " + ", ".join(f"<@{user}>" for user in data["approved_by"]))
     blocks.append(bk.context(" · ".join(context)))
-    return f"{title}: {label}", bk.limit_blocks(blocks)
+    return f"{_e(title)}: {label}", bk.limit_blocks(blocks)  # the message text is mrkdwn, unlike the header
 
 
 def _progress_text(op: Operation) -> str:
@@ -429,9 +428,9 @@ def _live_text(status: TaskStatus, *, recurring: bool) -> str:
     if recurring:
         text = "latest run " + text
     if status.current_step:
-        text += f" · {_e(status.current_step)}"
+        text += f" · {_e(redact_text(status.current_step))}"
     if status.error and status.error.message:
-        text += f" · error: {_e(bk.clip(status.error.message, 300))}"
+        text += f" · error: {_e(bk.clip(redact_text(status.error.message), 300))}"
     return text
 
 
@@ -456,7 +455,7 @@ def result_text(target: Target, status: TaskStatus) -> str:
             f"*Result of {target.label}*\n{result_block_text(result, file_name=file_name)}", bk.MESSAGE_TEXT_MAX
         )
     if status.status == "failed":
-        message = status.error.message if status.error else "no error message"
+        message = redact_text(status.error.message) if status.error else "no error message"
         return f"❌ {target.label} failed: {_e(bk.clip(message, 500))}"
     if status.status == "cancelled":
         return f"✋ {target.label} was cancelled; there is no result."
@@ -478,7 +477,7 @@ def runs_text(target: Target, rec: Recurrence) -> str:
         if moment:
             line += f" · {slack_date(moment)}"
         if instance.error and instance.error.message:
-            line += f" · {_e(bk.clip(instance.error.message, 200))}"
+            line += f" · {_e(bk.clip(redact_text(instance.error.message), 200))}"
         lines.append(line)
     if rec.stopped_at:
         lines.append(f"Stopped {slack_date(rec.stopped_at)}; no further runs.")

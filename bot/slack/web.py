@@ -2,6 +2,9 @@
 
 slack_sdk retries only connection errors by default; the rate-limit handler (which honours
 ``Retry-After``) and the server-error handler are installed here, in one place.
+
+Everything the bot sends — text, blocks and files — passes the bot's one redaction routine on
+its way out, whichever path its content took (an upstream error, a result, something typed).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from slack_sdk.http_retry.builtin_async_handlers import (
 )
 from slack_sdk.web.async_client import AsyncWebClient
 
+from bot.redaction import redact, redact_text
 from bot.services.operations import OpFile
 
 log = logging.getLogger(__name__)
@@ -67,6 +71,18 @@ def make_web_client(*, token: str, base_url: str, session: aiohttp.ClientSession
     )
 
 
+def redacted_blocks(blocks: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+    return None if blocks is None else redact(blocks)
+
+
+def redacted_content(content: bytes) -> bytes:
+    try:
+        text = content.decode()
+    except UnicodeDecodeError:  # not text: nothing a pattern could match
+        return content
+    return redact_text(text).encode()
+
+
 class SlackPoster:
     """Posts and edits the bot's messages, never faster than Slack's per-channel rate."""
 
@@ -97,9 +113,14 @@ class SlackPoster:
         """``paced=False`` when the caller (the outbox) already enforces the per-channel rate."""
         if paced:
             await self._pace(channel)
-        kwargs: dict[str, Any] = {"channel": channel, "text": text, "unfurl_links": False, "unfurl_media": False}
+        kwargs: dict[str, Any] = {
+            "channel": channel,
+            "text": redact_text(text),
+            "unfurl_links": False,
+            "unfurl_media": False,
+        }
         if blocks is not None:
-            kwargs["blocks"] = blocks
+            kwargs["blocks"] = redacted_blocks(blocks)
         if thread_ts:
             kwargs["thread_ts"] = thread_ts
         if metadata:
@@ -110,7 +131,7 @@ class SlackPoster:
     async def update(self, *, channel: str, ts: str, text: str, blocks: list[dict[str, Any]]) -> None:
         """Edit a message now (a one-off edit answering a person); the poller uses ``try_update``."""
         self._updates.take()
-        await self.client.chat_update(channel=channel, ts=ts, text=text, blocks=blocks)
+        await self.client.chat_update(channel=channel, ts=ts, text=redact_text(text), blocks=redacted_blocks(blocks))
 
     async def try_update(self, *, channel: str, ts: str, text: str, blocks: list[dict[str, Any]]) -> bool:
         """Edit a message unless this minute's chat.update budget is spent (then the caller retries later).
@@ -121,14 +142,16 @@ class SlackPoster:
         if not self._updates.take():
             return False
         # Always send blocks with text: chat.update with text alone removes the blocks.
-        await self.client.chat_update(channel=channel, ts=ts, text=text, blocks=blocks)
+        await self.client.chat_update(channel=channel, ts=ts, text=redact_text(text), blocks=redacted_blocks(blocks))
         return True
 
     async def ephemeral(
         self, *, channel: str, user: str, text: str, blocks: list[dict[str, Any]] | None = None
     ) -> None:
         try:
-            await self.client.chat_postEphemeral(channel=channel, user=user, text=text, blocks=blocks)
+            await self.client.chat_postEphemeral(
+                channel=channel, user=user, text=redact_text(text), blocks=redacted_blocks(blocks)
+            )
         except SlackApiError as exc:
             log.warning("ephemeral message not delivered: %s", exc.response.get("error"))
 
@@ -141,9 +164,9 @@ class SlackPoster:
             channel=channel,
             thread_ts=thread_ts,
             filename=file.name,
-            title=file.title,
-            content=file.content,
-            initial_comment=comment,
+            title=redact_text(file.title),
+            content=redacted_content(file.content),
+            initial_comment=redact_text(comment) if comment else comment,
         )
 
     async def find_in_thread(self, *, channel: str, thread_ts: str, event_type: str, key: str) -> str | None:

@@ -11,6 +11,7 @@ from sqlalchemy import and_, bindparam, func, or_, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import col, select
 
+from bot.redaction import redact_text
 from bot.store.db import Database
 from bot.store.models import (
     REF_PREFIX,
@@ -306,8 +307,10 @@ async def audit(
                 channel=channel,
                 operation_ref=operation_ref,
                 action=action,
-                detail=detail[:4000],
-                outcome=outcome[:200],
+                # Commands are audited as typed (``/sfp submit … password=…``) and outcomes quote
+                # upstream errors: the row keeps neither's secrets.
+                detail=redact_text(detail)[:4000],
+                outcome=redact_text(outcome)[:200],
             )
         )
         await session.commit()
