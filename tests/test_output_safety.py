@@ -158,12 +158,10 @@ async def test_finding_5_csv_formula_injection_in_the_push_failures_csv(sandbox:
     assert not any(cell.startswith("=") for row in rows for cell in row.split(","))
 
 
-@pytest.mark.skip(reason="unfinished in the time box: the file-path assertion does not match yet (see report)")
 async def test_finding_5_csv_formula_injection_in_the_flexdeploy_files_csv(sandbox: Sandbox) -> None:
     sim = sandbox.servers["flexdeploy"]
     assert isinstance(sim, FlexDeploySim)
-    package = sim.package(101, "Big Bang")
-    assert package is not None
+    package = sim.projects[101].packages["Big Bang"]  # the simulator's own row, not a copy
     package["files"][0]["filePath"] = FORMULA
     package["files"][1]["filePath"] = "@SUM(1+1)"
     await command(sandbox, "/fd", 'show 101 "Big Bang"')
@@ -230,10 +228,9 @@ async def test_finding_6_credentials_in_sfp_results_reach_no_message_file_audit_
     assert "deploy:[redacted]@github.com" in slack  # the user and host stay readable
 
 
-@pytest.mark.skip(reason="unfinished in the time box: the task does not settle as the test expects (see report)")
 async def test_finding_9c_audit_rows_keep_no_secrets_typed_into_sfp_data(sandbox: Sandbox) -> None:
     answer = await command(
-        sandbox, "/sfp", 'submit checkReviewEnvironment password=hunter22 token=abc99xyz pwd:="s3cr3t"'
+        sandbox, "/sfp", 'submit checkReviewEnvironment password=hunter22 token=abc99xyz client_secret=s3cr3t'
     )
     ref = sfp_ref(answer)
     await settled(sandbox, int(ref.lstrip("S")), OpState.SUCCEEDED)
