@@ -264,3 +264,14 @@ async def test_an_oversized_answer_is_refused(server: ScriptedServer, session: a
     with pytest.raises(TransientError, match="the test server sent an unexpectedly large response"):
         await transport(session, max_body=100_000).send(get(server.url))
     assert len(server.seen) == 1
+
+
+async def test_a_refresh_does_not_use_up_a_retry(server: ScriptedServer, session: aiohttp.ClientSession) -> None:
+    server.script = [(401, {}, b"{}"), (503, {}, b"")]
+    two_tries = Transport(session=session, classifier=Answers(), retry=RetryPolicy(attempts=2, base_delay=0.001))
+    response = await two_tries.send_with_session(
+        lambda token: Request("GET", server.url, idempotent=True, headers={"Authorization": f"Bearer {token}"}),
+        Tokens(),
+    )
+    assert response.status == 200
+    assert [s.authorization for s in server.seen] == ["Bearer t1", "Bearer t2", "Bearer t2"]
