@@ -8,14 +8,15 @@ session expired" or "no": each client gives ``Transport`` a ``Classifier`` that 
     Retry       refused before any work was done, or a read that failed: send again after the
                 ``RetryPolicy`` delay (or the server's ``Retry-After``); out of attempts, raise
                 the ``TransientError``
-    Refresh     the session expired: call the shared ``SessionHook`` and send once more; a second
-                expiry in a row raises the ``AuthError`` (a freshly issued session was refused)
+    Refresh     the session expired: call the shared ``SessionHook`` and send once more (a refresh
+                does not use up a retry); a second expiry within the same send raises the
+                ``AuthError`` (a freshly issued session was refused)
     Ambiguous   a write that may have been applied: raise ``AmbiguousWriteError``, never resend
     Fail        a definite answer: raise its error (``ApiError``, ``AuthError``, …)
 
-A connection that was never made is always safe to repeat; one that failed after the request
-was sent is retried only for an idempotent request and is an ``AmbiguousWriteError`` otherwise,
-whatever the classifier says. Errors carry short, safe messages: never a whole response body.
+A connection that was never made is safe to repeat, even for a write; one that failed after the
+request was sent is retried only for an idempotent request and is an ``AmbiguousWriteError``
+otherwise, whatever the classifier says. Errors carry short, safe messages: never a whole response body.
 """
 
 from __future__ import annotations
