@@ -8,8 +8,11 @@
     │   └── StateError            right command, wrong moment (cancel a running push …)
     └── UpstreamError             an external system failed us
         ├── TransientError        worth retrying: timeouts, 5xx, limits, dropped connections
+        │   └── AmbiguousWriteError   a write may or may not have been applied; never resent,
+        │                             the caller reconciles by reading the upstream state
         ├── AuthError             credentials refused (bad auth URL, expired refresh token)
         └── ApiError              a definite refusal with an error code (Salesforce errorCode …)
+            └── TaskNotFoundError     the sfp server does not know the operation id (HTTP 404)
 
 User errors become Slack messages in one place (handlers/errors.py). Upstream errors carry a
 short, safe ``message`` — never a whole response body — so that they can be shown too.
@@ -63,6 +66,11 @@ class TransientError(UpstreamError):
     """Retrying later may well succeed."""
 
 
+class AmbiguousWriteError(TransientError):
+    """A write may or may not have been applied: the connection dropped after sending, the answer
+    was a 5xx, or an accepted request came back unreadable. Sending it again could apply it twice."""
+
+
 class AuthError(UpstreamError):
     """Credentials were refused; a human has to fix the configuration."""
 
@@ -73,3 +81,8 @@ class ApiError(UpstreamError):
     def __init__(self, message: str, *, system: str = "", status: int | None = None, code: str = "") -> None:
         super().__init__(message, system=system, status=status)
         self.code = code
+
+
+class TaskNotFoundError(ApiError):
+    """404 from the sfp server: it does not know this operation id (or, for stop/instances, the
+    task is not recurring)."""

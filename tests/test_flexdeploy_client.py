@@ -8,9 +8,9 @@ from urllib.parse import quote
 import aiohttp
 import pytest
 
-from bot.clients.flexdeploy import AmbiguousWriteError, FlexDeployClient, Package, server_message
+from bot.clients.flexdeploy import FlexDeployClient, Package, server_message
 from bot.clients.retry import RetryPolicy
-from bot.errors import ApiError, AuthError, TransientError
+from bot.errors import AmbiguousWriteError, ApiError, AuthError, TransientError
 from bot.sandbox.flexdeploy_server import FlexDeploySim
 
 FAST = RetryPolicy(attempts=3, base_delay=0.01, max_delay=0.02)

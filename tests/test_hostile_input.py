@@ -23,8 +23,8 @@ from aiohttp.test_utils import TestServer
 from bot.clients.retry import RetryPolicy
 from bot.clients.salesforce.auth import TokenCache, parse_sfdx_auth_url
 from bot.clients.salesforce.metadata import DeployOptions, MetadataClient
-from bot.clients.salesforce.rest import AmbiguousWriteError, SalesforceClient
-from bot.errors import TransientError
+from bot.clients.salesforce.rest import SalesforceClient
+from bot.errors import AmbiguousWriteError, TransientError
 from bot.sandbox.embedded import Sandbox, running_sandbox
 from bot.sandbox.flexdeploy_server import FlexDeploySim
 from bot.sandbox.metadata_api import MetadataApiSim

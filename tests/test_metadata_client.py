@@ -22,8 +22,8 @@ from bot.clients.salesforce.metadata import (
     _result_of,
     xml_text,
 )
-from bot.clients.salesforce.rest import AmbiguousWriteError, SalesforceClient
-from bot.errors import ApiError, TransientError
+from bot.clients.salesforce.rest import SalesforceClient
+from bot.errors import AmbiguousWriteError, ApiError, TransientError
 from bot.sandbox.metadata_api import MetadataApiSim, write_sample_artifacts
 from bot.sandbox.salesforce_org import SalesforceOrgSim, build_auth_url
 

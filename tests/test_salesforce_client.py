@@ -12,8 +12,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from bot.clients.retry import RetryPolicy
 from bot.clients.salesforce.auth import JwtBearerFlow, TokenCache, parse_sfdx_auth_url
-from bot.clients.salesforce.rest import AmbiguousWriteError, SalesforceClient, soql_literal
-from bot.errors import ApiError, AuthError, TransientError
+from bot.clients.salesforce.rest import SalesforceClient, soql_literal
+from bot.errors import AmbiguousWriteError, ApiError, AuthError, TransientError
 from bot.sandbox.salesforce_org import SalesforceOrgSim, build_auth_url
 
 FAST = RetryPolicy(attempts=4, base_delay=0.01, max_delay=0.05)

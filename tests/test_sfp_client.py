@@ -16,8 +16,8 @@ import pytest
 from pydantic import SecretStr
 
 from bot.clients.retry import RetryPolicy
-from bot.clients.sfp import AmbiguousWriteError, SfpClient, TaskNotFoundError, TaskSpec
-from bot.errors import ApiError, AuthError, TransientError
+from bot.clients.sfp import SfpClient, TaskSpec
+from bot.errors import AmbiguousWriteError, ApiError, AuthError, TaskNotFoundError, TransientError
 from bot.sandbox.sfp_server import SfpServerSim
 from bot.services.sfp import is_long_result, redact
 from bot.sfp_commands import SfpRef, SfpSubmit, parse_sfp

@@ -8,7 +8,8 @@
 
 Basic authentication on every request (FlexDeploy "Project Packages API" and "API Guide":
 username and password, or an API token in place of the password). ``FlexDeployClient._send``
-is the only place that authenticates, maps status codes and retries.
+is the only place that authenticates; it sends through the shared ``Transport``, and
+``_FlexDeployAnswers`` maps the status codes.
 
 Where FlexDeploy's documentation is silent, this client chooses:
 - error bodies: a JSON object whose ``message`` (or ``error``/``errorMessage``) is used, clipped;
@@ -21,7 +22,6 @@ Where FlexDeploy's documentation is silent, this client chooses:
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import logging
@@ -35,7 +35,8 @@ import aiohttp
 from yarl import URL
 
 from bot.clients.retry import RetryPolicy, parse_retry_after
-from bot.errors import ApiError, AuthError, TransientError, UpstreamError
+from bot.clients.transport import OK, Ambiguous, Fail, Request, Response, Retry, Transport, Verdict, json_request
+from bot.errors import AmbiguousWriteError, ApiError, AuthError, TransientError
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +46,6 @@ RETRY_STATUSES = {429, 502, 503, 504}
 _IDEMPOTENT = {"GET", "PUT", "DELETE"}
 _TAGS = re.compile(r"<[^>]*>")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
-
-
-class AmbiguousWriteError(TransientError):
-    """A POST or PATCH may or may not have been applied (500 or a connection lost mid-request)."""
 
 
 @dataclass(frozen=True)
@@ -125,6 +122,41 @@ class Package:
         )
 
 
+class _FlexDeployAnswers:
+    """FlexDeploy's status codes; 429/502/503/504 mean nothing was done, so even a write is resent."""
+
+    system = SYSTEM
+    name = "FlexDeploy"
+
+    def answer(self, request: Request, response: Response) -> Verdict:
+        if response.status < 400:
+            return OK
+        failure = FlexDeployClient._failure(request.method, response)
+        if isinstance(failure, AmbiguousWriteError):
+            return Ambiguous(failure)
+        if isinstance(failure, TransientError):
+            # Unexpected server errors on idempotent calls are retried too, without Retry-After.
+            retry_after = None
+            if response.status in RETRY_STATUSES:
+                retry_after = parse_retry_after(response.headers.get("Retry-After"))
+            return Retry(failure, retry_after)
+        return Fail(failure)
+
+    def lost(self, request: Request, error: Exception, *, sent: bool) -> Retry | Ambiguous:
+        name = type(error).__name__
+        if not sent:
+            return Retry(TransientError(f"cannot connect to FlexDeploy ({name})", system=SYSTEM))
+        if not request.idempotent:
+            return Ambiguous(
+                AmbiguousWriteError(
+                    f"the connection to FlexDeploy failed mid-request ({name}); "
+                    "the change may or may not have been applied",
+                    system=SYSTEM,
+                )
+            )
+        return Retry(TransientError(f"the connection to FlexDeploy failed ({name})", system=SYSTEM))
+
+
 def _text_or_none(value: Any) -> str | None:
     return None if value is None or value == "" else str(value)
 
@@ -162,14 +194,6 @@ def server_message(body: bytes, content_type: str) -> str:
     return text[:200] + ("…" if len(text) > 200 else "")
 
 
-@dataclass(frozen=True)
-class _Response:
-    status: int
-    body: bytes
-    content_type: str
-    headers: Mapping[str, str]
-
-
 class FlexDeployClient:
     """One FlexDeploy server. ``session`` is shared with other clients and owned by the caller."""
 
@@ -188,64 +212,23 @@ class FlexDeployClient:
         # The Authorization header is built once and kept private: it is never logged or shown.
         self._authorization = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
         self._timeout = timeout or aiohttp.ClientTimeout(total=60, connect=10)
-        self._retry = retry or RetryPolicy()
+        self._transport = Transport(
+            session=session, classifier=_FlexDeployAnswers(), timeout=self._timeout, retry=retry
+        )
 
     def __repr__(self) -> str:  # never show the credentials
         return f"FlexDeployClient({self._base_url!r})"
 
     # -- the one request path ------------------------------------------------------------------
-    async def _send(self, method: str, path: str, *, json_body: Any = None) -> _Response:
-        idempotent = method in _IDEMPOTENT
+    async def _send(self, method: str, path: str, *, json_body: Any = None) -> Response:
         # encoded=True: the path is already percent-encoded; yarl must not decode %2F back to "/".
         url = URL(self._base_url + path, encoded=True)
         headers = {"Accept": "application/json", "Authorization": self._authorization}
-        body: bytes | None = None
-        if json_body is not None:
-            body = json.dumps(json_body).encode()
-            headers["Content-Type"] = "application/json"
-        attempt = 0
-        while True:
-            attempt += 1
-            retry_after: float | None = None
-            try:
-                async with self._session.request(method, url, data=body, headers=headers, timeout=self._timeout) as raw:
-                    response = _Response(
-                        raw.status, await raw.read(), raw.headers.get("Content-Type", ""), dict(raw.headers)
-                    )
-            except aiohttp.ClientConnectorError as exc:
-                # Never connected: nothing was sent, so even a write is safe to repeat.
-                failure: UpstreamError = TransientError(
-                    f"cannot connect to FlexDeploy ({type(exc).__name__})", system=SYSTEM
-                )
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                if not idempotent:
-                    raise AmbiguousWriteError(
-                        f"the connection to FlexDeploy failed mid-request ({type(exc).__name__}); "
-                        "the change may or may not have been applied",
-                        system=SYSTEM,
-                    ) from exc
-                failure = TransientError(f"the connection to FlexDeploy failed ({type(exc).__name__})", system=SYSTEM)
-            else:
-                if response.status < 400:
-                    return response
-                failure = self._failure(method, response)
-                if response.status in RETRY_STATUSES:
-                    retry_after = parse_retry_after(response.headers.get("Retry-After"))
-                elif response.status >= 500 and idempotent:
-                    pass  # an unexpected server error on a call that is safe to repeat: retry
-                else:
-                    raise failure
-            if attempt >= self._retry.attempts:
-                raise failure
-            delay = self._retry.delay(attempt, retry_after=retry_after)
-            log.info(
-                "flexdeploy call failed; retrying",
-                extra={"method": method, "attempt": attempt, "delay": round(delay, 2), "why": failure.message},
-            )
-            await asyncio.sleep(delay)
+        request = json_request(method, url, json_body, idempotent=method in _IDEMPOTENT, headers=headers)
+        return await self._transport.send(request)
 
     @staticmethod
-    def _failure(method: str, response: _Response) -> ApiError | AuthError | TransientError:
+    def _failure(method: str, response: Response) -> ApiError | AuthError | TransientError:
         """Every status FlexDeploy documents (400, 401, 403, 404, 500) gets its own message."""
         status = response.status
         reason = server_message(response.body, response.content_type)

@@ -11,8 +11,9 @@
     GET    /sfp/api/tasks/{operationId}/recurring-instances
 
 Authentication is ``Authorization: Bearer <token>`` (docs.flxbl.io → sfp server → API reference →
-Tasks). ``SfpClient._send`` is the only place that adds the token, interprets HTTP answers and
-retries; the token is never logged and never part of an error message.
+Tasks). ``SfpClient._send`` is the only place that adds the token; it sends through the shared
+``Transport`` and ``_SfpAnswers`` interprets the HTTP answers. The token is never logged and
+never part of an error message.
 
 Where the published docs are silent, the choices made here (and mirrored by the sandbox
 simulator, bot/sandbox/sfp_server.py) are:
@@ -35,7 +36,6 @@ simulator, bot/sandbox/sfp_server.py) are:
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import re
@@ -49,7 +49,8 @@ import aiohttp
 from pydantic import SecretStr
 
 from bot.clients.retry import RetryPolicy, parse_retry_after
-from bot.errors import ApiError, AuthError, TransientError
+from bot.clients.transport import OK, Ambiguous, Fail, Request, Response, Retry, Transport, Verdict, json_request
+from bot.errors import AmbiguousWriteError, ApiError, AuthError, TaskNotFoundError, TransientError
 
 log = logging.getLogger(__name__)
 
@@ -60,14 +61,6 @@ PRIORITIES = ("low", "normal", "high", "critical")
 # Operation ids are opaque; this keeps anything odd (slashes, spaces, '..') out of the URL path.
 OPERATION_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
 _MESSAGE_MAX = 300
-
-
-class AmbiguousWriteError(TransientError):
-    """A write may or may not have reached the sfp server (the answer was lost or was a 5xx)."""
-
-
-class TaskNotFoundError(ApiError):
-    """404: the sfp server does not know this operation id (or, for stop/instances, it is not recurring)."""
 
 
 def check_operation_id(operation_id: str) -> str:
@@ -326,81 +319,18 @@ class SfpClient:
         self._host = urlsplit(self._base).netloc
         self._token = token
         self._timeout = timeout or aiohttp.ClientTimeout(total=30, connect=10)
-        self._retry = retry or RetryPolicy()
+        self._transport = Transport(
+            session=session, classifier=_SfpAnswers(self._host), timeout=self._timeout, retry=retry
+        )
 
     def __repr__(self) -> str:
         return f"SfpClient({self._base!r})"
 
     # -- the one request path ----------------------------------------------------------------
     async def _send(self, method: str, path: str, *, json_body: Any = None, idempotent: bool) -> Any:
-        attempt = 0
-        while True:
-            attempt += 1
-            headers = {"Authorization": f"Bearer {self._token.get_secret_value()}", "Accept": "application/json"}
-            retry_after: float | None = None
-            try:
-                async with self._session.request(
-                    method, self._base + path, json=json_body, headers=headers, timeout=self._timeout
-                ) as raw:
-                    status, body = raw.status, await raw.read()
-                    retry_after = parse_retry_after(raw.headers.get("Retry-After"))
-            except aiohttp.ClientConnectorError as exc:
-                # Never connected: nothing was sent, so even a submit is safe to repeat.
-                failure: TransientError = TransientError(
-                    f"cannot connect to the sfp server at {self._host} ({type(exc).__name__})", system=SYSTEM
-                )
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                if not idempotent:
-                    raise AmbiguousWriteError(
-                        f"the connection to the sfp server failed mid-request ({type(exc).__name__})", system=SYSTEM
-                    ) from None
-                failure = TransientError(
-                    f"the connection to the sfp server failed mid-request ({type(exc).__name__})", system=SYSTEM
-                )
-            else:
-                if status < 300:
-                    return _json(body)
-                if status == 401:
-                    raise AuthError(
-                        "it refused the bot's token (HTTP 401). Check `SFP_TOKEN` and `[sfp] url` in the bot's "
-                        "configuration.",
-                        system=SYSTEM,
-                        status=401,
-                    )
-                if status == 403:
-                    raise AuthError(
-                        "the bot's token is not allowed to do that (HTTP 403). Give the token the needed role on "
-                        "the sfp server, or configure another `SFP_TOKEN`.",
-                        system=SYSTEM,
-                        status=403,
-                    )
-                if status in (429, 503):
-                    # Refused before any work was done: safe to repeat, even for a submit.
-                    failure = TransientError(f"the sfp server is busy (HTTP {status})", system=SYSTEM, status=status)
-                elif status >= 500:
-                    if not idempotent:
-                        raise AmbiguousWriteError(
-                            f"the sfp server answered HTTP {status}", system=SYSTEM, status=status
-                        )
-                    failure = TransientError(f"the sfp server answered HTTP {status}", system=SYSTEM, status=status)
-                else:
-                    message = _server_message(body) or f"HTTP {status}"
-                    kind = TaskNotFoundError if status == 404 else ApiError
-                    raise kind(message, system=SYSTEM, status=status, code=f"HTTP_{status}")
-            if attempt >= self._retry.attempts:
-                raise failure
-            delay = self._retry.delay(attempt, retry_after=retry_after)
-            log.info(
-                "sfp call failed; retrying",
-                extra={
-                    "method": method,
-                    "path": path,
-                    "attempt": attempt,
-                    "delay": round(delay, 2),
-                    "why": str(failure),
-                },
-            )
-            await asyncio.sleep(delay)
+        headers = {"Authorization": f"Bearer {self._token.get_secret_value()}", "Accept": "application/json"}
+        request = json_request(method, self._base + path, json_body, idempotent=idempotent, headers=headers)
+        return _json((await self._transport.send(request)).body)
 
     def _task_path(self, operation_id: str, suffix: str = "") -> str:
         return f"{TASKS_PATH}/{quote(check_operation_id(operation_id), safe='')}{suffix}"
@@ -454,6 +384,62 @@ class SfpClient:
     async def recurring_instances(self, operation_id: str) -> Recurrence:
         payload = await self._send("GET", self._task_path(operation_id, "/recurring-instances"), idempotent=True)
         return _recurrence(payload)
+
+
+class _SfpAnswers:
+    """The sfp server answers with plain HTTP codes and NestJS error bodies."""
+
+    system = SYSTEM
+    name = "the sfp server"
+
+    def __init__(self, host: str) -> None:
+        self._host = host
+
+    def answer(self, request: Request, response: Response) -> Verdict:
+        status = response.status
+        if status < 300:
+            return OK
+        if status == 401:
+            return Fail(
+                AuthError(
+                    "it refused the bot's token (HTTP 401). Check `SFP_TOKEN` and `[sfp] url` in the bot's "
+                    "configuration.",
+                    system=SYSTEM,
+                    status=401,
+                )
+            )
+        if status == 403:
+            return Fail(
+                AuthError(
+                    "the bot's token is not allowed to do that (HTTP 403). Give the token the needed role on "
+                    "the sfp server, or configure another `SFP_TOKEN`.",
+                    system=SYSTEM,
+                    status=403,
+                )
+            )
+        retry_after = parse_retry_after(response.headers.get("Retry-After"))
+        if status in (429, 503):
+            # Refused before any work was done: safe to repeat, even for a submit.
+            return Retry(
+                TransientError(f"the sfp server is busy (HTTP {status})", system=SYSTEM, status=status), retry_after
+            )
+        if status >= 500:
+            message = f"the sfp server answered HTTP {status}"
+            if not request.idempotent:
+                return Ambiguous(AmbiguousWriteError(message, system=SYSTEM, status=status))
+            return Retry(TransientError(message, system=SYSTEM, status=status), retry_after)
+        message = _server_message(response.body) or f"HTTP {status}"
+        kind = TaskNotFoundError if status == 404 else ApiError
+        return Fail(kind(message, system=SYSTEM, status=status, code=f"HTTP_{status}"))
+
+    def lost(self, request: Request, error: Exception, *, sent: bool) -> Retry | Ambiguous:
+        name = type(error).__name__
+        if not sent:
+            return Retry(TransientError(f"cannot connect to the sfp server at {self._host} ({name})", system=SYSTEM))
+        message = f"the connection to the sfp server failed mid-request ({name})"
+        if not request.idempotent:
+            return Ambiguous(AmbiguousWriteError(message, system=SYSTEM))
+        return Retry(TransientError(message, system=SYSTEM))
 
 
 def _json(body: bytes) -> Any:

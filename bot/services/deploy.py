@@ -31,9 +31,9 @@ import aiohttp
 
 from bot.clients.retry import RetryPolicy
 from bot.clients.salesforce.metadata import DeployOptions, DeployResult, MetadataClient
-from bot.clients.salesforce.rest import AmbiguousWriteError
 from bot.deploy_commands import DEPLOY_USAGE, DeployFlags, DeployStart
 from bot.errors import (
+    AmbiguousWriteError,
     ApiError,
     AuthError,
     NotFoundError,

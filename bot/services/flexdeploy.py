@@ -28,9 +28,10 @@ from typing import Any, Literal
 
 import aiohttp
 
-from bot.clients.flexdeploy import AmbiguousWriteError, FlexDeployClient, Package, PackageFile
+from bot.clients.flexdeploy import FlexDeployClient, Package, PackageFile
 from bot.clients.retry import RetryPolicy
 from bot.errors import (
+    AmbiguousWriteError,
     ApiError,
     AuthError,
     NotFoundError,

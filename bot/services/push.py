@@ -20,9 +20,18 @@ from datetime import UTC, datetime, timedelta
 from functools import cached_property
 from typing import Any
 
-from bot.clients.salesforce.rest import AmbiguousWriteError, SalesforceClient, soql_id_list, soql_literal
+from bot.clients.salesforce.rest import SalesforceClient, soql_id_list, soql_literal
 from bot.commands import OrgSelection, VersionSpec
-from bot.errors import ApiError, AuthError, NotFoundError, StateError, TransientError, UpstreamError, UsageError
+from bot.errors import (
+    AmbiguousWriteError,
+    ApiError,
+    AuthError,
+    NotFoundError,
+    StateError,
+    TransientError,
+    UpstreamError,
+    UsageError,
+)
 from bot.redaction import csv_bytes, redact_text
 from bot.services.approvals import ApprovalFacts, ApprovalRequirement, requirement_for
 from bot.services.lifecycle import LeasedWrites

@@ -33,17 +33,18 @@ from typing import Any, TypeVar
 import aiohttp
 
 from bot.clients.retry import RetryPolicy
-from bot.clients.sfp import (
+from bot.clients.sfp import Cancelled, Recurrence, SfpClient, Stopped, TaskSpec, TaskStatus
+from bot.errors import (
     AmbiguousWriteError,
-    Cancelled,
-    Recurrence,
-    SfpClient,
-    Stopped,
+    ApiError,
+    AuthError,
+    NotFoundError,
+    StateError,
     TaskNotFoundError,
-    TaskSpec,
-    TaskStatus,
+    TransientError,
+    UpstreamError,
+    UsageError,
 )
-from bot.errors import ApiError, AuthError, NotFoundError, StateError, TransientError, UpstreamError, UsageError
 from bot.redaction import csv_bytes, redact, redact_text
 from bot.services.approvals import ApprovalFacts, ApprovalRequirement, requirement_for
 from bot.services.lifecycle import LeasedWrites

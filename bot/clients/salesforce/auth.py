@@ -158,3 +158,20 @@ class TokenCache:
             if self._token is None or self._token is stale:
                 self._token = await self.flow.fetch(session, timeout=timeout)
             return self._token
+
+
+class OrgSession:
+    """The session-refresh hook (``bot.clients.transport.SessionHook``) of one org: its
+    ``TokenCache`` bound to an HTTP session, shared by the REST and Metadata API clients so that an
+    expired session is refreshed once for both."""
+
+    def __init__(self, tokens: TokenCache, *, session: aiohttp.ClientSession, timeout: aiohttp.ClientTimeout) -> None:
+        self._tokens = tokens
+        self._session = session
+        self._timeout = timeout
+
+    async def current(self) -> AccessToken:
+        return await self._tokens.get(self._session, timeout=self._timeout)
+
+    async def refresh(self, stale: AccessToken) -> AccessToken:
+        return await self._tokens.refresh(stale, self._session, timeout=self._timeout)

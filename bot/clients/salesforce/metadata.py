@@ -2,9 +2,9 @@
 ``deployRecentValidation``.
 
 The client shares its org's access token and refresh with the REST client
-(``SalesforceClient.access_token()`` / ``refresh_token()``), so one expired session is refreshed
-once for both. ``MetadataClient._call`` is the only place that sends a SOAP request, maps SOAP
-faults and retries:
+(``SalesforceClient.session_hook``), so one expired session is refreshed once for both.
+``MetadataClient._call`` sends every SOAP request through the shared ``Transport``;
+``_SoapAnswers`` maps SOAP faults to what the transport does:
 
     sf:INVALID_SESSION_ID              refresh the token, resend once (a refused call did nothing)
     sf:REQUEST_LIMIT_EXCEEDED, sf:SERVER_UNAVAILABLE, HTTP 429/503, connect errors
@@ -27,7 +27,6 @@ namespace ``http://soap.sforce.com/2006/04/metadata``; DeployOptions elements in
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import logging
 import re
@@ -42,8 +41,10 @@ from defusedxml import ElementTree as SafeElementTree
 from defusedxml.common import DefusedXmlException
 
 from bot.clients.retry import RetryPolicy, parse_retry_after
-from bot.clients.salesforce.rest import AmbiguousWriteError, SalesforceClient, checked_id
-from bot.errors import ApiError, AuthError, TransientError
+from bot.clients.salesforce.auth import AccessToken
+from bot.clients.salesforce.rest import SalesforceClient, checked_id
+from bot.clients.transport import OK, Ambiguous, Fail, Refresh, Request, Response, Retry, Transport, Verdict
+from bot.errors import AmbiguousWriteError, ApiError, AuthError, TransientError
 
 log = logging.getLogger(__name__)
 
@@ -203,7 +204,13 @@ class MetadataClient:
         self._session = session
         # A 39 MB zip is ~52 MB of base64 to upload: give the send more time than a REST call.
         self._timeout = timeout or aiohttp.ClientTimeout(total=300, connect=10)
-        self._retry = retry or RetryPolicy()
+        self._transport = Transport(
+            session=session,
+            classifier=_SoapAnswers(),
+            timeout=self._timeout,
+            retry=retry,
+            max_body=MAX_RESPONSE_BYTES,
+        )
 
     @property
     def api_version(self) -> str:
@@ -250,81 +257,79 @@ class MetadataClient:
     # -- the one request path ------------------------------------------------------------
     async def _call(self, operation: str, body: bytes, *, idempotent: bool) -> Element:
         """Send one operation; returns the ``<result>`` element of ``<{operation}Response>``."""
-        refreshed = False
-        attempt = 0
-        while True:
-            attempt += 1
-            token = await self._rest.access_token()
-            url = f"{token.instance_url}/services/Soap/m/{self.api_version}"
-            envelope = _envelope(token.value, body)
-            headers = {"Content-Type": "text/xml; charset=UTF-8", "SOAPAction": operation}
-            retry_after: float | None = None
-            try:
-                async with self._session.post(url, data=envelope, headers=headers, timeout=self._timeout) as raw:
-                    status = raw.status
-                    retry_after = parse_retry_after(raw.headers.get("Retry-After"))
-                    payload = await _read_capped(raw)
-            except aiohttp.ClientConnectorError as exc:
-                # Never connected: nothing was sent, so even a deploy is safe to repeat.
-                failure: Exception = TransientError(
-                    f"cannot connect to Salesforce ({type(exc).__name__})", system=SYSTEM
-                )
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                if not idempotent:
-                    raise AmbiguousWriteError(
-                        f"the connection to Salesforce dropped during {operation} ({type(exc).__name__})",
-                        system=SYSTEM,
-                    ) from exc
-                failure = TransientError(
-                    f"Salesforce connection failed mid-request ({type(exc).__name__})", system=SYSTEM
-                )
-            else:
-                fault = _fault_of(payload) if status != 200 or b"Fault" in payload[:4096] else None
-                if fault is not None:
-                    if fault.code == "INVALID_SESSION_ID":
-                        if refreshed:
-                            raise AuthError(
-                                "Salesforce rejected a freshly issued session", system=SYSTEM, status=status
-                            )
-                        log.info("salesforce session expired; refreshing", extra={"operation": operation})
-                        await self._rest.refresh_token(token)
-                        refreshed = True
-                        attempt -= 1  # a refresh is not a failed attempt
-                        continue
-                    if fault.code not in TRANSIENT_FAULTS:
-                        raise ApiError(fault.message[:300] or fault.code, system=SYSTEM, status=status, code=fault.code)
-                    failure = TransientError(f"Salesforce is busy ({fault.code})", system=SYSTEM, status=status)
-                elif status in (429, 503):
-                    failure = TransientError(f"Salesforce is busy (HTTP {status})", system=SYSTEM, status=status)
-                elif status >= 500:
-                    if not idempotent:
-                        raise AmbiguousWriteError(
-                            f"Salesforce answered HTTP {status} to {operation}", system=SYSTEM, status=status
-                        )
-                    failure = TransientError(f"Salesforce answered HTTP {status}", system=SYSTEM, status=status)
-                elif status != 200:
-                    raise ApiError(f"HTTP {status}", system=SYSTEM, status=status, code=f"HTTP_{status}")
-                else:
-                    try:
-                        return _result_of(payload, operation)
-                    except TransientError:
-                        if idempotent:
-                            raise
-                        # HTTP 200: Salesforce took the request. An answer the bot cannot read
-                        # (cut off, or refused by the XML parser) must not get it sent again.
-                        raise AmbiguousWriteError(
-                            f"Salesforce accepted {operation} with an answer the bot cannot read",
-                            system=SYSTEM,
-                            status=status,
-                        ) from None
-            if attempt >= self._retry.attempts:
-                raise failure
-            delay = self._retry.delay(attempt, retry_after=retry_after)
-            log.info(
-                "metadata api call failed; retrying",
-                extra={"operation": operation, "attempt": attempt, "delay": round(delay, 2), "why": str(failure)},
+
+        def build(token: AccessToken) -> Request:
+            return Request(
+                "POST",
+                f"{token.instance_url}/services/Soap/m/{self.api_version}",
+                idempotent=idempotent,
+                headers={"Content-Type": "text/xml; charset=UTF-8", "SOAPAction": operation},
+                body=_envelope(token.value, body),
             )
-            await asyncio.sleep(delay)
+
+        response = await self._transport.send_with_session(build, self._rest.session_hook)
+        try:
+            return _result_of(response.body, operation)
+        except TransientError:
+            if idempotent:
+                raise
+            # HTTP 200: Salesforce took the request. An answer the bot cannot read (cut off, or
+            # refused by the XML parser) must not get it sent again.
+            raise AmbiguousWriteError(
+                f"Salesforce accepted {operation} with an answer the bot cannot read",
+                system=SYSTEM,
+                status=response.status,
+            ) from None
+
+
+class _SoapAnswers:
+    """Metadata API answers: a SOAP fault's ``faultcode`` (``sf:INVALID_SESSION_ID`` …) decides."""
+
+    system = SYSTEM
+    name = "Salesforce"
+
+    def answer(self, request: Request, response: Response) -> Verdict:
+        status, payload = response.status, response.body
+        operation = request.headers.get("SOAPAction", "")
+        retry_after = parse_retry_after(response.headers.get("Retry-After"))
+        fault = _fault_of(payload) if status != 200 or b"Fault" in payload[:4096] else None
+        if fault is not None:
+            if fault.code == "INVALID_SESSION_ID":
+                # A refused call did nothing, so even a deploy is sent again after the refresh.
+                return Refresh(AuthError("Salesforce rejected a freshly issued session", system=SYSTEM, status=status))
+            if fault.code not in TRANSIENT_FAULTS:
+                return Fail(ApiError(fault.message[:300] or fault.code, system=SYSTEM, status=status, code=fault.code))
+            return Retry(
+                TransientError(f"Salesforce is busy ({fault.code})", system=SYSTEM, status=status), retry_after
+            )
+        if status in (429, 503):
+            return Retry(
+                TransientError(f"Salesforce is busy (HTTP {status})", system=SYSTEM, status=status), retry_after
+            )
+        if status >= 500:
+            if not request.idempotent:
+                return Ambiguous(
+                    AmbiguousWriteError(
+                        f"Salesforce answered HTTP {status} to {operation}", system=SYSTEM, status=status
+                    )
+                )
+            return Retry(
+                TransientError(f"Salesforce answered HTTP {status}", system=SYSTEM, status=status), retry_after
+            )
+        if status != 200:
+            return Fail(ApiError(f"HTTP {status}", system=SYSTEM, status=status, code=f"HTTP_{status}"))
+        return OK
+
+    def lost(self, request: Request, error: Exception, *, sent: bool) -> Retry | Ambiguous:
+        name = type(error).__name__
+        if not sent:
+            return Retry(TransientError(f"cannot connect to Salesforce ({name})", system=SYSTEM))
+        if not request.idempotent:
+            operation = request.headers.get("SOAPAction", "")
+            return Ambiguous(
+                AmbiguousWriteError(f"the connection to Salesforce dropped during {operation} ({name})", system=SYSTEM)
+            )
+        return Retry(TransientError(f"Salesforce connection failed mid-request ({name})", system=SYSTEM))
 
 
 def _accepted_id(text: str, operation: str) -> str:
@@ -346,17 +351,6 @@ def _envelope(session_id: str, body: bytes) -> bytes:
         "</met:SessionHeader></soapenv:Header><soapenv:Body>"
     )
     return head.encode() + body + b"</soapenv:Body></soapenv:Envelope>"
-
-
-async def _read_capped(response: aiohttp.ClientResponse) -> bytes:
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in response.content.iter_chunked(64 * 1024):
-        size += len(chunk)
-        if size > MAX_RESPONSE_BYTES:
-            raise TransientError("Salesforce sent an unexpectedly large response", system=SYSTEM)
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def _parse(payload: bytes) -> Element | None:

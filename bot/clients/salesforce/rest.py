@@ -1,12 +1,11 @@
 """Salesforce REST, sObject Collections and Bulk API 2.0 ingest over one aiohttp session.
 
-``SalesforceClient._send`` is the only place that authenticates, refreshes an expired session
-and retries; every public method goes through it.
+Every public method goes through ``SalesforceClient._send``, which hands the request to the shared
+``Transport`` with this org's session hook; ``_RestAnswers`` says what Salesforce's answers mean.
 """
 
 from __future__ import annotations
 
-import asyncio
 import csv
 import io
 import json
@@ -20,8 +19,9 @@ from urllib.parse import quote
 import aiohttp
 
 from bot.clients.retry import RetryPolicy, parse_retry_after
-from bot.clients.salesforce.auth import AccessToken, TokenCache
-from bot.errors import ApiError, AuthError, TransientError
+from bot.clients.salesforce.auth import AccessToken, OrgSession, TokenCache
+from bot.clients.transport import OK, Ambiguous, Fail, Refresh, Request, Response, Retry, Transport, Verdict
+from bot.errors import AmbiguousWriteError, ApiError, AuthError, TransientError
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +50,6 @@ def checked_id(record_id: str) -> str:
     return record_id
 
 
-class AmbiguousWriteError(TransientError):
-    """A write may or may not have been applied (the connection dropped after sending)."""
-
-
 @dataclass(frozen=True)
 class SaveResult:
     success: bool
@@ -63,16 +59,6 @@ class SaveResult:
     @property
     def error_text(self) -> str:
         return "; ".join(f"{e.get('statusCode', '')}: {e.get('message', '')}".strip(": ") for e in self.errors)
-
-
-@dataclass(frozen=True)
-class _Response:
-    status: int
-    body: bytes
-    headers: Mapping[str, str]
-
-    def json(self) -> Any:
-        return json.loads(self.body) if self.body else None
 
 
 class SalesforceClient:
@@ -91,21 +77,22 @@ class SalesforceClient:
         self._tokens = tokens
         self.api_version = api_version
         self._timeout = timeout or aiohttp.ClientTimeout(total=60, connect=10)
-        self._retry = retry or RetryPolicy()
+        self.session_hook = OrgSession(tokens, session=session, timeout=self._timeout)
+        self._transport = Transport(session=session, classifier=_RestAnswers(), timeout=self._timeout, retry=retry)
 
     @property
     def data_path(self) -> str:
         return f"/services/data/v{self.api_version}"
 
     async def instance_url(self) -> str:
-        return (await self._tokens.get(self._session, timeout=self._timeout)).instance_url
+        return (await self.session_hook.current()).instance_url
 
     async def access_token(self) -> AccessToken:
         """For the Metadata API client, which shares this org's session and refresh."""
-        return await self._tokens.get(self._session, timeout=self._timeout)
+        return await self.session_hook.current()
 
     async def refresh_token(self, stale: AccessToken) -> AccessToken:
-        return await self._tokens.refresh(stale, self._session, timeout=self._timeout)
+        return await self.session_hook.refresh(stale)
 
     # -- the one request path ------------------------------------------------------------
     async def _send(
@@ -118,73 +105,26 @@ class SalesforceClient:
         content_type: str | None = None,
         params: Mapping[str, str] | None = None,
         idempotent: bool,
-    ) -> _Response:
-        refreshed = False
-        attempt = 0
-        while True:
-            attempt += 1
-            token = await self._tokens.get(self._session, timeout=self._timeout)
-            headers = {"Authorization": f"Bearer {token.value}", "Accept": "application/json"}
-            body: bytes | None = data
-            if json_body is not None:
-                body = json.dumps(json_body).encode()
-                headers["Content-Type"] = "application/json"
-            elif content_type:
-                headers["Content-Type"] = content_type
-            retry_after: float | None = None
-            try:
-                async with self._session.request(
-                    method, token.instance_url + path, data=body, params=params, headers=headers, timeout=self._timeout
-                ) as raw:
-                    response = _Response(raw.status, await raw.read(), dict(raw.headers))
-            except aiohttp.ClientConnectorError as exc:
-                # Never connected: nothing was sent, so even a write is safe to repeat.
-                failure: Exception = TransientError(
-                    f"cannot connect to Salesforce ({type(exc).__name__})", system=SYSTEM
-                )
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                kind = TransientError if idempotent else AmbiguousWriteError
-                failure = kind(f"Salesforce connection failed mid-request ({type(exc).__name__})", system=SYSTEM)
-                if not idempotent:
-                    raise failure from exc
-            else:
-                code = _error_code(response)
-                if response.status == 401 and code == "INVALID_SESSION_ID":
-                    if refreshed:
-                        raise AuthError("Salesforce rejected a freshly issued session", system=SYSTEM, status=401)
-                    log.info("salesforce session expired; refreshing", extra={"path": path.split("?")[0]})
-                    await self._tokens.refresh(token, self._session, timeout=self._timeout)
-                    refreshed = True
-                    attempt -= 1  # a refresh is not a failed attempt
-                    continue
-                if response.status in (429, 503) or code in {"REQUEST_LIMIT_EXCEEDED", "SERVER_UNAVAILABLE"}:
-                    retry_after = parse_retry_after(response.headers.get("Retry-After"))
-                    failure = TransientError(
-                        f"Salesforce is busy (HTTP {response.status} {code})".strip(),
-                        system=SYSTEM,
-                        status=response.status,
-                    )
-                elif response.status >= 500:
-                    kind = TransientError if idempotent else AmbiguousWriteError
-                    failure = kind(
-                        f"Salesforce answered HTTP {response.status} {code}".strip(),
-                        system=SYSTEM,
-                        status=response.status,
-                    )
-                    if not idempotent:
-                        raise failure
-                elif response.status >= 400:
-                    raise _api_error(response, code)
-                else:
-                    return response
-            if attempt >= self._retry.attempts:
-                raise failure
-            delay = self._retry.delay(attempt, retry_after=retry_after)
-            log.info(
-                "salesforce call failed; retrying",
-                extra={"path": path.split("?")[0], "attempt": attempt, "delay": round(delay, 2), "why": str(failure)},
+    ) -> Response:
+        headers = {"Accept": "application/json"}
+        body: bytes | None = data
+        if json_body is not None:
+            body = json.dumps(json_body).encode()
+            headers["Content-Type"] = "application/json"
+        elif content_type:
+            headers["Content-Type"] = content_type
+
+        def build(token: AccessToken) -> Request:
+            return Request(
+                method,
+                token.instance_url + path,
+                idempotent=idempotent,
+                headers={**headers, "Authorization": f"Bearer {token.value}"},
+                body=body,
+                params=params,
             )
-            await asyncio.sleep(delay)
+
+        return await self._transport.send_with_session(build, self.session_hook)
 
     # -- REST ------------------------------------------------------------------------------
     async def query_pages(self, soql: str) -> AsyncIterator[list[dict[str, Any]]]:
@@ -297,7 +237,41 @@ def _sobject(name: str) -> str:
     return quote(name)
 
 
-def _error_code(response: _Response) -> str:
+class _RestAnswers:
+    """REST, sObject Collections and Bulk API 2.0 answers: errors are ``[{"errorCode", "message"}]``."""
+
+    system = SYSTEM
+    name = "Salesforce"
+
+    def answer(self, request: Request, response: Response) -> Verdict:
+        status = response.status
+        code = _error_code(response)
+        if status == 401 and code == "INVALID_SESSION_ID":
+            return Refresh(AuthError("Salesforce rejected a freshly issued session", system=SYSTEM, status=401))
+        if status in (429, 503) or code in {"REQUEST_LIMIT_EXCEEDED", "SERVER_UNAVAILABLE"}:
+            return Retry(
+                TransientError(f"Salesforce is busy (HTTP {status} {code})".strip(), system=SYSTEM, status=status),
+                retry_after=parse_retry_after(response.headers.get("Retry-After")),
+            )
+        if status >= 500:
+            message = f"Salesforce answered HTTP {status} {code}".strip()
+            if request.idempotent:
+                return Retry(TransientError(message, system=SYSTEM, status=status))
+            return Ambiguous(AmbiguousWriteError(message, system=SYSTEM, status=status))
+        if status >= 400:
+            return Fail(_api_error(response, code))
+        return OK
+
+    def lost(self, request: Request, error: Exception, *, sent: bool) -> Retry | Ambiguous:
+        if not sent:
+            return Retry(TransientError(f"cannot connect to Salesforce ({type(error).__name__})", system=SYSTEM))
+        message = f"Salesforce connection failed mid-request ({type(error).__name__})"
+        if request.idempotent:
+            return Retry(TransientError(message, system=SYSTEM))
+        return Ambiguous(AmbiguousWriteError(message, system=SYSTEM))
+
+
+def _error_code(response: Response) -> str:
     if response.status < 400:
         return ""
     try:
@@ -310,7 +284,7 @@ def _error_code(response: _Response) -> str:
     return ""
 
 
-def _api_error(response: _Response, code: str) -> ApiError:
+def _api_error(response: Response, code: str) -> ApiError:
     message = ""
     try:
         payload = response.json()
