@@ -151,7 +151,7 @@ async def measure(workdir: Path) -> dict[str, Any]:
     config = workdir / "poll.toml"
     config.write_text(
         '[orgs.packaging]\nkind = "production"\npackaging = true\n\n[orgs.uat]\nkind = "sandbox"\n\n'
-        f'[sfp]\nurl = "{sfp.url}"\n\n[artifacts]\ndir = "{artifacts}"\n\n'
+        f'[sfp]\nurl = "{sfp.url}"\ntask_types = ["fetchReviewEnvironment"]\n\n[artifacts]\ndir = "{artifacts}"\n\n'
         "[poller]\ninterval_seconds = 2\nlease_seconds = 60\nbatch_size = 1000\n"
     )
     env = {

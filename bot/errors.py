@@ -30,11 +30,16 @@ class ChatOpsError(Exception):
 
 
 class UserError(ChatOpsError):
-    """Something the requesting user can fix; ``usage`` is appended when given."""
+    """Something the requesting user can fix; ``usage`` is appended when given.
 
-    def __init__(self, message: str, *, usage: str | None = None) -> None:
+    ``markup``: the message is Slack mrkdwn the bot built itself from ids it holds (mentions such
+    as ``<#C0123>``), with no user text in it, so it is shown as is instead of escaped.
+    """
+
+    def __init__(self, message: str, *, usage: str | None = None, markup: bool = False) -> None:
         super().__init__(message)
         self.usage = usage
+        self.markup = markup
 
 
 class UsageError(UserError):

@@ -132,11 +132,31 @@ class AccessConfig(_Strict):
 
 class SfpConfig(_Strict):
     url: str
+    # Which task types `/sfp submit` may send; ["*"] allows every type. Unset: none, since with
+    # the server's token any type would otherwise run (refused with a message naming this key).
+    task_types: list[str] | None = None
 
     @field_validator("url")
     @classmethod
     def _url(cls, value: str) -> str:
         return check_service_url(value, what="sfp.url")
+
+    @field_validator("task_types")
+    @classmethod
+    def _task_types(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        if not value:
+            raise ValueError('sfp.task_types is empty: list the task types to allow, or ["*"] for every type')
+        for entry in value:
+            if not entry.strip() or entry != entry.strip() or any(ch.isspace() for ch in entry):
+                raise ValueError(f"sfp.task_types: {entry!r} is not a task type (a non-empty name without spaces)")
+        if "*" in value and len(value) > 1:
+            raise ValueError('sfp.task_types: "*" allows every type; list it alone or list types without it')
+        return value
+
+    def allows(self, task_type: str) -> bool:
+        return self.task_types is not None and (self.task_types == ["*"] or task_type in self.task_types)
 
 
 class FlexDeployConfig(_Strict):

@@ -122,7 +122,9 @@ def register(app: AsyncApp, deps: HandlerDeps) -> None:
 
         async def work() -> None:
             await deps.access.check(command="push", user=user, channel=channel)
-            operation = await deps.push.cancel(f"{REF_PREFIX[OpKind.PUSH]}{operation_id}", user=user)
+            ref = f"{REF_PREFIX[OpKind.PUSH]}{operation_id}"
+            await deps.access.check_cancel(await deps.push.get(ref), user=user)
+            operation = await deps.push.cancel(ref, user=user)
             await repo.audit(
                 deps.db,
                 actor=user,

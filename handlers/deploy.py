@@ -55,11 +55,13 @@ def register(app: AsyncApp, deps: HandlerDeps) -> None:
             if isinstance(parsed, DeployHelp):
                 await reply_ephemeral(respond, escape(DEPLOY_USAGE))
             elif isinstance(parsed, DeployList):
-                await reply_ephemeral(respond, deploy_messages.list_message(await service().recent()))
+                recent = await service().recent(channel=channel, user=user)
+                await reply_ephemeral(respond, deploy_messages.list_message(recent))
             elif isinstance(parsed, DeployOrgs):
                 await reply_ephemeral(respond, deploy_messages.orgs_message(await service().orgs_overview()))
             elif isinstance(parsed, DeployRef) and parsed.action == "status":
                 operation = await service().get(parsed.ref)
+                await deps.access.check_read(operation, user=user, channel=channel)
                 await reply_ephemeral(respond, f"Status of {operation.ref}", deploy_messages.status_blocks(operation))
             elif isinstance(parsed, DeployRef):
                 await cancel(parsed.ref, user=user, channel=channel, respond=respond)
@@ -110,6 +112,7 @@ def register(app: AsyncApp, deps: HandlerDeps) -> None:
         await reply_ephemeral(respond, deploy_messages.created_message(operation, created=created, notes=notes))
 
     async def cancel(ref: str, *, user: str, channel: str, respond: AsyncRespond) -> None:
+        await deps.access.check_cancel(await service().get(ref), user=user)
         operation = await service().cancel(ref, user=user)
         deps.kick_poller()
         await repo.audit(

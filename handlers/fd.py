@@ -53,6 +53,7 @@ def register(app: AsyncApp, deps: HandlerDeps) -> None:
                         comment=fd_messages.file_comment(package, project_id=parsed.project_id, user=user),
                     )
             elif isinstance(parsed, FdCancel):
+                await deps.access.check_cancel(await service().get(parsed.ref), user=user)
                 operation = await service().cancel(parsed.ref, user=user)
                 deps.kick_poller()
                 await repo.audit(
@@ -114,7 +115,9 @@ def register(app: AsyncApp, deps: HandlerDeps) -> None:
 
         async def work() -> None:
             await deps.access.check(command="fd", user=user, channel=channel)
-            operation = await service().cancel(f"{REF_PREFIX[OpKind.FD]}{value}", user=user)
+            ref = f"{REF_PREFIX[OpKind.FD]}{value}"
+            await deps.access.check_cancel(await service().get(ref), user=user)
+            operation = await service().cancel(ref, user=user)
             await repo.audit(
                 deps.db, actor=user, channel=channel, operation_ref=operation.ref, action="fd.cancel", outcome="ok"
             )

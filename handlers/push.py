@@ -29,11 +29,14 @@ def register(app: AsyncApp, deps: HandlerDeps) -> None:
             if isinstance(parsed, Help):
                 await reply_ephemeral(respond, escape(PUSH_USAGE))
             elif isinstance(parsed, PushList):
-                await reply_ephemeral(respond, push_messages.list_message(await deps.push.recent()))
+                recent = await deps.push.recent(channel=channel, user=user)
+                await reply_ephemeral(respond, push_messages.list_message(recent))
             elif isinstance(parsed, PushRef) and parsed.action == "status":
                 operation = await deps.push.get(parsed.ref)
+                await deps.access.check_read(operation, user=user, channel=channel)
                 await reply_ephemeral(respond, f"Status of {operation.ref}", push_messages.status_blocks(operation))
             elif isinstance(parsed, PushRef):
+                await deps.access.check_cancel(await deps.push.get(parsed.ref), user=user)
                 operation = await deps.push.cancel(parsed.ref, user=user)
                 deps.kick_poller()
                 await reply_ephemeral(respond, f"✋ {operation.ref} is canceled; nothing more will be upgraded.")
@@ -81,6 +84,8 @@ def register(app: AsyncApp, deps: HandlerDeps) -> None:
 
     async def retry(parsed: PushRetry, *, user: str, channel: str, trigger_id: str, respond: AsyncRespond) -> None:
         scheduled_for = await scheduled_time(parsed.at, user)
+        # A retry shows the earlier push's failures, so it is a read of that push.
+        await deps.access.check_read(await deps.push.get(parsed.ref), user=user, channel=channel)
         retry_plan = await deps.push.retry_plan(parsed.ref)
         if parsed.dry_run or not retry_plan.plan.targets:
             await reply_ephemeral(respond, push_messages.retry_message(retry_plan, dry_run=parsed.dry_run))

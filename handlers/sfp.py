@@ -50,7 +50,8 @@ def register(app: AsyncApp, deps: HandlerDeps) -> None:
             if isinstance(parsed, SfpHelp):
                 await reply_ephemeral(respond, escape(SFP_USAGE))
             elif isinstance(parsed, SfpList):
-                await reply_ephemeral(respond, sfp_messages.list_message(await service().recent()))
+                recent = await service().recent(channel=channel, user=user)
+                await reply_ephemeral(respond, sfp_messages.list_message(recent))
             elif isinstance(parsed, SfpSubmit):
                 await submit(
                     parsed, user=user, channel=channel, trigger_id=command.get("trigger_id", ""), respond=respond
@@ -93,6 +94,7 @@ def register(app: AsyncApp, deps: HandlerDeps) -> None:
     async def on_ref(parsed: SfpRef, *, user: str, channel: str, respond: AsyncRespond) -> None:
         sfp = service()
         target = await sfp.target(parsed)
+        await allowed(target, action=parsed.action, user=user, channel=channel)
         if parsed.action == "status":
             live = await sfp.live_status(target)
             if target.operation is None:
@@ -109,6 +111,15 @@ def register(app: AsyncApp, deps: HandlerDeps) -> None:
             await cancel(target, user=user, channel=channel, respond=respond)
         elif parsed.action == "stop":
             await stop(target, user=user, channel=channel, respond=respond)
+
+    async def allowed(target: Target, *, action: str, user: str, channel: str) -> None:
+        """Refuse before any call to the sfp server: a task not of ours is for admins only."""
+        if target.operation is None:
+            await deps.access.check_foreign(user=user, what=f"Operation `{target.operation_id}`")
+        elif action in {"cancel", "stop"}:
+            await deps.access.check_cancel(target.operation, user=user, verb=action)
+        else:
+            await deps.access.check_read(target.operation, user=user, channel=channel)
 
     async def cancel(target: Target, *, user: str, channel: str, respond: AsyncRespond) -> None:
         outcome = await service().cancel(target, user=user)
@@ -145,6 +156,7 @@ def register(app: AsyncApp, deps: HandlerDeps) -> None:
             async def work() -> None:
                 await deps.access.check(command="sfp", user=user, channel=channel)
                 target = await service().target(SfpRef(action=action, ref=f"{REF_PREFIX[OpKind.SFP]}{operation_id}"))
+                await allowed(target, action=action, user=user, channel=channel)
                 if action == "stop":
                     await stop(target, user=user, channel=channel, respond=respond)
                 else:

@@ -410,7 +410,9 @@ async def test_queue_then_cancel_shows_canceling_then_canceled(sandbox: Sandbox)
     assert "queued behind 1 deployment to `uat`" in await card_text_when(sandbox, queued, "queue position 2")
     assert uat.snapshot(queued.external_id or "").status == "Pending"
 
-    answer = await click(sandbox, CAROL, slow, "Cancel")
+    # Cancel is for the requester (its approvers, admins): not for Carol.
+    assert "Only the requester of" in await click(sandbox, CAROL, slow, "Cancel")
+    answer = await click(sandbox, ALICE, slow, "Cancel")
     assert f"Salesforce is canceling {slow_ref}" in answer
     slow = await wait_op(sandbox, slow_ref, states=[OpState.CANCELING])
     assert uat.snapshot(slow.external_id or "").status == "Canceling"
@@ -418,7 +420,7 @@ async def test_queue_then_cancel_shows_canceling_then_canceled(sandbox: Sandbox)
     assert uat.snapshot(slow.external_id or "").status == "Canceled"
     history = [version_text(v.text, v.blocks) for v in card_of(sandbox, slow).history]
     assert any("Canceling" in text for text in history) and "Canceled" in history[-1]
-    assert any("Cancel requested by <@U0CAROL>" in t for t in thread_texts(sandbox, slow))
+    assert any("Cancel requested by <@U0ALICE>" in t for t in thread_texts(sandbox, slow))
     assert "already ended" in await deploy(sandbox, ALICE, f"cancel {slow_ref}")
 
     # The queued one starts once the org is free.

@@ -25,7 +25,7 @@ from bot.clients.salesforce.auth import TokenCache, parse_sfdx_auth_url
 from bot.clients.salesforce.metadata import DeployOptions, MetadataClient
 from bot.clients.salesforce.rest import SalesforceClient
 from bot.errors import AmbiguousWriteError, TransientError
-from bot.sandbox.embedded import Sandbox, running_sandbox
+from bot.sandbox.embedded import SANDBOX_ADMINS, Sandbox, running_sandbox
 from bot.sandbox.flexdeploy_server import FlexDeploySim
 from bot.sandbox.metadata_api import MetadataApiSim
 from bot.sandbox.sfp_server import SfpServerSim
@@ -45,12 +45,12 @@ async def sandbox(tmp_path: Path) -> AsyncIterator[Sandbox]:
         yield running
 
 
-async def run(sandbox: Sandbox, command: str, text: str) -> str:
-    """Run ``/<command> <text>`` as Alice; the first ephemeral answer, Slack's escapes undone."""
-    before = len(ephemerals(sandbox, ALICE))
-    result = await sandbox.agent.command(user=ALICE, channel=CHANNEL, command=f"/{command}", text=text)
+async def run(sandbox: Sandbox, command: str, text: str, *, user: str = ALICE) -> str:
+    """Run ``/<command> <text>`` as ``user`` (Alice); the first ephemeral answer, Slack's escapes undone."""
+    before = len(ephemerals(sandbox, user))
+    result = await sandbox.agent.command(user=user, channel=CHANNEL, command=f"/{command}", text=text)
     assert result.status == 200, result
-    answer = await next_ephemeral(sandbox, ALICE, before)
+    answer = await next_ephemeral(sandbox, user, before)
     return answer.replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&")
 
 
@@ -200,8 +200,9 @@ async def test_hostile_sfp_operation_ids_are_refused_before_any_call(sandbox: Sa
     assert sim.calls == []
     await nothing_created(sandbox, [f"/sfp {text}" for text in texts])
 
-    # An odd but valid id (dots and colons) is sent, as one path segment.
-    answer = await run(sandbox, "sfp", "status op:1..2:x")
+    # An odd but valid id (dots and colons) is sent, as one path segment (by an admin: a task
+    # the bot did not submit is for admins only).
+    answer = await run(sandbox, "sfp", "status op:1..2:x", user=SANDBOX_ADMINS[0])
     assert "has no task with operation id `1..2:x`" in answer, answer
     assert sim.calls == [("GET", "/sfp/api/tasks/1..2:x/status")]
 

@@ -88,7 +88,8 @@ async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
     config = tmp_path / "chatops.toml"
     config.write_text(
         '[orgs.packaging]\nkind = "production"\npackaging = true\n\n[orgs.uat]\nkind = "sandbox"\n\n'
-        f'[sfp]\nurl = "{sfp.url}"\n\n[flexdeploy]\nurl = "{flexdeploy.url}"\n\n[artifacts]\ndir = "{artifacts}"\n\n'
+        f'[sfp]\nurl = "{sfp.url}"\ntask_types = ["checkReviewEnvironment"]\n\n'
+        f'[flexdeploy]\nurl = "{flexdeploy.url}"\n\n[artifacts]\ndir = "{artifacts}"\n\n'
         '[[approval]]\naction = "push"\norg_kind = "production"\napprovers = ["U0BOB", "U0DAVE"]\n\n'
         "[poller]\ninterval_seconds = 0.5\nlease_seconds = 4\nbatch_size = 100\n"
     )

@@ -25,10 +25,11 @@ from bot.sandbox.fake_slack import FakeSlack
 from bot.sandbox.flexdeploy_server import FlexDeploySim
 from bot.sandbox.metadata_api import ArtifactServer, write_sample_artifacts
 from bot.sandbox.salesforce_org import SalesforceOrgSim, build_auth_url
-from bot.sandbox.sfp_server import SfpServerSim
+from bot.sandbox.sfp_server import TASK_TYPES, SfpServerSim
 from bot.sandbox.slack_user import SlackUserAgent
 from bot.server import EVENTS_PATH, http_app
 from bot.settings import (
+    AccessConfig,
     ApprovalRule,
     ArtifactsConfig,
     FlexDeployConfig,
@@ -43,6 +44,9 @@ TOURS_DIR = Path(__file__).with_name("tours")
 RELEASES_CHANNEL = "C0RELEASES"
 NOTIFY_CHANNEL = "C0NOTIFY"
 SANDBOX_APPROVERS = ["U0BOB", "U0DAVE"]
+# Every type the simulated sfp server knows: the tours use the review-environment ones.
+SANDBOX_SFP_TASK_TYPES = list(TASK_TYPES)
+SANDBOX_ADMINS = ["U0DAVE"]  # may cancel anything and read sfp tasks the bot did not submit
 
 
 @dataclass
@@ -82,6 +86,7 @@ def sandbox_settings(
             "uat": OrgConfig(kind="sandbox", auth_url=SecretStr(build_auth_url(sandbox_org))),
         },
         "notifications": NotificationsConfig(channel=NOTIFY_CHANNEL),
+        "access": AccessConfig(admins=SANDBOX_ADMINS),
         "approval": [ApprovalRule(action="push", org_kind="production", approvers=SANDBOX_APPROVERS, count=1)],
         "poller": PollerConfig(interval_seconds=1.0, lease_seconds=30.0),
     }
@@ -91,9 +96,17 @@ def sandbox_settings(
 
 @asynccontextmanager
 async def running_sandbox(
-    *, workdir: Path, job_seconds: float = 0.25, subscribers: int = 2400, start_bot: bool = True, **overrides: Any
+    *,
+    workdir: Path,
+    job_seconds: float = 0.25,
+    subscribers: int = 2400,
+    start_bot: bool = True,
+    sfp_task_types: list[str] | None = SANDBOX_SFP_TASK_TYPES,
+    **overrides: Any,
 ) -> AsyncIterator[Sandbox]:
-    """Start the simulators, the fake Slack and (unless ``start_bot`` is False) the bot."""
+    """Start the simulators, the fake Slack and (unless ``start_bot`` is False) the bot.
+
+    ``sfp_task_types``: the bot's ``[sfp] task_types`` (None: not set)."""
     packaging = SalesforceOrgSim(
         org_id="00D00000000PKG1", kind="packaging", subscribers=subscribers, job_seconds=job_seconds
     )
@@ -118,7 +131,7 @@ async def running_sandbox(
     sfp = SfpServerSim(task_seconds=2.0, time_speedup=30.0)
     await sfp.start()
     servers["sfp"] = sfp
-    extra["sfp"] = SfpConfig(url=sfp.url)
+    extra["sfp"] = SfpConfig(url=sfp.url, task_types=sfp_task_types)
     extra["sfp_token"] = SecretStr(sfp.token)
     # Metadata deployments: sample artifacts (good, failing, slow, destructive) in the workdir,
     # also served over HTTP so that an artifact can be given as an URL under an allowed prefix.
@@ -214,7 +227,8 @@ def _banner(sandbox: Sandbox) -> str:
             f"  packaging org ({len(sandbox.packaging.subscribers):,} subscribers): {sandbox.packaging.url}",
             f"  production org: {sandbox.production.url}   sandbox org: {sandbox.sandbox_org.url}",
             f"  fake Slack: {sandbox.slack.url}   bot: {sandbox.bot_url}",
-            "  channel #releases; users alice (requester), bob and dave (approvers), carol (not an approver).",
+            "  channel #releases; users alice (requester), bob and dave (approvers; dave is also a bot admin),",
+            "  carol (not an approver).",
             "Try:  /push create Acme Billing@1.4.0 --orgs all --dry-run     then without --dry-run,",
             "      as bob, click Approve.   Type `help` for console commands.",
             'FlexDeploy (projects 101 Acme Salesforce, 102 HR Database):  /fd show 101 "Release 42"   /fd help',

@@ -158,8 +158,9 @@ class DeployService:
             raise NotFoundError(f"No deployment `{ref}`. `/deploy list` shows recent ones.")
         return operation
 
-    async def recent(self, limit: int = 15) -> Sequence[Operation]:
-        return await repo.list_operations(self._db, kind=OpKind.DEPLOY, limit=limit)
+    async def recent(self, *, channel: str, user: str, limit: int = 15) -> Sequence[Operation]:
+        """What a list shows in ``channel`` to ``user``: that channel's, and the user's own anywhere."""
+        return await repo.list_operations(self._db, kind=OpKind.DEPLOY, limit=limit, channel=channel, user=user)
 
     async def _active(self) -> list[Operation]:
         recent = await repo.list_operations(self._db, kind=OpKind.DEPLOY, limit=500)

@@ -338,8 +338,9 @@ class PushService:
             raise NotFoundError(f"No push `{ref}`. `/push list` shows recent ones.")
         return operation
 
-    async def recent(self, limit: int = 15) -> Sequence[Operation]:
-        return await repo.list_operations(self._db, kind=OpKind.PUSH, limit=limit)
+    async def recent(self, *, channel: str, user: str, limit: int = 15) -> Sequence[Operation]:
+        """What a list shows in ``channel`` to ``user``: that channel's, and the user's own anywhere."""
+        return await repo.list_operations(self._db, kind=OpKind.PUSH, limit=limit, channel=channel, user=user)
 
     async def retry_plan(self, ref: str) -> RetryPlan:
         previous = await self.get(ref)

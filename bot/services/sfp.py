@@ -38,6 +38,7 @@ from bot.errors import (
     AmbiguousWriteError,
     ApiError,
     AuthError,
+    NotAllowedError,
     NotFoundError,
     StateError,
     TaskNotFoundError,
@@ -68,6 +69,11 @@ MAX_STORED_RESULT = 200_000  # characters of JSON kept in the database
 INLINE_RESULT_CHARS = 1800  # longer results are attached as a file
 INLINE_RESULT_LINES = 30
 NOT_CONFIGURED = "The sfp server is not configured for this bot: set `[sfp] url` in the config file and `SFP_TOKEN`."
+NO_TASK_TYPES = (
+    "No sfp task types are allowed yet, so `/sfp submit` is refused: add "
+    '`task_types = ["fetchReviewEnvironment", …]` under `[sfp]` in the config file '
+    '(`["*"]` allows every type).'
+)
 _ACTIVE = {OpState.SCHEDULED, OpState.RUNNING, OpState.CANCELING}
 
 
@@ -233,7 +239,17 @@ class SfpService:
         return requirement_for(ApprovalFacts(action="sfp", task_type=request.task_type), rules)
 
     def check(self, request: TaskRequest, *, now: datetime) -> None:
-        """Rules that need the resolved times; the grammar checked everything else."""
+        """The allowed task types, and rules that need the resolved times; the grammar checked
+        everything else."""
+        config = self._settings.sfp
+        if config is None or config.task_types is None:
+            raise NotAllowedError(NO_TASK_TYPES)
+        if not config.allows(request.task_type):
+            allowed = ", ".join(f"`{name}`" for name in config.task_types)
+            raise NotAllowedError(
+                f"Task type `{request.task_type}` is not allowed here (allowed: {allowed}); "
+                "to allow it, add it to `task_types` under `[sfp]` in the config file."
+            )
         start = request.scheduled_for or now
         if request.until is not None and request.until <= start:
             raise UsageError("`--until` must be after the first run (`--at`, or now).", usage=SFP_USAGE)
@@ -282,12 +298,16 @@ class SfpService:
             raise NotFoundError(f"No sfp task `{ref}`. `/sfp list` shows recent ones.")
         return operation
 
-    async def recent(self, limit: int = 15) -> Sequence[Operation]:
-        return await repo.list_operations(self._db, kind=OpKind.SFP, limit=limit)
+    async def recent(self, *, channel: str, user: str, limit: int = 15) -> Sequence[Operation]:
+        """What a list shows in ``channel`` to ``user``: that channel's, and the user's own anywhere."""
+        return await repo.list_operations(self._db, kind=OpKind.SFP, limit=limit, channel=channel, user=user)
 
     async def target(self, parsed: SfpRef) -> Target:
+        """What the ref names; ``op:<id>`` of a task the bot submitted is that operation, so that
+        naming a task by its sfp id gives nobody more than its bot ref would."""
         if parsed.operation_id is not None:
-            return Target(operation=None, operation_id=parsed.operation_id)
+            ours = await repo.operation_by_external_id(self._db, kind=OpKind.SFP, external_id=parsed.operation_id)
+            return Target(operation=ours, operation_id=parsed.operation_id)
         assert parsed.ref is not None
         operation = await self.get(parsed.ref)
         return Target(operation=operation, operation_id=operation.external_id)

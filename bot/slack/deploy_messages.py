@@ -357,8 +357,11 @@ def plan_summary(plan: DeployPlan | QuickPlan) -> str:
 
 def list_message(ops: Sequence[Operation]) -> str:
     if not ops:
-        return "No deployments yet. Start one with `/deploy validate <org> <artifact>`."
-    lines = ["*Recent deployments*"]
+        return (
+            "No deployments yet in this channel (nor yours elsewhere). "
+            "Start one with `/deploy validate <org> <artifact>`."
+        )
+    lines = ["*Recent deployments* (this channel, and yours elsewhere)"]
     for op in ops:
         result = op.data.get("result") or {}
         extra = ""

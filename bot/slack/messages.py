@@ -11,7 +11,7 @@ NOT_YET: dict[str, str] = {}
 def error_text(error: ChatOpsError) -> str:
     """The ephemeral message for an error: what went wrong, then how to use the command."""
     if isinstance(error, UserError):
-        text = f":warning: {bk.escape(error.message)}"
+        text = f":warning: {error.message if error.markup else bk.escape(error.message)}"
         if error.usage:
             text += f"\n\n{bk.escape(error.usage)}"
         return bk.clip(text, bk.MESSAGE_TEXT_MAX)

@@ -217,8 +217,8 @@ def created_message(op: Operation, *, created: bool) -> str:
 
 def list_message(ops: Sequence[Operation]) -> str:
     if not ops:
-        return "No pushes yet. Start one with `/push create <version>`."
-    lines = ["*Recent pushes*"]
+        return "No pushes yet in this channel (nor yours elsewhere). Start one with `/push create <version>`."
+    lines = ["*Recent pushes* (this channel, and yours elsewhere)"]
     for op in ops:
         counts = op.data.get("summary") or op.data.get("counts") or {}
         extra = ""

@@ -398,8 +398,11 @@ def created_message(op: Operation, *, created: bool) -> str:
 
 def list_message(ops: Sequence[Operation]) -> str:
     if not ops:
-        return "No sfp tasks yet. Submit one with `/sfp submit <type> [key=value …]`."
-    lines = ["*Recent sfp tasks*"]
+        return (
+            "No sfp tasks yet in this channel (nor yours elsewhere). "
+            "Submit one with `/sfp submit <type> [key=value …]`."
+        )
+    lines = ["*Recent sfp tasks* (this channel, and yours elsewhere)"]
     for op in ops:
         extra = ""
         if is_recurring(op):

@@ -55,10 +55,28 @@ async def get_operation(db: Database, *, operation_id: int) -> Operation | None:
         return await session.get(Operation, operation_id)
 
 
-async def list_operations(db: Database, *, kind: OpKind, limit: int = 15) -> Sequence[Operation]:
+async def list_operations(
+    db: Database, *, kind: OpKind, limit: int = 15, channel: str | None = None, user: str | None = None
+) -> Sequence[Operation]:
+    """The latest operations of a kind; with ``channel``/``user``, only those of that channel or
+    requested by that user."""
     async with db.session() as session:
-        query = select(Operation).where(Operation.kind == kind).order_by(col(Operation.id).desc()).limit(limit)
+        query = select(Operation).where(Operation.kind == kind)
+        if channel is not None or user is not None:
+            query = query.where(or_(col(Operation.channel) == channel, col(Operation.requester) == user))
+        query = query.order_by(col(Operation.id).desc()).limit(limit)
         return (await session.exec(query)).all()
+
+
+async def operation_by_external_id(db: Database, *, kind: OpKind, external_id: str) -> Operation | None:
+    async with db.session() as session:
+        query = (
+            select(Operation)
+            .where(Operation.kind == kind, Operation.external_id == external_id)
+            .order_by(col(Operation.id).desc())
+            .limit(1)
+        )
+        return (await session.exec(query)).first()
 
 
 async def update_operation(
