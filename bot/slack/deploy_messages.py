@@ -230,6 +230,26 @@ def coverage_text(op: Operation, *, limit: int = MAX_LISTED_COVERAGE) -> str | N
     return "\n".join(lines)
 
 
+def coverage_summary(op: Operation) -> str | None:
+    """One line: the average against the threshold and what is below it, by name."""
+    coverage = op.data.get("coverage")
+    if not coverage:
+        return None
+    parts = []
+    if coverage.get("average") is not None:
+        required = coverage.get("required")
+        parts.append(
+            f"average {percent_text(coverage['average'])}"
+            + (f", at least {percent_text(required)} required" if required is not None else "")
+        )
+    names = [str(item.get("name")) for item in [*(coverage.get("classes") or []), *(coverage.get("flows") or [])]]
+    if names:
+        shown = ", ".join(f"`{bk.escape(name)}`" for name in names[:5])
+        parts.append(f"below it: {shown}" + (f" and {len(names) - 5:,} more" if len(names) > 5 else ""))
+    title = "Code coverage too low" if op.state == OpState.FAILED else "Code coverage warnings"
+    return f"🧪 {title}" + (": " + "; ".join(parts) if parts else " (see the report).")
+
+
 def no_reason_text(op: Operation) -> str:
     return (
         f"❗ Salesforce marked it {(op.data.get('result') or {}).get('status') or 'Failed'} and gave no reason: "
@@ -267,7 +287,9 @@ def _progress_text(op: Operation, progress: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _result_text(op: Operation) -> str:
+def _result_text(op: Operation, *, compact: bool = False) -> str:
+    """Counts and why it failed; ``compact`` for the completion notice, whose thread (or the card)
+    has the full coverage list."""
     data = op.data
     result = data.get("result") or {}
     deployed, total, errors = (int(x or 0) for x in (result.get("components") or [0, 0, 0])[:3])
@@ -287,7 +309,7 @@ def _result_text(op: Operation) -> str:
             f"{_n(totals.get('components'))} component failure(s) and {_n(totals.get('tests'))} test failure(s): "
             "listed in the thread, with the full report attached."
         )
-    coverage = coverage_text(op)
+    coverage = coverage_summary(op) if compact else coverage_text(op)
     if coverage:
         lines.append(coverage)
     if failed_without_reason(op):
@@ -330,8 +352,8 @@ def failures_text(op: Operation) -> str | None:
     components = data.get("component_failures") or []
     tests = data.get("test_failures") or []
     coverage = coverage_text(op, limit=MAX_LISTED_FAILURES)
-    if failed_without_reason(op):
-        return no_reason_text(op)
+    # A failure without any reason gets no list here: the completion notice, in this thread too,
+    # says so with the link.
     if not components and not tests and not coverage:
         return None
     totals = data.get("failure_totals") or {}
@@ -399,7 +421,7 @@ def completion_text(op: Operation) -> str:
     result = op.data.get("result")
     if result:
         # The id first: a long result is clipped at the end, and the id is what people search for.
-        text = f"{base}\n{_salesforce_id(op)}\n{_result_text(op)}"
+        text = f"{base}\n{_salesforce_id(op)}\n{_result_text(op, compact=True)}"
         until = validation_usable_until(op)
         if until is not None:
             text += f"\n⚡ Quick deploy it with `/deploy quick {op.ref}` until {slack_date(until)}."
