@@ -227,6 +227,19 @@ class Settings(BaseSettings):
             raise ValueError(f"{info.field_name.upper()} is a placeholder; set the real secret")
         return value
 
+    @field_validator("salesforce_api_version")
+    @classmethod
+    def _salesforce_api_version(cls, value: str) -> str:
+        # Before 30.0 checkDeployStatus has no done/status to read (the bot would poll forever),
+        # and cancelDeploy does not exist.
+        match = re.fullmatch(r"(\d{2,3})\.0", value.strip())
+        if match is None or int(match.group(1)) < 30:
+            raise ValueError(
+                f"SALESFORCE_API_VERSION {value[:20]!r} is not supported: use a version of the form NN.0, "
+                "30.0 or later (e.g. 61.0)"
+            )
+        return value.strip()
+
     @field_validator("slack_api_url")
     @classmethod
     def _slack_api_url(cls, value: str) -> str:

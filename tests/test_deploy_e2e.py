@@ -503,3 +503,102 @@ async def test_url_artifacts_list_status_and_orgs(sandbox: Sandbox) -> None:
     orgs = await deploy(sandbox, ALICE, "orgs")
     assert "`prod` (production): deployments need approval" in orgs and "`uat` (sandbox)" in orgs
     assert "/deploy start <org> <artifact>" in await deploy(sandbox, ALICE, "help")
+
+
+# --------------------------------------------------------------------------- what real orgs answer
+
+DEPLOY_STATUS_PAGE = (
+    "/lightning/setup/DeployStatus/page?address=%2Fchangemgmt%2FmonitorDeploymentsDetails.apexp%3FasyncId%3D"
+)
+
+
+def report_of(sandbox: Sandbox, ref: str) -> str:
+    report = next(f for f in sandbox.slack.files.values() if f.name == f"deploy-{ref}-report.txt")
+    return report.text() or ""
+
+
+def notices_of(sandbox: Sandbox, what: str) -> list[str]:
+    return [unescape(m.text) for m in sandbox.slack.messages.get(NOTIFY_CHANNEL, []) if what in m.text]
+
+
+async def test_validation_failing_on_code_coverage_alone_says_why_on_card_thread_and_report(sandbox: Sandbox) -> None:
+    """Issue 13 item 1: Salesforce fails it with every component deployed, every test passed and
+    no errorMessage; only runTestResult's coverage warnings say why."""
+    prod = mdapi(sandbox, "prod")
+    ref = ref_in(await deploy(sandbox, ALICE, "validate prod coverage-release.zip --test-level RunLocalTests"))
+    op = await wait_op(sandbox, ref, states=[OpState.FAILED], announced=True)
+    in_salesforce = prod.snapshot(op.external_id or "")
+    assert in_salesforce.status == "Failed" and in_salesforce.error_message == ""
+    assert op.data["result"]["components"] == [5, 5, 0] and op.data["result"]["tests"] == [8, 8, 0]
+    coverage = op.data["coverage"]
+    assert (coverage["average"], coverage["required"]) == (68, 75)
+    assert [(c["name"], c["type"], c["percent"]) for c in coverage["classes"]] == [
+        ("UncoveredInvoiceExport", "Apex Class", 0)
+    ]
+    assert [(f["name"], f["percent"]) for f in coverage["flows"]] == [("Uncovered_Invoice_Reminder", 0)]
+
+    card = await card_text_when(sandbox, op, "Code coverage too low")
+    reply = next(text for text in thread_texts(sandbox, op) if text.startswith("🧪"))
+    for text in (card, reply):
+        assert "Average across all Apex classes and triggers: *68%*, at least *75%* required." in text
+        assert "Apex Class `UncoveredInvoiceExport`: 0% (at least 75%)" in text
+        assert "Flow `Uncovered_Invoice_Reminder`: 0% (at least 75%)" in text
+    assert "Validation failed" in card
+    report = report_of(sandbox, ref)
+    assert "Average across all Apex classes and triggers: 68% (at least 75% required)" in report
+    assert "Apex Class UncoveredInvoiceExport: Test coverage of selected Apex Class is 0%" in report
+    assert "Flow Uncovered_Invoice_Reminder: Test coverage of selected Flow is 0%" in report
+    (notice,) = notices_of(sandbox, f"validation {ref} ")
+    assert (
+        "🧪 Code coverage too low: average 68%, at least 75% required; below it: `UncoveredInvoiceExport`, "
+        "`Uncovered_Invoice_Reminder`"
+    ) in notice
+
+
+async def test_failure_without_any_reason_says_so_and_links_to_deployment_status(sandbox: Sandbox) -> None:
+    uat = mdapi(sandbox, "uat")
+    uat.fail_without_reason_next()
+    ref = ref_in(await deploy(sandbox, ALICE, "start uat good-release.zip"))
+    op = await wait_op(sandbox, ref, states=[OpState.FAILED], announced=True)
+    assert uat.snapshot(op.external_id or "").status == "Failed"
+    link = f"<{sandbox.sandbox_org.url}{DEPLOY_STATUS_PAGE}{op.external_id}|its Deployment Status page>"
+    card = await card_text_when(sandbox, op, "gave no reason")
+    (reply,) = [t for t in thread_texts(sandbox, op) if "gave no reason" in t]  # said once in the thread
+    for text in (card, reply):
+        assert "Salesforce marked it Failed and gave no reason" in text and link in text
+    assert "Salesforce gave no reason for this failure" in report_of(sandbox, ref)
+    assert f"{sandbox.sandbox_org.url}{DEPLOY_STATUS_PAGE}{op.external_id}" in report_of(sandbox, ref)
+    (notice,) = notices_of(sandbox, f"deployment {ref} ")
+    assert "gave no reason" in notice and link in notice
+
+
+async def test_failing_test_shows_its_class_line_not_external_entry_point(sandbox: Sandbox) -> None:
+    """Issue 13 item 4: real stack traces often start with `External entry point`."""
+    ref = ref_in(await deploy(sandbox, ALICE, "start uat failing-release.zip --test-level RunLocalTests"))
+    op = await wait_op(sandbox, ref, states=[OpState.FAILED], announced=True)
+    (stored,) = [t for t in op.data["test_failures"] if t["method"] == "failsOnNullCustomer"]
+    assert stored["stack_trace"].splitlines()[0] == "External entry point"  # as Salesforce sent it
+    failures = next(text for text in thread_texts(sandbox, op) if "Apex test failures (2)" in text)
+    assert (
+        "`InvoiceRegressionTest.failsOnNullCustomer` — System.NullPointerException: Attempt to de-reference a null "
+        "object\n    `Class.InvoiceRegressionTest.failsOnNullCustomer: line 29, column 1`"
+    ) in failures
+    assert "External entry point" not in failures
+    # The report keeps the whole trace.
+    assert "External entry point\n    Class.InvoiceRegressionTest.failsOnNullCustomer" in report_of(sandbox, ref)
+
+
+async def test_deployment_card_links_to_its_deployment_status_page_and_notices_carry_the_id(
+    sandbox: Sandbox,
+) -> None:
+    ref = ref_in(await deploy(sandbox, ALICE, "validate uat good-release.zip"))
+    op = await wait_op(sandbox, ref, states=[OpState.SUCCEEDED], announced=True)
+    deploy_id = op.external_id or ""
+    assert deploy_id.startswith("0Af")
+    # Built from the org's instance URL (the OAuth answer), not from anything typed in Slack.
+    url = f"{sandbox.sandbox_org.url}{DEPLOY_STATUS_PAGE}{deploy_id}"
+    card = await card_text_when(sandbox, op, "Deployment Status")
+    assert f"Salesforce id `{deploy_id}` · <{url}|Deployment Status>" in card
+    (notice,) = notices_of(sandbox, f"validation {ref} ")
+    assert f"Salesforce id `{deploy_id}` · <{url}|Deployment Status>" in notice
+    assert f"Deployment Status in Salesforce: {url}" in report_of(sandbox, ref)

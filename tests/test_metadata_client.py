@@ -11,15 +11,21 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from defusedxml import ElementTree
 
 from bot.clients.retry import RetryPolicy
 from bot.clients.salesforce.auth import TokenCache, parse_sfdx_auth_url
 from bot.clients.salesforce.metadata import (
+    DEPLOY_STATUS_PATH,
+    CodeCoverageWarning,
     DeployOptions,
     DeployResult,
+    FlowCoverageWarning,
     MetadataClient,
     _fault_of,
     _result_of,
+    deploy_status_url,
+    parse_deploy_result,
     xml_text,
 )
 from bot.clients.salesforce.rest import SalesforceClient
@@ -271,3 +277,120 @@ async def test_text_from_the_request_round_trips_escaped(uat: SalesforceOrgSim, 
     assert api(uat).calls("deploy")[0].args["runTests"] == ["Evil</met:runTests><x>&amp;"]
     missing = await until_done(md, await md.deploy(small_zip({"classes/A.cls": "x"}), DeployOptions()))
     assert (missing.status, missing.error_message) == ("Failed", "No package.xml found")
+
+
+async def test_coverage_only_failure_is_read_from_both_warning_lists(
+    prod: SalesforceOrgSim, uat: SalesforceOrgSim, session: aiohttp.ClientSession, artifacts: dict[str, bytes]
+) -> None:
+    """A production validation that compiles and passes every test but leaves a class and a flow
+    uncovered: Failed with no errorMessage; the reason is in runTestResult's coverage warnings."""
+    options = DeployOptions(check_only=True, test_level="RunLocalTests")
+    result = await until_done(md_for(prod, session), await md_for(prod, session).deploy(artifacts["coverage"], options))
+    assert (result.status, result.success, result.error_message) == ("Failed", False, "")
+    assert (result.components_deployed, result.components_total, result.component_errors) == (5, 5, 0)
+    assert (result.tests_completed, result.tests_total, result.test_errors) == (8, 8, 0)
+    assert result.component_failures == () and result.test_failures == ()
+    average, uncovered = result.code_coverage_warnings
+    assert average.name == "" and average.namespace == "" and average.id.startswith("01p")
+    assert (average.percent, average.required) == (68.0, 75.0)
+    assert average.message == (
+        "Average test coverage across all Apex Classes and Triggers is 68%, at least 75% test coverage is required."
+    )
+    assert (uncovered.name, uncovered.kind, uncovered.percent, uncovered.required) == (
+        "UncoveredInvoiceExport",
+        "Apex Class",
+        0.0,
+        75.0,
+    )
+    (flow,) = result.flow_coverage_warnings
+    assert (flow.flow_name, flow.flow_namespace, flow.percent) == ("Uncovered_Invoice_Reminder", "", 0.0)
+    assert flow.flow_id.startswith("301")
+    # Sandbox orgs do not enforce coverage: the same artifact validates there.
+    md = md_for(uat, session)
+    assert (await until_done(md, await md.deploy(artifacts["coverage"], options))).status == "Succeeded"
+
+
+COVERAGE_RESULT = """<result xmlns="http://soap.sforce.com/2006/04/metadata"
+  xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance">
+  <checkOnly>true</checkOnly>
+  <details>
+    <runTestResult>
+      <codeCoverageWarnings><id>01p5g00000AbCdEAAV</id>
+        <message>Average test coverage across all Apex Classes and Triggers is 74.5%, at least 75% test coverage
+ is required.</message><name xsi:nil="true"/><namespace xsi:nil="true"/></codeCoverageWarnings>
+      <codeCoverageWarnings><id>01q5g00000AbCdEAAV</id>
+        <message>Test coverage of selected Apex Trigger is 0%, at least 1% test coverage is required</message>
+        <name>InvoiceTrigger</name><namespace>acme</namespace><type>Trigger</type></codeCoverageWarnings>
+      <failures><id>01p5g00000XyZaBAAV</id><message>System.DmlException: Insert failed</message>
+        <methodName>testInsert</methodName><name>InvoiceTest</name><namespace xsi:nil="true"/>
+        <stackTrace>External entry point
+Class.InvoiceTest.testInsert: line 9, column 1</stackTrace></failures>
+      <flowCoverageWarnings><flowId xsi:nil="true"/><flowName xsi:nil="true"/><flowNamespace xsi:nil="true"/>
+        <message>Test coverage of active processes and autolaunched flows is 60%, but at least 75% is required</message>
+      </flowCoverageWarnings>
+      <flowCoverageWarnings><flowId>3015g000000AbCdAAK</flowId><flowName>Invoice_Reminder</flowName>
+        <flowNamespace>acme</flowNamespace><message>Flow coverage is 0%</message></flowCoverageWarnings>
+      <numFailures>1</numFailures><numTestsRun>49</numTestsRun><totalTime>1200</totalTime>
+    </runTestResult>
+  </details>
+  <done>true</done><id>0Af5g00000AbCdEGAZ</id><numberComponentsDeployed>47</numberComponentsDeployed>
+  <numberComponentsTotal>47</numberComponentsTotal><numberTestsCompleted>48</numberTestsCompleted>
+  <numberTestErrors>1</numberTestErrors><numberTestsTotal>49</numberTestsTotal>
+  <status>Failed</status><success>false</success>
+</result>"""
+
+
+def test_coverage_warning_fields_nils_namespaces_and_figures_are_typed() -> None:
+    result = parse_deploy_result(ElementTree.fromstring(COVERAGE_RESULT))
+    average, trigger = result.code_coverage_warnings
+    assert average == CodeCoverageWarning(
+        message="Average test coverage across all Apex Classes and Triggers is 74.5%, at least 75% test coverage\n"
+        " is required.",
+        id="01p5g00000AbCdEAAV",
+    )
+    assert (average.percent, average.required, average.qualified) == (74.5, 75.0, "")
+    assert (trigger.qualified, trigger.kind, trigger.percent, trigger.required) == (
+        "acme__InvoiceTrigger",
+        "Apex Trigger",
+        0.0,
+        1.0,
+    )
+    org_flows, flow = result.flow_coverage_warnings
+    assert (
+        org_flows.flow_name == ""
+        and org_flows.flow_id == ""
+        and (org_flows.percent, org_flows.required)
+        == (
+            60.0,
+            75.0,
+        )
+    )
+    assert flow == FlowCoverageWarning(
+        message="Flow coverage is 0%", flow_name="Invoice_Reminder", flow_namespace="acme", flow_id="3015g000000AbCdAAK"
+    )
+    assert (flow.qualified, flow.percent, flow.required) == ("acme__Invoice_Reminder", 0.0, None)
+    (failure,) = result.test_failures
+    assert failure.stack_trace.splitlines() == [
+        "External entry point",
+        "Class.InvoiceTest.testInsert: line 9, column 1",
+    ]
+
+
+async def test_deploy_status_url_is_built_from_the_instance_url_and_a_checked_id(
+    uat: SalesforceOrgSim, session: aiohttp.ClientSession
+) -> None:
+    deploy_id = "0Af5g00000AbCdEGAZ"
+    assert await md_for(uat, session).deploy_status_url(deploy_id) == f"{uat.url}{DEPLOY_STATUS_PATH}{deploy_id}"
+    assert deploy_status_url("https://acme.my.salesforce.com/", deploy_id) == (
+        "https://acme.my.salesforce.com/lightning/setup/DeployStatus/page?address=%2Fchangemgmt"
+        "%2FmonitorDeploymentsDetails.apexp%3FasyncId%3D0Af5g00000AbCdEGAZ"
+    )
+    # Only scheme, host and port of the instance URL; anything else it might carry is dropped.
+    assert deploy_status_url("https://u:p@acme.my.salesforce.com:8443/x?y#z", deploy_id).startswith(
+        "https://acme.my.salesforce.com:8443/lightning/setup/DeployStatus/"
+    )
+    for bad_id in ("0Af5g00000AbCdEGAZ&retURL=evil", "../x", ""):
+        with pytest.raises(ValueError):
+            deploy_status_url("https://acme.my.salesforce.com", bad_id)
+    with pytest.raises(ValueError):
+        deploy_status_url("javascript:alert(1)", deploy_id)

@@ -131,3 +131,27 @@ def test_bad_configuration_is_refused_naming_the_problem(
 def test_missing_config_file_is_named(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="config file not found"):
         load_settings(tmp_path / "nope.toml")
+
+
+@pytest.mark.parametrize("version", ["29.0", "8.0", "61", "61.5", "v61.0", "sixty"])
+def test_salesforce_api_version_before_30_or_malformed_is_refused_at_start_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], version: str
+) -> None:
+    """Issue 13 item 3: before 30.0 checkDeployStatus has no done/status, so a deployment would be
+    polled forever. The bot refuses to start, naming the setting and what it accepts."""
+    from bot.cli import main
+
+    monkeypatch.setenv("SALESFORCE_API_VERSION", version)
+    assert main(["serve"]) == 2
+    error = capsys.readouterr().err
+    assert "SALESFORCE_API_VERSION" in error and "30.0 or later" in error and "NN.0" in error
+    monkeypatch.delenv("SALESFORCE_API_VERSION")
+    with pytest.raises(ValidationError, match=r"30\.0 or later"):
+        load_settings(write(tmp_path, f'salesforce_api_version = "{version}"\n'))
+
+
+def test_salesforce_api_version_30_and_later_is_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert load_settings().salesforce_api_version == "61.0"
+    for version in ("30.0", "44.0", "62.0", "100.0"):
+        monkeypatch.setenv("SALESFORCE_API_VERSION", version)
+        assert load_settings().salesforce_api_version == version

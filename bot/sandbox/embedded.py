@@ -133,7 +133,7 @@ async def running_sandbox(
     servers["sfp"] = sfp
     extra["sfp"] = SfpConfig(url=sfp.url, task_types=sfp_task_types)
     extra["sfp_token"] = SecretStr(sfp.token)
-    # Metadata deployments: sample artifacts (good, failing, slow, destructive) in the workdir,
+    # Metadata deployments: sample artifacts (good, failing, slow, coverage, destructive) in the workdir,
     # also served over HTTP so that an artifact can be given as an URL under an allowed prefix.
     artifacts_dir = workdir / "artifacts"
     write_sample_artifacts(artifacts_dir)
@@ -233,7 +233,8 @@ def _banner(sandbox: Sandbox) -> str:
             "      as bob, click Approve.   Type `help` for console commands.",
             'FlexDeploy (projects 101 Acme Salesforce, 102 HR Database):  /fd show 101 "Release 42"   /fd help',
             "sfp server:  /sfp review-env fetch --repo acme/sf-core --pool core --branch feature/ABC-1   /sfp help",
-            "Deploy (orgs prod, uat; good-release.zip, good-release/, failing-release.zip, slow-release.zip):",
+            "Deploy (orgs prod, uat; good-release.zip, good-release/, failing-release.zip, slow-release.zip,",
+            "      coverage-release.zip — fails on code coverage in prod):",
             "      /deploy validate prod good-release.zip --test-level RunLocalTests   then click Quick deploy",
         ]
     )

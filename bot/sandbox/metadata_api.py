@@ -28,7 +28,19 @@ Failures are triggered by names in the artifact, so tours and tests can provoke 
   ``FAIL:`` gives the line number and the problem text (else line 1, a generic problem);
 * an Apex class marked ``@isTest`` is a test class; its ``static void`` methods are tests, and
   a method whose name starts with ``fails`` fails with an assertion and a stack trace;
-* a component whose name starts with ``Slow`` takes ``slow_component_seconds`` (to cancel it).
+* a component whose name starts with ``Slow`` takes ``slow_component_seconds`` (to cancel it);
+* in a production org, an Apex class or trigger (not a test) or a flow whose name starts with
+  ``Uncovered`` has 0% test coverage: once the deployment's tests all pass it ends ``Failed`` on
+  coverage alone — every component deployed, every test passed, no ``errorMessage`` — with
+  ``details/runTestResult/codeCoverageWarnings`` (the org-wide average, ``uncovered_average``,
+  against ``coverage_required``; then one entry per class/trigger) and ``flowCoverageWarnings``
+  (one per flow). Sandbox orgs do not enforce coverage, as in Salesforce;
+* ``fail_without_reason_next()`` makes the next deployment end ``Failed`` with no error, no
+  failure and no warning at all, which real orgs also answer now and then.
+
+Stack traces of failing tests: Salesforce's docs do not describe them. Real ones often start
+with a line outside the org's code (``External entry point``); this sim writes that line first
+for a test that fails on an exception (not an assertion), and the ``Class.…`` line after it.
 
 Where the docs are silent the choice made is noted at the code: the fault code and text of a
 refused ``deployRecentValidation`` (``INVALID_ID_FIELD``), the status when only tests fail
@@ -150,6 +162,13 @@ class _Test:
     namespace: str = ""
     message: str = "System.AssertException: Assertion Failed: Expected: true, Actual: false"
 
+    @property
+    def stack_trace(self) -> str:
+        frame = f"Class.{self.class_name}.{self.method}: line {self.line}, column 1"
+        if self.message.startswith("System.AssertException"):
+            return frame
+        return f"External entry point\n{frame}"
+
 
 @dataclass
 class SimDeployment:
@@ -167,6 +186,8 @@ class SimDeployment:
     error_status_code: str = ""
     quick_deployed_as: str | None = None  # a validation already used by deployRecentValidation
     test_classes: dict[str, list[_Test]] = field(default_factory=dict)  # Apex test classes it deploys
+    fails_without_reason: bool = False
+    coverage_failed: bool = False  # every test passed, but coverage is below the threshold
     # progress (recomputed while running, frozen when done)
     components_done: int = 0
     component_errors: int = 0
@@ -199,6 +220,7 @@ class _Faults:
     drop: int = 0
     statuses: list[int] = field(default_factory=list)
     soap: list[tuple[str, str]] = field(default_factory=list)
+    silent_failures: int = 0
 
 
 # --------------------------------------------------------------------------- the endpoint
@@ -228,6 +250,9 @@ class MetadataApiSim:
         self.slow_component_seconds = 60.0
         self.test_seconds = 0.1
         self.cancel_seconds = 3.0  # Canceling lasts a moment, as in Salesforce
+        self.uncovered_average = 68  # the org-wide Apex coverage once an Uncovered* class is in
+        self.coverage_required = 75
+        self.trigger_coverage_required = 1  # each trigger needs some coverage
         self.deployments: dict[str, SimDeployment] = {}
         self.requests: list[SoapRequest] = []
         self._faults = _Faults()
@@ -269,6 +294,10 @@ class MetadataApiSim:
     def fault_next(self, code: str, message: str, n: int = 1) -> None:
         """The next n SOAP calls answer this fault (e.g. REQUEST_LIMIT_EXCEEDED)."""
         self._faults.soap.extend([(code, message)] * n)
+
+    def fail_without_reason_next(self, n: int = 1) -> None:
+        """The next n deployments end Failed with no error, failure or warning."""
+        self._faults.silent_failures += n
 
     def backdate(self, deploy_id: str, *, days: float) -> None:
         """Move a deployment ``days`` into the past (to age a validation past 10 days)."""
@@ -373,6 +402,9 @@ class MetadataApiSim:
         except (binascii.Error, ValueError):
             raise SoapFault("INVALID_ZIP", "ZipFile is not valid base64") from None
         deployment = SimDeployment(id=self._new_id(), created_at=self.clock(), options=options)
+        if self._faults.silent_failures:
+            self._faults.silent_failures -= 1
+            deployment.fails_without_reason = True
         self.deployments[deployment.id] = deployment
         entries = self._plan(deployment, data)
         self.requests.append(SoapRequest("deploy", {**options, "entries": entries, "zip_bytes": len(data)}))
@@ -644,7 +676,9 @@ class MetadataApiSim:
         deployment.state_detail = ""
         options = deployment.options
         if deployment.component_errors == 0 and deployment.test_errors == 0:
-            deployment.status = "Succeeded"
+            deployment.coverage_failed = bool(self._uncovered(deployment))
+            failed = deployment.coverage_failed or deployment.fails_without_reason
+            deployment.status = "Failed" if failed else "Succeeded"
         elif deployment.test_errors or deployment.check_only or options.get("rollbackOnError"):
             # Docs are silent on failing tests with rollbackOnError=false; this sim fails them.
             deployment.status = "Failed"
@@ -662,6 +696,19 @@ class MetadataApiSim:
             else:
                 self.org_components.add(key)
         self.org_tests.update(deployment.test_classes)
+
+    def _uncovered(self, deployment: SimDeployment) -> list[_Component]:
+        """What this deployment brings at 0% coverage, where the org enforces coverage."""
+        if not self.production or not deployment.tests:
+            return []
+        return [
+            c
+            for c in deployment.components
+            if c.name.startswith("Uncovered")
+            and not c.deleted
+            and c.type in {"ApexClass", "ApexTrigger", "Flow"}
+            and c.name not in deployment.test_classes
+        ]
 
     # ---- responses
 
@@ -743,7 +790,7 @@ class MetadataApiSim:
             + f"<methodName>{_esc(test.method)}</methodName><name>{_esc(test.class_name)}</name>"
             + (f"<namespace>{_esc(test.namespace)}</namespace>" if test.namespace else '<namespace xsi:nil="true"/>')
             + f"<packageName>{_esc(test.class_name)}</packageName>"
-            + f"<stackTrace>Class.{_esc(test.class_name)}.{_esc(test.method)}: line {test.line}, column 1</stackTrace>"
+            + f"<stackTrace>{_esc(test.stack_trace)}</stackTrace>"
             + f"<time>{int(self.test_seconds * 1000)}</time><type>Class</type></failures>"
             for index, test in enumerate(run)
             if test.fails
@@ -754,14 +801,54 @@ class MetadataApiSim:
             for index, test in enumerate(run)
             if not test.fails
         )
+        code_warnings, flow_warnings = self._coverage_warnings_xml(deployment)
+        # RunTestsResult's sequence: codeCoverage*, codeCoverageWarnings*, failures*, flowCoverage*,
+        # flowCoverageWarnings*, numFailures, numTestsRun, successes*, totalTime.
         run_result = (
             "<runTestResult>"
+            + code_warnings
             + test_failures
+            + flow_warnings
             + f"<numFailures>{sum(1 for t in run if t.fails)}</numFailures><numTestsRun>{len(run)}</numTestsRun>"
             + test_successes
             + f"<totalTime>{int(len(run) * self.test_seconds * 1000)}</totalTime></runTestResult>"
         )
         return "<details>" + "".join(failures) + "".join(successes) + run_result + "</details>"
+
+    def _coverage_warnings_xml(self, deployment: SimDeployment) -> tuple[str, str]:
+        """``codeCoverageWarnings`` and ``flowCoverageWarnings`` of a deployment that failed on
+        coverage. The docs give the elements, not the messages: these are the texts real orgs
+        send for Apex; the per-flow text is this sim's own (the docs and the results seen are silent)."""
+        if not deployment.coverage_failed:
+            return "", ""
+        nil = '<namespace xsi:nil="true"/>'
+        code = [
+            f"<codeCoverageWarnings><id>{self._component_id(3000)}</id>"
+            f"<message>Average test coverage across all Apex Classes and Triggers is {self.uncovered_average}%, "
+            f"at least {self.coverage_required}% test coverage is required.</message>"
+            f'<name xsi:nil="true"/>{nil}</codeCoverageWarnings>'
+        ]
+        flows = []
+        for index, component in enumerate(self._uncovered(deployment)):
+            if component.type == "Flow":
+                flows.append(
+                    f"<flowCoverageWarnings><flowId>{to_18(f'301{self.org_id[-3:-1]}0{index:09d}')}</flowId>"
+                    f'<flowName>{_esc(component.name)}</flowName><flowNamespace xsi:nil="true"/>'
+                    f"<message>Test coverage of selected Flow is 0%, at least {self.coverage_required}% "
+                    "test coverage is required</message></flowCoverageWarnings>"
+                )
+                continue
+            kind, required = (
+                ("Apex Trigger", self.trigger_coverage_required)
+                if component.type == "ApexTrigger"
+                else ("Apex Class", self.coverage_required)
+            )
+            code.append(
+                f"<codeCoverageWarnings><id>{self._component_id(3001 + index)}</id>"
+                f"<message>Test coverage of selected {kind} is 0%, at least {required}% test coverage is required"
+                f"</message><name>{_esc(component.name)}</name>{nil}</codeCoverageWarnings>"
+            )
+        return "".join(code), "".join(flows)
 
     def _component_id(self, index: int) -> str:
         return to_18(f"01p{self.org_id[-3:-1]}0{index:09d}")
@@ -982,6 +1069,41 @@ def _slow_files() -> dict[str, str]:
     return files
 
 
+_FLOW = """<?xml version="1.0" encoding="UTF-8"?>
+<Flow xmlns="http://soap.sforce.com/2006/04/metadata">
+    <apiVersion>61.0</apiVersion>
+    <label>Invoice reminder</label>
+    <processType>AutoLaunchedFlow</processType>
+    <status>Active</status>
+</Flow>
+"""
+
+
+def _coverage_files() -> dict[str, str]:
+    """Compiles and passes every test, but brings a class and a flow that no test covers: in
+    production it fails on code coverage alone."""
+    files = _good_files()
+    files.update(
+        _apex_class(
+            "UncoveredInvoiceExport",
+            "public with sharing class UncoveredInvoiceExport {\n"
+            "    public static String toCsv(List<Invoice__c> invoices) {\n"
+            "        String csv = 'Id,Amount';\n        for (Invoice__c invoice : invoices) {\n"
+            "            csv += '\\n' + invoice.Id + ',' + invoice.Amount__c;\n        }\n"
+            "        return csv;\n    }\n}\n",
+        )
+    )
+    files["flows/Uncovered_Invoice_Reminder.flow"] = _FLOW
+    files["package.xml"] = _package_xml(
+        {
+            "ApexClass": ["InvoiceService", "InvoiceServiceTest", "UncoveredInvoiceExport"],
+            "CustomObject": ["Invoice__c"],
+            "Flow": ["Uncovered_Invoice_Reminder"],
+        }
+    )
+    return files
+
+
 def _destructive_files() -> dict[str, str]:
     return {
         "package.xml": _package_xml({}),
@@ -1009,12 +1131,14 @@ def write_sample_artifacts(directory: Path) -> dict[str, str]:
     _write_zip(directory / "good-release.zip", _good_files())
     _write_zip(directory / "failing-release.zip", _failing_files())
     _write_zip(directory / "slow-release.zip", _slow_files())
+    _write_zip(directory / "coverage-release.zip", _coverage_files())
     _write_folder(directory / "cleanup-release", _destructive_files())
     return {
         "good": "good-release.zip",
         "good_folder": "good-release",
         "failing": "failing-release.zip",
         "slow": "slow-release.zip",
+        "coverage": "coverage-release.zip",
         "destructive": "cleanup-release",
     }
 

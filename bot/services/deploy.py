@@ -527,6 +527,9 @@ class DeployService:
             what = "the quick deploy" if artifact is None else "the deployment"
             return await self._fail(op, lease_token, f"Salesforce refused {what}: {exc.code}: {exc.message}")
         data = {**op.data, "submitted_at": now.isoformat(), "progress": {}}
+        status_url = await self._status_url(str(op.org), deploy_id)
+        if status_url:
+            data["status_url"] = status_url
         if not await self._writes.save(
             op, lease_token, external_id=deploy_id, state=OpState.RUNNING, step="", data=data
         ):
@@ -540,6 +543,15 @@ class DeployService:
         except UpstreamError:
             return Advance(events=[submitted], next_poll_in=2.0)
         return Advance(events=[submitted, *first.events], next_poll_in=first.next_poll_in)
+
+    async def _status_url(self, alias: str, deploy_id: str) -> str | None:
+        """The org's Deployment Status page of this deployment; None if it cannot be built now
+        (the id was recorded already, and a missing link must never lose it)."""
+        try:
+            return await self.metadata(alias).deploy_status_url(deploy_id)
+        except (UpstreamError, UserError, ValueError):
+            log.warning("no Deployment Status link for %s in %s", deploy_id, alias)
+            return None
 
     async def _fail(self, op: Operation, lease_token: str, message: str) -> Advance:
         await self._writes.save(op, lease_token, state=OpState.ERROR, data={**op.data, "error": redact_text(message)})
@@ -622,6 +634,12 @@ class DeployService:
             {**asdict(t), "qualified": t.qualified} for t in result.test_failures[:MAX_STORED_FAILURES]
         ]
         data["failure_totals"] = {"components": len(result.component_failures), "tests": len(result.test_failures)}
+        if result.code_coverage_warnings or result.flow_coverage_warnings:
+            data["coverage"] = _coverage(result)
+        if not data.get("status_url") and op.external_id:
+            status_url = await self._status_url(str(op.org), str(op.external_id))
+            if status_url:
+                data["status_url"] = status_url
         if op.state == OpState.CANCELING and state != OpState.CANCELED:
             data["finished_before_cancel"] = True
         if state == OpState.CANCELED and data.get("cancel_requested_by"):
@@ -641,6 +659,57 @@ class DeployService:
                 content=deploy_report(operation).encode(),
             )
         ]
+
+
+def _coverage(result: DeployResult) -> dict[str, Any]:
+    """The coverage warnings as plain data: the org-wide figures (average and threshold, from the
+    warning without a name) apart from the classes, triggers and flows named below the threshold."""
+    summary: dict[str, Any] = {"average": None, "required": None, "flow_average": None, "flow_required": None}
+    summary["classes"] = []
+    summary["flows"] = []
+    summary["other"] = []  # org-wide messages whose figures could not be read
+    for warning in result.code_coverage_warnings[:MAX_STORED_FAILURES]:
+        if warning.name:
+            summary["classes"].append(
+                {
+                    "name": warning.qualified,
+                    "type": warning.kind,
+                    "percent": warning.percent,
+                    "required": warning.required,
+                    "message": warning.message[:500],
+                }
+            )
+        elif warning.percent is not None and summary["average"] is None:
+            summary["average"], summary["required"] = warning.percent, warning.required
+        else:
+            summary["other"].append(warning.message[:500])
+    for flow in result.flow_coverage_warnings[:MAX_STORED_FAILURES]:
+        if flow.flow_name:
+            summary["flows"].append(
+                {
+                    "name": flow.qualified,
+                    "percent": flow.percent,
+                    "required": flow.required,
+                    "message": flow.message[:500],
+                }
+            )
+        elif flow.percent is not None and summary["flow_average"] is None:
+            summary["flow_average"], summary["flow_required"] = flow.percent, flow.required
+        else:
+            summary["other"].append(flow.message[:500])
+    return summary
+
+
+def failed_without_reason(op: Operation) -> bool:
+    """Salesforce ended it as failed and said nothing about why: no error, no component or test
+    failure, no coverage warning. Real orgs do answer that; the user is then sent to Setup."""
+    result = op.data.get("result") or {}
+    if op.state != OpState.FAILED or not result:
+        return False
+    totals = op.data.get("failure_totals") or {}
+    return not (
+        result.get("error_message") or totals.get("components") or totals.get("tests") or op.data.get("coverage")
+    )
 
 
 def _progress(result: DeployResult) -> dict[str, Any]:
@@ -727,4 +796,39 @@ def deploy_report(op: Operation) -> str:
         missing = int(totals.get(key, 0)) - len(stored)
         if missing > 0:
             lines.append(f"({missing} more {key[:-1]} failures were returned but not kept)")
+    coverage = data.get("coverage")
+    if coverage:
+        lines += ["", "Code coverage"]
+        if coverage.get("average") is not None:
+            lines.append(
+                f"  Average across all Apex classes and triggers: {percent_text(coverage['average'])}"
+                + (
+                    f" (at least {percent_text(coverage['required'])} required)"
+                    if coverage.get("required") is not None
+                    else ""
+                )
+            )
+        if coverage.get("flow_average") is not None:
+            lines.append(
+                f"  Flows and processes: {percent_text(coverage['flow_average'])}"
+                + (
+                    f" (at least {percent_text(coverage['flow_required'])} required)"
+                    if coverage.get("flow_required") is not None
+                    else ""
+                )
+            )
+        for item in coverage.get("classes") or []:
+            lines.append(f"  {item.get('type') or 'Apex'} {item['name']}: {item['message']}")
+        for item in coverage.get("flows") or []:
+            lines.append(f"  Flow {item['name']}: {item['message']}")
+        lines.extend(f"  {message}" for message in coverage.get("other") or [])
+    if failed_without_reason(op):
+        lines += ["", "Salesforce gave no reason for this failure (no error, no failures, no coverage warnings)."]
+    if data.get("status_url"):
+        lines.append(f"Deployment Status in Salesforce: {data['status_url']}")
     return "\n".join(lines) + "\n"
+
+
+def percent_text(value: float) -> str:
+    """68.0 → "68%", 74.5 → "74.5%"."""
+    return f"{value:g}%"

@@ -11,7 +11,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from bot.services.deploy import ACTION_LABEL, DeployPlan, OrgInfo, QuickPlan, validation_usable_until
+from bot.services.deploy import (
+    ACTION_LABEL,
+    DeployPlan,
+    OrgInfo,
+    QuickPlan,
+    failed_without_reason,
+    percent_text,
+    validation_usable_until,
+)
 from bot.services.operations import OpEvent
 from bot.slack import blocks as bk
 from bot.slack.blocks import Block
@@ -20,6 +28,7 @@ from bot.store.models import Operation, OpState
 from bot.when import slack_date
 
 MAX_LISTED_FAILURES = 20
+MAX_LISTED_COVERAGE = 10  # on the card; the thread lists up to MAX_LISTED_FAILURES, the report all
 NON_DEFAULT_OPTIONS = {
     "ignore_warnings": "ignoreWarnings",
     "purge_on_delete": "purgeOnDelete",
@@ -163,11 +172,97 @@ def deploy_card(op: Operation, *, approvals: Sequence[str] = ()) -> tuple[str, l
         blocks.append(bk.context(f"⚠️ Salesforce trouble, retrying automatically: {bk.escape(data['last_problem'])}"))
     context = [f"`{op.ref}`"]
     if op.external_id:
-        context.append(f"Salesforce id `{op.external_id}`")
+        context.append(_salesforce_id(op))
     if data.get("approved_by"):
         context.append("approved by " + ", ".join(f"<@{user}>" for user in data["approved_by"]))
     blocks.append(bk.context(" · ".join(context)))
     return f"{bk.escape(title)}: {status_label(op)}", bk.limit_blocks(blocks)  # mrkdwn, unlike the header
+
+
+def _salesforce_id(op: Operation) -> str:
+    """The deploy id, and a link to the org's Deployment Status page of it when the bot built one
+    (from the org's instance URL and the id, never from anything typed in Slack)."""
+    text = f"Salesforce id `{op.external_id}`"
+    url = op.data.get("status_url")
+    return f"{text} · <{url}|Deployment Status>" if url else text
+
+
+def _status_link(op: Operation) -> str:
+    url = op.data.get("status_url")
+    return f"<{url}|its Deployment Status page>" if url else "Setup → Deployment Status"
+
+
+def coverage_text(op: Operation, *, limit: int = MAX_LISTED_COVERAGE) -> str | None:
+    """Why coverage failed it: the org-wide average and threshold, the classes, triggers and flows
+    Salesforce named below it. None when Salesforce sent no coverage warning."""
+    coverage = op.data.get("coverage")
+    if not coverage:
+        return None
+    failed = op.state == OpState.FAILED
+    lines = ["🧪 *Code coverage too low*" if failed else "🧪 *Code coverage warnings*"]
+    if coverage.get("average") is not None:
+        required = coverage.get("required")
+        lines.append(
+            f"Average across all Apex classes and triggers: *{percent_text(coverage['average'])}*"
+            + (f", at least *{percent_text(required)}* required." if required is not None else ".")
+        )
+    if coverage.get("flow_average") is not None:
+        required = coverage.get("flow_required")
+        lines.append(
+            f"Flows and processes: *{percent_text(coverage['flow_average'])}*"
+            + (f", at least *{percent_text(required)}* required." if required is not None else ".")
+        )
+    named = [("Apex", item) for item in coverage.get("classes") or []] + [
+        ("Flow", item) for item in coverage.get("flows") or []
+    ]
+    for kind, item in named[:limit]:
+        label = "Flow" if kind == "Flow" else (item.get("type") or "Apex")
+        if item.get("percent") is not None:
+            figure = percent_text(item["percent"]) + (
+                f" (at least {percent_text(item['required'])})" if item.get("required") is not None else ""
+            )
+        else:
+            figure = bk.escape(bk.clip(str(item.get("message") or ""), 200))
+        lines.append(f"• {label} `{bk.escape(str(item.get('name')))}`: {figure}")
+    if len(named) > limit:
+        lines.append(f"…and {len(named) - limit:,} more in the report file.")
+    lines.extend(f"• {bk.escape(bk.clip(str(message), 300))}" for message in (coverage.get("other") or [])[:3])
+    return "\n".join(lines)
+
+
+def coverage_summary(op: Operation) -> str | None:
+    """One line: the average against the threshold and what is below it, by name."""
+    coverage = op.data.get("coverage")
+    if not coverage:
+        return None
+    parts = []
+    if coverage.get("average") is not None:
+        required = coverage.get("required")
+        parts.append(
+            f"average {percent_text(coverage['average'])}"
+            + (f", at least {percent_text(required)} required" if required is not None else "")
+        )
+    names = [str(item.get("name")) for item in [*(coverage.get("classes") or []), *(coverage.get("flows") or [])]]
+    if names:
+        shown = ", ".join(f"`{bk.escape(name)}`" for name in names[:5])
+        parts.append(f"below it: {shown}" + (f" and {len(names) - 5:,} more" if len(names) > 5 else ""))
+    title = "Code coverage too low" if op.state == OpState.FAILED else "Code coverage warnings"
+    return f"🧪 {title}" + (": " + "; ".join(parts) if parts else " (see the report).")
+
+
+def no_reason_text(op: Operation) -> str:
+    return (
+        f"❗ Salesforce marked it {(op.data.get('result') or {}).get('status') or 'Failed'} and gave no reason: "
+        f"no error, no component or test failure, no coverage warning. See {_status_link(op)} in `{op.org}`."
+    )
+
+
+def _first_own_frame(stack: str) -> str | None:
+    """The stack line that points into the org's code (``Class.…``/``Trigger.…``); real traces
+    often start with ``External entry point`` or ``(System Code)``. Else the first line."""
+    lines = [line.strip() for line in stack.strip().splitlines() if line.strip()]
+    own = next((line for line in lines if line.startswith(("Class.", "Trigger."))), None)
+    return own or (lines[0] if lines else None)
 
 
 def _progress_text(op: Operation, progress: dict[str, Any]) -> str:
@@ -192,7 +287,9 @@ def _progress_text(op: Operation, progress: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _result_text(op: Operation) -> str:
+def _result_text(op: Operation, *, compact: bool = False) -> str:
+    """Counts and why it failed; ``compact`` for the completion notice, whose thread (or the card)
+    has the full coverage list."""
     data = op.data
     result = data.get("result") or {}
     deployed, total, errors = (int(x or 0) for x in (result.get("components") or [0, 0, 0])[:3])
@@ -212,6 +309,11 @@ def _result_text(op: Operation) -> str:
             f"{_n(totals.get('components'))} component failure(s) and {_n(totals.get('tests'))} test failure(s): "
             "listed in the thread, with the full report attached."
         )
+    coverage = coverage_summary(op) if compact else coverage_text(op)
+    if coverage:
+        lines.append(coverage)
+    if failed_without_reason(op):
+        lines.append(no_reason_text(op))
     return "\n".join(lines)
 
 
@@ -243,12 +345,16 @@ def _quick_button(op: Operation) -> Block:
 
 
 def failures_text(op: Operation) -> str | None:
-    """Component failures (file, line, problem type, problem) and test failures
-    (Class.method, message, first stack line), for the thread."""
+    """Why it failed, for the thread: component failures (file, line, problem type, problem), test
+    failures (Class.method, message, the stack line in the org's code), coverage below the
+    threshold — or that Salesforce gave no reason, with the link to look further."""
     data = op.data
     components = data.get("component_failures") or []
     tests = data.get("test_failures") or []
-    if not components and not tests:
+    coverage = coverage_text(op, limit=MAX_LISTED_FAILURES)
+    # A failure without any reason gets no list here: the completion notice, in this thread too,
+    # says so with the link.
+    if not components and not tests and not coverage:
         return None
     totals = data.get("failure_totals") or {}
     lines: list[str] = []
@@ -267,15 +373,17 @@ def failures_text(op: Operation) -> str | None:
     if tests:
         lines.append(f"*Apex test failures ({_n(totals.get('tests', len(tests)))})*")
         for t in tests[:MAX_LISTED_FAILURES]:
-            stack = str(t.get("stack_trace") or "").strip().splitlines()
+            frame = _first_own_frame(str(t.get("stack_trace") or ""))
             lines.append(
                 f"• `{bk.escape(str(t.get('qualified') or t.get('class_name')))}` — "
                 f"{bk.escape(bk.clip(str(t.get('message') or ''), 300))}"
-                + (f"\n    `{bk.escape(bk.clip(stack[0], 200))}`" if stack else "")
+                + (f"\n    `{bk.escape(bk.clip(frame, 200))}`" if frame else "")
             )
         more = int(totals.get("tests", len(tests))) - min(len(tests), MAX_LISTED_FAILURES)
         if more > 0:
             lines.append(f"…and {more:,} more in the report file.")
+    if coverage:
+        lines.append(coverage)
     return bk.clip("\n".join(lines), bk.MESSAGE_TEXT_MAX)
 
 
@@ -312,7 +420,8 @@ def completion_text(op: Operation) -> str:
     base = f"{status_label(op)}: {verb} {op.ref} to `{op.org}` — {_what(op)}"
     result = op.data.get("result")
     if result:
-        text = f"{base}\n{_result_text(op)}"
+        # The id first: a long result is clipped at the end, and the id is what people search for.
+        text = f"{base}\n{_salesforce_id(op)}\n{_result_text(op, compact=True)}"
         until = validation_usable_until(op)
         if until is not None:
             text += f"\n⚡ Quick deploy it with `/deploy quick {op.ref}` until {slack_date(until)}."
@@ -326,7 +435,8 @@ def completion_text(op: Operation) -> str:
         who = op.data.get("canceled_by")
         return base + (f" (canceled by <@{who}> before Salesforce started it)" if who else "")
     if state == OpState.ERROR:
-        return bk.clip(f"{base}\n{bk.escape(op.data.get('error', ''))}", bk.MESSAGE_TEXT_MAX)
+        text = f"{base}\n{bk.escape(op.data.get('error', ''))}"
+        return bk.clip(text + (f"\n{_salesforce_id(op)}" if op.external_id else ""), bk.MESSAGE_TEXT_MAX)
     return base
 
 

@@ -22,7 +22,11 @@ Wire format (Metadata API Developer Guide, "deploy()", "checkDeployStatus()", "D
 "cancelDeploy()", "CancelDeployResult", "deployRecentValidation()"): endpoint
 ``{instance}/services/Soap/m/{apiVersion}``, ``SessionHeader/sessionId`` in the SOAP header,
 namespace ``http://soap.sforce.com/2006/04/metadata``; DeployOptions elements in the WSDL's
-(alphabetical) sequence order.
+(alphabetical) sequence order. ``DeployResult.details.runTestResult`` (a ``RunTestsResult``) carries
+``failures`` and the coverage warnings that fail a deployment with no other error:
+``codeCoverageWarnings`` (``id``, ``message``, ``name``, ``namespace``; ``name`` is nil for the
+org-wide average) and, from API 44.0, ``flowCoverageWarnings`` (``flowId``, ``flowName``,
+``flowNamespace``, ``message``; ``flowName`` is nil for the org-wide flow coverage).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import urlsplit
 from xml.etree.ElementTree import Element
 
 import aiohttp
@@ -56,6 +61,15 @@ TEST_LEVELS = ("NoTestRun", "RunSpecifiedTests", "RunLocalTests", "RunAllTestsIn
 DONE_STATUSES = frozenset({"Succeeded", "SucceededPartial", "Failed", "Canceled"})
 TRANSIENT_FAULTS = frozenset({"REQUEST_LIMIT_EXCEEDED", "SERVER_UNAVAILABLE"})
 MAX_RESPONSE_BYTES = 64 * 1024 * 1024  # a DeployResult with thousands of failures is a few MB
+# "… is 68%, at least 75% test coverage is required": the first figure is the coverage, the one
+# after "at least" the threshold. The docs give no grammar for these messages; this is the
+# wording real orgs answer with.
+_PERCENT = re.compile(r"(\d+(?:\.\d+)?)\s*%")
+_REQUIRED = re.compile(r"at least\s+(\d+(?:\.\d+)?)\s*%", re.IGNORECASE)
+# Setup → Deployment Status, one deployment (the page sf CLI links to after a deploy).
+DEPLOY_STATUS_PATH = (
+    "/lightning/setup/DeployStatus/page?address=%2Fchangemgmt%2FmonitorDeploymentsDetails.apexp%3FasyncId%3D"
+)
 # XML 1.0 forbids most control characters even when escaped; nothing legitimate carries them.
 _XML_INVALID = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
 
@@ -147,6 +161,83 @@ class TestFailure:
         return f"{prefix}{self.class_name}.{self.method}" if self.method else f"{prefix}{self.class_name}"
 
 
+def coverage_figures(message: str) -> tuple[float | None, float | None]:
+    """(coverage, required) percentages read from a coverage warning's text; None where absent."""
+    required_match = _REQUIRED.search(message)
+    required = float(required_match.group(1)) if required_match else None
+    head = message[: required_match.start()] if required_match else message
+    found = _PERCENT.search(head)
+    return (float(found.group(1)) if found else None), required
+
+
+@dataclass(frozen=True)
+class CodeCoverageWarning:
+    """A ``CodeCoverageWarning`` from ``details/runTestResult/codeCoverageWarnings``. ``name`` is
+    empty for the org-wide average; otherwise it names the class or trigger below the threshold.
+    ``type`` (Class/Trigger) is not in the documented type but some results carry it."""
+
+    message: str
+    name: str = ""
+    namespace: str = ""
+    id: str = ""
+    type: str = ""
+
+    @property
+    def percent(self) -> float | None:
+        return coverage_figures(self.message)[0]
+
+    @property
+    def required(self) -> float | None:
+        return coverage_figures(self.message)[1]
+
+    @property
+    def qualified(self) -> str:
+        prefix = f"{self.namespace}__" if self.namespace and "__" not in self.name else ""
+        return f"{prefix}{self.name}" if self.name else ""
+
+    @property
+    def kind(self) -> str:
+        """ "Apex Class" or "Apex Trigger": from ``type`` when sent, else from the message's wording."""
+        if self.type in {"Class", "Trigger"}:
+            return f"Apex {self.type}"
+        return next((kind for kind in ("Apex Trigger", "Apex Class") if kind.lower() in self.message.lower()), "Apex")
+
+
+@dataclass(frozen=True)
+class FlowCoverageWarning:
+    """A ``FlowCoverageWarning`` from ``details/runTestResult/flowCoverageWarnings`` (API 44.0+).
+    ``flow_name`` is empty when the warning is about the org's overall flow coverage."""
+
+    message: str
+    flow_name: str = ""
+    flow_namespace: str = ""
+    flow_id: str = ""
+
+    @property
+    def percent(self) -> float | None:
+        return coverage_figures(self.message)[0]
+
+    @property
+    def required(self) -> float | None:
+        return coverage_figures(self.message)[1]
+
+    @property
+    def qualified(self) -> str:
+        prefix = f"{self.flow_namespace}__" if self.flow_namespace and "__" not in self.flow_name else ""
+        return f"{prefix}{self.flow_name}" if self.flow_name else ""
+
+
+def deploy_status_url(instance_url: str, deploy_id: str) -> str:
+    """The org's Setup → Deployment Status page of one deployment. Built only from the org's
+    instance URL (scheme and host) and a checked Salesforce id, never from anything a user typed."""
+    parts = urlsplit(instance_url)
+    if parts.scheme not in {"https", "http"} or not parts.hostname:
+        raise ValueError("not an instance URL")
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    port = f":{parts.port}" if parts.port else ""  # never any user:password@ the URL might carry
+    return f"{parts.scheme}://{host}{port}{DEPLOY_STATUS_PATH}{checked_id(deploy_id)}"
+
+
 @dataclass(frozen=True)
 class DeployResult:
     """``DeployResult`` as returned by ``checkDeployStatus`` (API 29.0+ fields)."""
@@ -175,6 +266,8 @@ class DeployResult:
     component_failures: tuple[ComponentFailure, ...] = field(default_factory=tuple)
     test_failures: tuple[TestFailure, ...] = field(default_factory=tuple)
     tests_run: int = 0
+    code_coverage_warnings: tuple[CodeCoverageWarning, ...] = field(default_factory=tuple)
+    flow_coverage_warnings: tuple[FlowCoverageWarning, ...] = field(default_factory=tuple)
 
 
 @dataclass(frozen=True)
@@ -215,6 +308,10 @@ class MetadataClient:
     @property
     def api_version(self) -> str:
         return self._rest.api_version
+
+    async def deploy_status_url(self, deploy_id: str) -> str:
+        """Setup → Deployment Status for ``deploy_id`` in this org (the session's instance URL)."""
+        return deploy_status_url(await self._rest.instance_url(), deploy_id)
 
     # -- the four calls --------------------------------------------------------------------
     async def deploy(self, zip_bytes: bytes, options: DeployOptions) -> str:
@@ -463,6 +560,25 @@ def parse_deploy_result(result: Element) -> DeployResult:
         )
         for item in (_children(run, "failures") if run is not None else [])
     )
+    code_warnings = tuple(
+        CodeCoverageWarning(
+            message=_text(item, "message"),
+            name=_text(item, "name"),
+            namespace=_text(item, "namespace"),
+            id=_text(item, "id"),
+            type=_text(item, "type"),
+        )
+        for item in (_children(run, "codeCoverageWarnings") if run is not None else [])
+    )
+    flow_warnings = tuple(
+        FlowCoverageWarning(
+            message=_text(item, "message"),
+            flow_name=_text(item, "flowName"),
+            flow_namespace=_text(item, "flowNamespace"),
+            flow_id=_text(item, "flowId"),
+        )
+        for item in (_children(run, "flowCoverageWarnings") if run is not None else [])
+    )
     return DeployResult(
         id=_text(result, "id"),
         done=_text(result, "done") == "true",
@@ -488,4 +604,6 @@ def parse_deploy_result(result: Element) -> DeployResult:
         component_failures=components,
         test_failures=tests,
         tests_run=_int(run, "numTestsRun"),
+        code_coverage_warnings=code_warnings,
+        flow_coverage_warnings=flow_warnings,
     )
