@@ -5,10 +5,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 
+import pytest
+from pydantic import SecretStr
 from sqlmodel import select
 
-from bot.sandbox.embedded import Sandbox
+from bot.runtime import build_runtime
+from bot.sandbox.embedded import Sandbox, running_sandbox
 from bot.store import repo
 from bot.store.models import Approval, AuditEvent, OpState
 from tests.helpers import CHANNEL, click, ephemerals, eventually, push, ref_in, wait_for_op
@@ -85,3 +89,14 @@ async def test_finding_4b_command_from_another_workspace_creates_nothing(sandbox
 async def test_commands_from_the_bot_s_own_workspace_still_run(sandbox: Sandbox) -> None:
     assert "Dry run — nothing created" in await push(sandbox, ALICE, "create Acme Billing@1.4.0 --orgs all --dry-run")
     assert await refusals(sandbox) == []
+
+
+async def test_the_bot_does_not_start_without_knowing_its_workspace(tmp_path: Path) -> None:
+    async with running_sandbox(workdir=tmp_path, start_bot=False) as sandbox:
+        settings = sandbox.settings.model_copy(update={"slack_bot_token": SecretStr("xoxb-not-this-workspace")})
+        with pytest.raises(
+            ValueError, match=r"SLACK_BOT_TOKEN: Slack's auth.test refused it \(invalid_auth\)"
+        ) as refused:
+            await build_runtime(settings)
+        assert "xoxb-not-this-workspace" not in str(refused.value)
+        assert [name for name, _ in sandbox.slack.calls] == ["auth.test"]  # it asked, then stopped
