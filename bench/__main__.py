@@ -73,7 +73,8 @@ def table(results: dict[str, Any]) -> str:
     if ack:
         lines.append(
             f"| ack latency, {ack['concurrency']} concurrent signed commands × {ack['requests'] // ack['concurrency']} "
-            f"rounds | p50 {ack['p50_ms']} ms · p99 {ack['p99_ms']} ms · max {ack['max_ms']} ms | p99 ≤ 100 ms "
+            f"rounds | p50 {ack['p50_ms']} ms · p99 {ack['p99_ms']} ms · max {ack['max_ms']} ms "
+            f"(bot CPU {ack['bot_cpu_s']} s) | p99 ≤ 100 ms "
             f"| {_verdict(ack['p99_ms'] <= 100)} |"
         )
     if ack and ack.get("under_junk"):
@@ -82,7 +83,8 @@ def table(results: dict[str, Any]) -> str:
         lines.append(
             f"| ack latency, the same rounds while {junk['junk_senders']} unsigned "
             f"{junk['junk_bytes'] / 1e6:.0f} MB bodies keep arriving | p50 {junk['p50_ms']} ms · p99 "
-            f"{junk['p99_ms']} ms · max {junk['max_ms']} ms (junk answered: {answers}) | p99 ≤ 200 ms "
+            f"{junk['p99_ms']} ms · max {junk['max_ms']} ms (bot CPU {junk['bot_cpu_s']} s; junk answered: {answers}) "
+            f"| p99 ≤ 200 ms "
             f"| {_verdict(junk['p99_ms'] <= 200)} |"
         )
     for push in results.get("push", []):

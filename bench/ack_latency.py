@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -65,9 +66,14 @@ async def measure(workdir: Path, *, junk: bool = True) -> dict[str, Any]:
             for text in COMMANDS:
                 await agent.command(user="U0ALICE", channel="C0RELEASES", command="/push", text=text)
             await asyncio.sleep(1.0)
+        # The bot's CPU seconds per round: unlike latency on a shared machine, they show what the
+        # junk costs the bot itself.
+        cpu = _cpu_seconds(bot.pid)
         results = _summary(await _timed_rounds(workdir, slack=slack, url=bot.events_url, name="plain"))
+        results["bot_cpu_s"] = round(_cpu_seconds(bot.pid) - cpu, 2)
         if junk:
             await asyncio.sleep(1.0)  # the plain rounds' work after the acks is done
+            cpu = _cpu_seconds(bot.pid)
             junk_client = await _start_junk(bot.events_url)
             try:
                 samples = await _timed_rounds(workdir, slack=slack, url=bot.events_url, name="junk")
@@ -75,6 +81,7 @@ async def measure(workdir: Path, *, junk: bool = True) -> dict[str, Any]:
                 answers = await _stop_junk(junk_client)
             results["under_junk"] = {
                 **_summary(samples),
+                "bot_cpu_s": round(_cpu_seconds(bot.pid) - cpu, 2),
                 "junk_senders": JUNK_SENDERS,
                 "junk_bytes": JUNK_BYTES,
                 "junk_answers": answers,
@@ -142,6 +149,12 @@ async def _stop_junk(process: asyncio.subprocess.Process) -> dict[str, int]:
     if process.returncode != 0:
         raise RuntimeError(f"the junk generator failed (exit {process.returncode})")
     return {str(key): int(value) for key, value in json.loads(out.strip().splitlines()[-1]).items()}
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux ``/proc/<pid>/stat``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _summary(samples: list[float]) -> dict[str, Any]:

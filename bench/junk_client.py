@@ -23,7 +23,9 @@ PAUSE = 0.1
 
 
 async def run(url: str, *, count: int, size: int) -> Counter[str]:
-    body = b"payload=" + b"x" * max(size - len(b"payload="), 0)
+    # Many tiny form fields: the costliest body to parse (Bolt's adapter used to parse it before
+    # checking the signature: about 0.6 s of CPU per 2 MB).
+    body = b"a=b&" * (size // 4)
     answers: Counter[str] = Counter()
     stop = asyncio.Event()
 
