@@ -63,7 +63,8 @@ def _verdict(ok: bool) -> str:
 
 
 def table(results: dict[str, Any]) -> str:
-    ack, poll = results.get("ack"), results.get("poll")
+    ack: dict[str, Any] = results.get("ack") or {}
+    poll: dict[str, Any] = results.get("poll") or {}
     lines = [
         f"Machine: {results['machine']}",
         "",
