@@ -20,7 +20,7 @@ from bot.services.push import PushService
 from bot.services.sfp import SfpService
 from bot.settings import Settings
 from bot.slack import deploy_messages, fd_messages, push_messages, sfp_messages
-from bot.slack.web import SLACK_TIMEOUT_SECONDS, SlackDirectory, SlackPoster, make_web_client
+from bot.slack.web import SLACK_TIMEOUT_SECONDS, SlackDirectory, SlackPoster, make_web_client, own_workspace
 from bot.store.db import Database, migrate
 from bot.store.models import OpKind
 from handlers.ack_first import AckFirst, AckFirstApp
@@ -51,15 +51,21 @@ async def build_runtime(
 ) -> Runtime:
     settings.require_slack()
     assert settings.slack_bot_token is not None
-    if run_migrations:
-        await migrate(settings.database_url)
-    db = Database(settings.database_url)
-    http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=settings.http_timeout_seconds))
     # Slack gets a session of its own (its timeout is Slack's), kept open so connections are reused.
     slack_http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=SLACK_TIMEOUT_SECONDS))
     web = make_web_client(
         token=settings.slack_bot_token.get_secret_value(), base_url=settings.slack_api_url, session=slack_http
     )
+    try:
+        # Pinned once: requests from any other workspace are refused (handlers/workspace.py).
+        team_id = await own_workspace(web)
+    except ValueError:
+        await slack_http.close()
+        raise
+    if run_migrations:
+        await migrate(settings.database_url)
+    db = Database(settings.database_url)
+    http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=settings.http_timeout_seconds))
     poster = SlackPoster(web)
     directory = SlackDirectory(web)
     orgs = OrgRegistry(settings=settings, session=http, retry=retry)
@@ -115,6 +121,7 @@ async def build_runtime(
     )
     deps = HandlerDeps(
         settings=settings,
+        team_id=team_id,
         db=db,
         push=push,
         approvals=approvals,

@@ -21,6 +21,7 @@ from handlers.ack_first import AckFirst
 @dataclass(frozen=True)
 class HandlerDeps:
     settings: Settings
+    team_id: str  # the bot's own workspace, from auth.test at start-up
     db: Database
     push: PushService
     approvals: ApprovalService

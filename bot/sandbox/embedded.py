@@ -158,7 +158,7 @@ async def running_sandbox(
     try:
         if start_bot:
             runtime = await build_runtime(settings)
-            runner = web.AppRunner(http_app(runtime.app), access_log=None)
+            runner = web.AppRunner(http_app(runtime.app, signing_secret=signing_secret), access_log=None)
             await runner.setup()
             site = web.TCPSite(runner, "127.0.0.1", 0)
             await site.start()

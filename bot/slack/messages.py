@@ -27,6 +27,10 @@ def unexpected_error_text() -> str:
     return ":x: Something went wrong on our side; it has been logged. Nothing was changed."
 
 
+def foreign_workspace_text() -> str:
+    return ":no_entry: This bot serves only the workspace it is installed in; nothing was done."
+
+
 def approval_ack(ref: str, outcome: str, approvals: int, needed: int) -> str:
     if outcome == "approved":
         return f"You approved {ref}; it is starting."

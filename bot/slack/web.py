@@ -36,6 +36,21 @@ UPDATES_PER_MINUTE = 50  # chat.update is Tier 3: "50+ per minute" per workspace
 UPDATE_BURST = 20
 
 
+async def own_workspace(client: AsyncWebClient) -> str:
+    """The team id of the workspace the bot token belongs to (``auth.test``): the one workspace
+    whose requests the bot serves. A bot that cannot learn it does not start (ValueError)."""
+    try:
+        answer = await client.auth_test()
+    except SlackApiError as error:
+        raise ValueError(f"SLACK_BOT_TOKEN: Slack's auth.test refused it ({error.response.get('error')})") from None
+    except (aiohttp.ClientError, TimeoutError) as error:
+        raise ValueError(f"Slack's auth.test could not be reached ({type(error).__name__})") from None
+    team_id = answer.get("team_id")
+    if not isinstance(team_id, str) or not team_id:
+        raise ValueError("Slack's auth.test named no team_id for SLACK_BOT_TOKEN")
+    return team_id
+
+
 class TokenBucket:
     """``capacity`` at once, refilled at ``per_minute``; ``take`` never waits."""
 
