@@ -668,6 +668,7 @@ class BulkJob:
     processed: int = 0
     results: list[_BulkResult] = field(default_factory=list)
     error_message: str | None = None
+    fail_after: int | None = None  # an injected fault: the job ends Failed once this many rows are done
 
     @property
     def failed(self) -> int:
@@ -721,6 +722,8 @@ class BulkIngest:
     def __init__(self, state: PackagingState) -> None:
         self.state = state
         self.jobs: dict[str, BulkJob] = {}
+        # Faults for the next jobs to start processing: (rows done before Failed, errorMessage or None).
+        self.failures: list[tuple[int, str | None]] = []
 
     def job(self, job_id: str) -> BulkJob:
         job = self.jobs.get(id15(job_id)) if _ID_RE.fullmatch(job_id) else None
@@ -827,12 +830,23 @@ class BulkIngest:
             job.state, job.modified = "InProgress", now
             if self._fail_on_bad_input(job, now):
                 return
+            if self.failures:
+                job.fail_after, job.error_message = self.failures.pop(0)
         done = 1.0 if progress >= 1 else (progress - 0.2) / 0.8
         target = len(job.rows) if done >= 1 else int(len(job.rows) * done) // BULK_CHUNK * BULK_CHUNK
+        failing = job.fail_after is not None and target >= job.fail_after
+        if failing:
+            assert job.fail_after is not None
+            target = min(job.fail_after, len(job.rows))
         for row in job.rows[job.processed : target]:
             job.results.append(self._insert_row(job, row))
         job.processed = max(job.processed, target)
-        if progress >= 1:
+        if failing:
+            # "If the batch still can't be processed after 20 retries, the entire ingest job is
+            # moved to the Failed state and remaining job data isn't processed"; what it already
+            # inserted stays. The docs do not say whether errorMessage is then set: both happen here.
+            job.state, job.modified = "Failed", now
+        elif progress >= 1:
             job.state, job.modified = "JobComplete", now
 
     def _fail_on_bad_input(self, job: BulkJob, now: float) -> bool:
@@ -932,7 +946,8 @@ class SalesforceOrgSim:
     URL from ``build_auth_url(sim)``). The packaging kind is seeded from ``seed`` with two
     managed packages and ``subscribers`` subscriber orgs, and runs push upgrades whose jobs
     fail at ``failure_rate``. Tests steer it with the fault knobs (``fail_next``, ``drop_next``,
-    ``limit_exceeded_next``, ``expire_sessions``, ``refuse_org_keys``) and read its state with
+    ``limit_exceeded_next``, ``expire_sessions``, ``refuse_org_keys``,
+    ``fail_bulk_next``) and read its state with
     ``push_request`` / ``push_jobs`` / ``subscribers`` / ``calls``.
 
     ``clock`` (seconds since the epoch) replaces wall-clock time, ``lanes`` the number of push
@@ -1052,6 +1067,11 @@ class SalesforceOrgSim:
 
     def limit_exceeded_next(self, n: int) -> None:
         self._faults.limit_exceeded += n
+
+    def fail_bulk_next(self, *, after: int, message: str | None = None) -> None:
+        """The next Bulk API 2.0 ingest job to start processing inserts ``after`` rows, then ends
+        Failed with ``message`` as its errorMessage (none at all when ``message`` is None)."""
+        self.bulk.failures.append((after, message))
 
     def expire_sessions(self) -> None:
         self._tokens.clear()

@@ -43,6 +43,7 @@ NOT_RETRYABLE_ERRORS = {
     "IneligibleUpgrade": "not eligible for this upgrade",
     "FeatureMissing": "a required feature is missing in the org",
 }
+MAX_BULK_JOBS = 3  # ingest jobs that may end Failed for one push before the orgs left are given up
 JOB_DONE_STATES = {"Succeeded", "Failed", "Canceled", "Cancelled"}
 REQUEST_TERMINAL = {"Succeeded", "Failed", "Canceled", "Cancelled"}
 
@@ -559,7 +560,8 @@ class PushService:
         targets = await repo.push_targets(self._db, operation_id=operation.id)
         pending = [t for t in targets if t.job_id is None and t.refused_reason is None]
         if pending:
-            if len(pending) > BULK_THRESHOLD or operation.data.get("bulk_job_id"):
+            bulk_started = operation.data.get("bulk_job_id") or operation.data.get("bulk_failures")
+            if len(pending) > BULK_THRESHOLD or bulk_started:
                 created, refused = await self._create_jobs_bulk(operation, lease_token, client, pending)
             elif operation.data.get("jobs_attempted_at"):
                 # An earlier attempt (a replica killed mid-step, say) may have created some of these
@@ -583,13 +585,14 @@ class PushService:
         # Counted from the stored targets, so a resumed step never counts twice.
         refusals = sorted((t.org_key, t.refused_reason or "") for t in targets if t.refused_reason)
         jobs = {"created": sum(1 for t in targets if t.job_id), "refused": len(refusals)}
-        data = {key: value for key, value in operation.data.items() if key not in {"bulk_job_id", "jobs_attempted_at"}}
+        bookkeeping = {"bulk_job_id", "bulk_job_rows", "bulk_failures", "jobs_attempted_at"}
+        data = {key: value for key, value in operation.data.items() if key not in bookkeeping}
         data["jobs"] = jobs
-        events = [
-            OpEvent(
-                "jobs_created", {"created": jobs["created"], "refused": refusals[:50], "refused_total": jobs["refused"]}
-            )
-        ]
+        detail = {"created": jobs["created"], "refused": refusals[:50], "refused_total": jobs["refused"]}
+        if operation.data.get("bulk_failures"):
+            detail["bulk_failures"] = list(operation.data["bulk_failures"])
+            detail["bulk_gave_up"] = len(operation.data["bulk_failures"]) >= MAX_BULK_JOBS
+        events = [OpEvent("jobs_created", detail)]
         if jobs["created"] == 0:
             await _quietly_cancel(client, operation.external_id)
             await self._writes.save(
@@ -637,34 +640,77 @@ class PushService:
     async def _create_jobs_bulk(
         self, operation: Operation, lease_token: str, client: SalesforceClient, targets: Sequence[PushTarget]
     ) -> tuple[dict[str, str], dict[str, str]]:
+        """One ingest job for every org; after a job that ended Failed or Aborted, one more for the rest.
+
+        Salesforce keeps what such a job already inserted ("create a new ingest job to process the
+        records that weren't processed"), so the jobs that exist are read back from PackagePushJob
+        and only orgs still without one are sent again: never a duplicate, never a lost job. At most
+        ``MAX_BULK_JOBS`` jobs end Failed; after that the orgs still without a job are listed as
+        refused with the reason and the push goes on with the others.
+        """
+        failures: list[str] = list(operation.data.get("bulk_failures") or [])
+        reconcile = bool(failures)
         job_id = operation.data.get("bulk_job_id")
         if job_id:
             info = await client.bulk_job(job_id)
             if info.get("state") == "Open":
-                # We died between creating and closing it; the upload may be partial. Start over.
+                # We died between creating and closing it: nothing was processed. Start over.
                 await client.bulk_set_state(job_id, "Aborted")
                 job_id = None
-            elif info.get("state") in {"Aborted", "Failed"}:
-                job_id = None
-        if not job_id:
-            job_id = await client.bulk_create_insert_job("PackagePushJob")
-            await self._writes.save(operation, lease_token, data={**operation.data, "bulk_job_id": job_id})
-            rows = [
-                {"PackagePushRequestId": operation.external_id or "", "SubscriberOrganizationKey": t.org_key}
-                for t in targets
-            ]
-            try:
-                await client.bulk_upload(job_id, rows, ["PackagePushRequestId", "SubscriberOrganizationKey"])
-            except AmbiguousWriteError:
-                await client.bulk_set_state(job_id, "Aborted")
-                raise
-            await client.bulk_set_state(job_id, "UploadComplete")
-        info = await self._wait_bulk(client, job_id)
-        if info.get("state") != "JobComplete":
-            raise TransientError(
-                f"Bulk API job {job_id} ended {info.get('state')}: {str(info.get('errorMessage') or '')[:150]}",
-                system="salesforce",
-            )
+        remaining = list(targets)
+        found: dict[str, str] = {}
+        while True:
+            if not job_id:
+                if reconcile:
+                    existing = await self._existing_jobs(operation, client)
+                    found.update(
+                        {t.org_key[:15]: existing[t.org_key[:15]] for t in remaining if t.org_key[:15] in existing}
+                    )
+                    remaining = [t for t in remaining if t.org_key[:15] not in existing]
+                    if not remaining:
+                        return found, {}
+                    if len(failures) >= MAX_BULK_JOBS:
+                        why = f"no push job created: {len(failures)} Bulk API jobs ended Failed"
+                        return found, {t.org_key[:15]: why for t in remaining}
+                job_id = await self._submit_bulk(operation, lease_token, client, remaining)
+            info = await self._wait_bulk(client, job_id)
+            if info.get("state") == "JobComplete":
+                created, refused = await self._bulk_outcome(client, job_id, info)
+                return {**found, **created}, refused
+            uploaded = int(operation.data.get("bulk_job_rows") or len(remaining))
+            if info.get("state") == "Failed":
+                failures.append(_bulk_failure_text(job_id, info, uploaded=uploaded))
+                log.warning("push %s: %s", operation.ref, failures[-1])
+            # Aborted (by us after an upload whose answer was lost, or by an admin) is not
+            # counted as a failure, but what it processed before it stopped is kept all the same.
+            reconcile = True
+            data = {**operation.data, "bulk_job_id": None, "bulk_failures": failures}
+            if not await self._writes.save(operation, lease_token, data=data):
+                raise TransientError("the push changed while its jobs were being created", system="salesforce")
+            job_id = None
+
+    async def _submit_bulk(
+        self, operation: Operation, lease_token: str, client: SalesforceClient, targets: Sequence[PushTarget]
+    ) -> str:
+        job_id = await client.bulk_create_insert_job("PackagePushJob")
+        data = {**operation.data, "bulk_job_id": job_id, "bulk_job_rows": len(targets)}
+        await self._writes.save(operation, lease_token, data=data)
+        rows = [
+            {"PackagePushRequestId": operation.external_id or "", "SubscriberOrganizationKey": t.org_key}
+            for t in targets
+        ]
+        try:
+            await client.bulk_upload(job_id, rows, ["PackagePushRequestId", "SubscriberOrganizationKey"])
+        except AmbiguousWriteError:
+            await client.bulk_set_state(job_id, "Aborted")
+            raise
+        await client.bulk_set_state(job_id, "UploadComplete")
+        return job_id
+
+    async def _bulk_outcome(
+        self, client: SalesforceClient, job_id: str, info: dict[str, Any]
+    ) -> tuple[dict[str, str], dict[str, str]]:
+        """Created and refused orgs of a JobComplete ingest job, from its result sets."""
         # The job's counts say which result sets hold anything: at 50,000 orgs every call counts.
         # Without them (they are documented for every finished job), read both.
         processed, failed = info.get("numberRecordsProcessed"), info.get("numberRecordsFailed")
@@ -892,6 +938,14 @@ _TERMINAL = {OpState.REJECTED, OpState.EXPIRED, OpState.SUCCEEDED, OpState.FAILE
 def _nothing_to_push(plan: PushPlan) -> str:
     reasons = ", ".join(f"{count:,} {why}" for why, count in plan.skipped.most_common()) or "no matching subscribers"
     return f"Nothing to push for {plan.version.package_name} {plan.version.label} ({plan.selection}): {reasons}."
+
+
+def _bulk_failure_text(job_id: str, info: dict[str, Any], *, uploaded: int) -> str:
+    """What a person needs about an ingest job that ended Failed, even when Salesforce says nothing."""
+    processed = int(info.get("numberRecordsProcessed") or 0)
+    message = " ".join(str(info.get("errorMessage") or "").split())[:200]
+    reason = f"Salesforce said: {message}" if message else "Salesforce gave no message"
+    return f"Bulk API job {job_id} ended Failed after {processed:,} of {uploaded:,} records; {reason}"
 
 
 def _bulk_error(text: str) -> str:

@@ -131,6 +131,15 @@ def event_reply(op: Operation, event: OpEvent) -> str | None:
     name, detail = event.name, event.detail
     if name == "jobs_created":
         text = f"Created {_n(detail.get('created'))} push job(s)."
+        failures = detail.get("bulk_failures") or []
+        for index, failure in enumerate(failures):
+            last_given_up = detail.get("bulk_gave_up") and index == len(failures) - 1
+            then = (
+                "the orgs still without one are listed below"
+                if last_given_up
+                else "only orgs without one were sent again"
+            )
+            text += f"\n⚠️ {bk.escape(bk.clip(str(failure), 300))}. The push jobs it created were kept; {then}."
         refused = detail.get("refused") or []
         if refused:
             text += f" Salesforce refused {_n(detail.get('refused_total'))} org(s); the rest go on:"
