@@ -325,8 +325,7 @@ class PushService:
         return operation, created
 
     async def get(self, ref: str) -> Operation:
-        operation_id = repo.parse_ref(ref, kind=OpKind.PUSH)
-        operation = await repo.get_operation(self._db, operation_id=operation_id) if operation_id else None
+        operation = await repo.find_operation(self._db, kind=OpKind.PUSH, ref=ref)
         if operation is None or operation.kind != OpKind.PUSH:
             raise NotFoundError(f"No push `{ref}`. `/push list` shows recent ones.")
         return operation

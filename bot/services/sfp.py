@@ -46,6 +46,7 @@ from bot.clients.sfp import (
     TaskSpec,
     TaskStatus,
 )
+from bot.commands import REF_RE
 from bot.errors import ApiError, AuthError, NotFoundError, StateError, TransientError, UpstreamError, UsageError
 from bot.services.approvals import ApprovalFacts, ApprovalRequirement, requirement_for
 from bot.services.lifecycle import LeasedWrites
@@ -306,8 +307,7 @@ class SfpService:
 
     # -- reading -------------------------------------------------------------------------------
     async def get(self, ref: str) -> Operation:
-        operation_id = repo.parse_ref(ref, kind=OpKind.SFP)
-        operation = await repo.get_operation(self._db, operation_id=operation_id) if operation_id else None
+        operation = await repo.find_operation(self._db, kind=OpKind.SFP, ref=ref)
         if operation is None or operation.kind != OpKind.SFP:
             raise NotFoundError(f"No sfp task `{ref}`. `/sfp list` shows recent ones.")
         return operation
@@ -319,6 +319,10 @@ class SfpService:
         if parsed.operation_id is not None:
             return Target(operation=None, operation_id=parsed.operation_id)
         assert parsed.ref is not None
+        if not REF_RE.match(parsed.ref):
+            # An operationId: the task the bot submitted under it, or one it did not (like op:<id>).
+            found = await repo.find_operation(self._db, kind=OpKind.SFP, ref=parsed.ref)
+            return Target(operation=found, operation_id=found.external_id if found else parsed.ref)
         operation = await self.get(parsed.ref)
         return Target(operation=operation, operation_id=operation.external_id)
 
