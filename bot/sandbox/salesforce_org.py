@@ -154,6 +154,12 @@ def _unit(*parts: object) -> float:
 # --------------------------------------------------------------------------- push state
 
 
+def _error_id(*parts: object) -> str:
+    """A Salesforce support ErrorId ("1934261182-77421 (-1093283713)"): different for every failure."""
+    first, second, third = (int(_unit(*parts, n) * 10**k) for n, k in ((1, 10), (2, 5), (3, 10)))
+    return f"{first}-{second} (-{third})"
+
+
 @dataclass
 class _PushRun:
     """Runtime of one push request once it is Pending."""
@@ -608,6 +614,7 @@ class PackagingState:
             "package": package["Name"] if package else "the package",
             "org": job["SubscriberOrganizationKey"],
             "version": self._version_label(version),
+            "error_id": _error_id(self.seed, job["Id"]),
         }
         self.commit(
             "PackagePushError",
@@ -947,7 +954,7 @@ class SalesforceOrgSim:
     managed packages and ``subscribers`` subscriber orgs, and runs push upgrades whose jobs
     fail at ``failure_rate``. Tests steer it with the fault knobs (``fail_next``, ``drop_next``,
     ``limit_exceeded_next``, ``expire_sessions``, ``refuse_org_keys``,
-    ``fail_bulk_next``) and read its state with
+    ``fail_bulk_next``, ``hidden_objects``) and read its state with
     ``push_request`` / ``push_jobs`` / ``subscribers`` / ``calls``.
 
     ``clock`` (seconds since the epoch) replaces wall-clock time, ``lanes`` the number of push
@@ -988,6 +995,9 @@ class SalesforceOrgSim:
         self.calls: list[tuple[str, str]] = []
         self.queries: list[str] = []  # the text of every SOQL query received, as Salesforce would parse it
         self.refuse_org_keys: dict[str, str] = {}
+        # Objects queries cannot see: Salesforce answers INVALID_TYPE for the packaging objects
+        # when the user lacks the permission to push (or the org is not a packaging org).
+        self.hidden_objects: set[str] = set()
         self._ids = IdFactory(pod="5f")
         self.user_id = self._ids.new("User")
         tables = org_data.make_tables()
@@ -1379,9 +1389,8 @@ class SalesforceOrgSim:
             raise ApiError(400, "MALFORMED_QUERY", "A query string has to be specified")
         version = request.match_info["version"]
         try:
-            result = run_query(
-                text, self.state.tables, api_version=version, now=datetime.fromtimestamp(self.clock(), UTC)
-            )
+            visible = {name: table for name, table in self.state.tables.items() if name not in self.hidden_objects}
+            result = run_query(text, visible, api_version=version, now=datetime.fromtimestamp(self.clock(), UTC))
         except SoqlError as error:
             raise ApiError(400, error.error_code, error.message) from None
         if result.count_only:

@@ -15,14 +15,21 @@ import asyncio
 import csv
 import io
 import logging
+import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import cached_property
 from typing import Any
 
-from bot.clients.salesforce.rest import AmbiguousWriteError, SalesforceClient, soql_id_list, soql_literal
+from bot.clients.salesforce.rest import (
+    AmbiguousWriteError,
+    SalesforceClient,
+    readable_message,
+    soql_id_list,
+    soql_literal,
+)
 from bot.commands import OrgSelection, VersionSpec
 from bot.errors import ApiError, AuthError, NotFoundError, StateError, TransientError, UpstreamError, UsageError
 from bot.services.approvals import ApprovalFacts, ApprovalRequirement, requirement_for
@@ -508,7 +515,9 @@ class PushService:
                     data={**operation.data, "error": f"Salesforce refused the push request: {exc.message}"},
                 )
                 return [OpEvent("error")]
-        if not await self._writes.save(operation, lease_token, external_id=request_id, step="create_jobs"):
+        # The push upgrade page, built from the org's instance URL and the id Salesforce returned.
+        data = {**operation.data, "request_url": await client.record_url(request_id)}
+        if not await self._writes.save(operation, lease_token, external_id=request_id, step="create_jobs", data=data):
             # Canceled (or taken over) while we were creating it: do not leave it behind.
             await _quietly_cancel(client, request_id)
             return []
@@ -875,16 +884,14 @@ class PushService:
                         for name in ("ErrorType", "ErrorTitle", "ErrorMessage", "ErrorDetails", "ErrorSeverity")
                     }
         await repo.record_push_failures(self._db, operation_id=op.id, errors=errors)
-        groups = Counter((e["ErrorType"], e["ErrorTitle"], e["ErrorMessage"]) for e in errors.values())
+        groups = _failure_groups(errors.values())
         failed = int(counts.get("Failed", 0))
         return {
             "succeeded": int(counts.get("Succeeded", 0)),
             "failed": failed,
             "canceled": int(counts.get("Canceled", 0)),
             "total": sum(counts.values()),
-            "groups": [
-                {"type": t, "title": title, "message": m, "count": n} for (t, title, m), n in groups.most_common(10)
-            ],
+            "groups": groups[:10],
             "group_count": len(groups),
             "without_error_record": max(0, failed - len(errors)),
         }
@@ -951,7 +958,32 @@ def _bulk_error(text: str) -> str:
     """``CODE:message:fields`` as Bulk API 2.0 writes sf__Error; keep code and message."""
     code, _, rest = text.partition(":")
     message = rest.rsplit(":", 1)[0] if rest.count(":") else rest
-    return f"{code}: {message}".strip(": ") or "refused"
+    return f"{code}: {readable_message(message)}".strip(": ") or "refused"
+
+
+_NUMBER_RE = re.compile(r"\d+")
+
+
+def _failure_groups(errors: Iterable[dict[str, str]]) -> list[dict[str, Any]]:
+    """Failures grouped by type, title and message, largest group first.
+
+    Salesforce writes a number of its own into some messages ("…contact support: 1934261182-77421
+    (-1093283713)" differs for every org), so messages are compared with their numbers blanked out
+    and their whitespace collapsed; the group shows the first message as Salesforce wrote it (one
+    line) and says when the numbers differ. The CSV keeps every message whole.
+    """
+    groups: dict[tuple[str, str, str], dict[str, Any]] = {}
+    for error in errors:
+        title, message = readable_message(error["ErrorTitle"]), readable_message(error["ErrorMessage"])
+        key = (error["ErrorType"], _NUMBER_RE.sub("#", title), _NUMBER_RE.sub("#", message))
+        group = groups.get(key)
+        if group is None:
+            groups[key] = {"type": error["ErrorType"], "title": title, "message": message, "count": 1}
+        else:
+            group["count"] += 1
+            if (title, message) != (group["title"], group["message"]):
+                group["numbers_vary"] = True
+    return sorted(groups.values(), key=lambda group: -int(group["count"]))
 
 
 def _sf_datetime(moment: datetime) -> str:
