@@ -9,8 +9,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from bot.commands import DEPLOY_REFS, parse_ref, tokenize
 from bot.commands import split_options as _split
-from bot.commands import tokenize
 from bot.errors import UsageError
 from bot.settings import ALIAS_RE
 
@@ -35,7 +35,6 @@ TEST_LEVELS = ("NoTestRun", "RunSpecifiedTests", "RunLocalTests", "RunAllTestsIn
 TEST_NAME_RE = re.compile(
     r"^(?:[A-Za-z][A-Za-z0-9]{0,14}__)?[A-Za-z][A-Za-z0-9_]{0,39}(?:\.[A-Za-z][A-Za-z0-9_]{0,39})?$"
 )
-DEPLOY_REF_RE = re.compile(r"^[Dd]?\d{1,10}$")
 MAX_TESTS = 200
 FLAGS = {
     "--ignore-warnings",
@@ -105,12 +104,7 @@ DeployCommand = DeployStart | DeployQuick | DeployRef | DeployList | DeployOrgs 
 
 
 def parse_deploy_ref(words: list[str], *, action: str) -> str:
-    if len(words) != 1:
-        raise UsageError(f"`{action}` takes one reference, such as `D12`.", usage=DEPLOY_USAGE)
-    if not DEPLOY_REF_RE.match(words[0]):
-        raise UsageError(f"`{words[0][:30]}` is not a deployment reference (they look like `D12`).", usage=DEPLOY_USAGE)
-    digits = words[0].lstrip("Dd")
-    return f"D{int(digits)}"
+    return parse_ref(words, usage=DEPLOY_USAGE, action=action, refs=DEPLOY_REFS)
 
 
 def parse_test_level(text: str) -> str:

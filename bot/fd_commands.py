@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass, replace
 from typing import Literal
 
-from bot.commands import parse_ref, split_options, tokenize
+from bot.commands import FD_REFS, parse_ref, split_options, tokenize
 from bot.errors import UsageError
 
 FD_USAGE = """*`/fd` — FlexDeploy packages*
@@ -160,7 +160,7 @@ def parse_fd(text: str) -> FdCommand:
     sub, rest = tokens[0].lower(), tokens[1:]
     if sub == "cancel":
         words, _ = split_options(rest, flags=set(), valued=set(), multiword=set(), usage=FD_USAGE)
-        return FdCancel(ref=parse_ref(words, usage=FD_USAGE, action="cancel"))
+        return FdCancel(ref=parse_ref(words, usage=FD_USAGE, action="cancel", refs=FD_REFS))
     if sub in {"show", "delete"}:
         words, _ = split_options(rest, flags=set(), valued=set(), multiword=set(), usage=FD_USAGE)
         project_id, name = _target(words, action=sub)

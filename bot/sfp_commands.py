@@ -13,7 +13,7 @@ from datetime import timedelta
 from typing import Any
 
 from bot.clients.sfp import OPERATION_ID_RE, PRIORITIES
-from bot.commands import parse_ref, split_options, tokenize
+from bot.commands import SFP_REFS, parse_ref, split_options, tokenize
 from bot.errors import UsageError
 from bot.settings import parse_duration
 
@@ -70,7 +70,7 @@ class SfpSubmit:
 @dataclass(frozen=True)
 class SfpRef:
     action: str  # status | result | cancel | stop | runs
-    ref: str | None = None  # "S12"
+    ref: str | None = None  # "S12", "12" or the operationId of a task the bot submitted
     operation_id: str | None = None  # a task the bot did not submit (op:<id>)
 
 
@@ -174,10 +174,8 @@ def parse_task_ref(words: list[str], *, action: str) -> SfpRef:
                 usage=SFP_USAGE,
             )
         return SfpRef(action=action, operation_id=operation_id)
-    ref = parse_ref(words, usage=SFP_USAGE, action=action)
-    if ref[0].isalpha() and ref[0] != "S":
-        raise UsageError(f"`{ref}` is not an sfp task; sfp tasks are `S12`, `S13` …", usage=SFP_USAGE)
-    return SfpRef(action=action, ref=ref if ref[0] == "S" else f"S{ref}")
+    # A short ref (S12, 12) or the operationId the sfp server gave the task; the service finds it.
+    return SfpRef(action=action, ref=parse_ref(words, usage=SFP_USAGE, action=action, refs=SFP_REFS))
 
 
 def _submit_options(rest: list[str]) -> tuple[list[str], dict[str, str | bool]]:

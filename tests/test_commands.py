@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 import pytest
 
 from bot.commands import Help, PushCreate, PushList, PushRef, PushRetry, parse_push
+from bot.deploy_commands import DeployQuick, DeployRef, parse_deploy
 from bot.errors import UsageError
+from bot.fd_commands import parse_fd
+from bot.sfp_commands import SfpRef, parse_sfp
 from bot.when import parse_when
 
 NOW = datetime(2026, 11, 23, 15, 0, tzinfo=UTC)
@@ -83,3 +87,46 @@ def test_when_refuses_past_and_nonsense(text: str, fragment: str) -> None:
     with pytest.raises(UsageError) as caught:
         parse_when(text, tz_name="UTC", now=NOW)
     assert fragment in caught.value.message
+
+
+# -- refs people paste (SPEC §15 "Refs") -------------------------------------------------------------
+
+
+def test_finding_5_salesforce_ids_of_either_length_are_accepted_as_push_refs() -> None:
+    assert parse_push("status 0DV5f0000000001") == PushRef(action="status", ref="0DV5f0000000001")
+    assert parse_push("cancel 0DV5f0000000001AAA") == PushRef(action="cancel", ref="0DV5f0000000001AAA")
+    retry = parse_push("retry 0DV5f0000000001AAA --dry-run")
+    assert isinstance(retry, PushRetry) and retry.ref == "0DV5f0000000001AAA"
+    assert parse_push("status p07") == PushRef(action="status", ref="P7")
+
+
+@pytest.mark.parametrize(
+    ("parse", "text", "hint", "not_hint"),
+    [
+        (parse_push, "status 0DV5f00000000", "`P12`", "`D12`"),  # too short for an id
+        (parse_push, "status 0Af5f0000000001AAA", "`P12`", "`D12`"),  # a deployment id under /push
+        (parse_push, "status 0DV5f0000000001AA$", "`P12`", "`S12`"),
+        (parse_deploy, "status 0DV5f0000000001AAA", "`D12`", "`P12`"),
+        (parse_deploy, "quick 0Af5f000000", "`D12`", "`P12`"),
+        (parse_sfp, "status bad!id", "`S12`", "`P12`"),
+        (parse_sfp, "result", "`S12`", "`P12`"),
+        (parse_fd, "cancel 0DV5f0000000001AAA", "`F12`", "`P12`"),
+    ],
+)
+def test_finding_5_usage_hint_shows_the_prefix_of_the_command_at_hand(
+    parse: Callable[[str], object], text: str, hint: str, not_hint: str
+) -> None:
+    with pytest.raises(UsageError) as caught:
+        parse(text)
+    assert hint in caught.value.message and not_hint not in caught.value.message
+
+
+def test_finding_5_deploy_and_sfp_refs_take_their_ids() -> None:
+    assert parse_deploy("status 0Af5f0000000001") == DeployRef(action="status", ref="0Af5f0000000001")
+    assert parse_deploy("quick 0Af5f0000000001AAA") == DeployQuick(ref="0Af5f0000000001AAA")
+    assert parse_deploy("cancel d12") == DeployRef(action="cancel", ref="D12")
+    assert parse_sfp("status 1000000001") == SfpRef(action="status", ref="1000000001")
+    assert parse_sfp("runs 7f3c1d2e-9b4a-4c1e-8f00-12ab34cd56ef") == SfpRef(
+        action="runs", ref="7f3c1d2e-9b4a-4c1e-8f00-12ab34cd56ef"
+    )
+    assert parse_sfp("status s4") == SfpRef(action="status", ref="S4")

@@ -500,7 +500,9 @@ def generate_seed(*, seed: int, subscriber_count: int, ids: IdFactory) -> SeedDa
 @dataclass(frozen=True)
 class PushErrorKind:
     """One PackagePushError ErrorType: how often it happens, whether a retry can fix it, and
-    the texts Salesforce shows for it (title, message, details; {package}/{org} filled in)."""
+    the texts Salesforce shows for it (title, message, details; {package}/{org}/{version} filled in,
+    and {error_id}: the per-org number Salesforce puts in an unexpected failure). Texts keep the
+    blank lines Salesforce stores in them."""
 
     error_type: str
     weight: float
@@ -528,7 +530,7 @@ PUSH_ERROR_KINDS: tuple[PushErrorKind, ...] = (
         (
             (
                 "Apex test failure",
-                "Test failure: InvoiceTriggerTest.testBulkInsert",
+                "Test failure: InvoiceTriggerTest.testBulkInsert\n\n\n   1 of 12 test methods failed.\n\n",
                 "System.AssertException: Assertion Failed: Expected: 200, Actual: 199. "
                 "Class.acmebill.InvoiceTriggerTest.testBulkInsert: line 42, column 1",
             ),
@@ -558,8 +560,7 @@ PUSH_ERROR_KINDS: tuple[PushErrorKind, ...] = (
         (
             (
                 "Internal server error",
-                "An unexpected error occurred. Please include this ErrorId if you "
-                "contact support: 1934261182-77421 (-1093283713)",
+                "An unexpected error occurred. Please include this ErrorId if you contact support: {error_id}",
                 "The upgrade of {package} stopped unexpectedly.",
             ),
         ),

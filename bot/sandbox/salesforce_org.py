@@ -154,6 +154,12 @@ def _unit(*parts: object) -> float:
 # --------------------------------------------------------------------------- push state
 
 
+def _error_id(*parts: object) -> str:
+    """A Salesforce support ErrorId ("1934261182-77421 (-1093283713)"): different for every failure."""
+    first, second, third = (int(_unit(*parts, n) * 10**k) for n, k in ((1, 10), (2, 5), (3, 10)))
+    return f"{first}-{second} (-{third})"
+
+
 @dataclass
 class _PushRun:
     """Runtime of one push request once it is Pending."""
@@ -608,6 +614,7 @@ class PackagingState:
             "package": package["Name"] if package else "the package",
             "org": job["SubscriberOrganizationKey"],
             "version": self._version_label(version),
+            "error_id": _error_id(self.seed, job["Id"]),
         }
         self.commit(
             "PackagePushError",
@@ -668,6 +675,7 @@ class BulkJob:
     processed: int = 0
     results: list[_BulkResult] = field(default_factory=list)
     error_message: str | None = None
+    fail_after: int | None = None  # an injected fault: the job ends Failed once this many rows are done
 
     @property
     def failed(self) -> int:
@@ -721,6 +729,8 @@ class BulkIngest:
     def __init__(self, state: PackagingState) -> None:
         self.state = state
         self.jobs: dict[str, BulkJob] = {}
+        # Faults for the next jobs to start processing: (rows done before Failed, errorMessage or None).
+        self.failures: list[tuple[int, str | None]] = []
 
     def job(self, job_id: str) -> BulkJob:
         job = self.jobs.get(id15(job_id)) if _ID_RE.fullmatch(job_id) else None
@@ -827,12 +837,23 @@ class BulkIngest:
             job.state, job.modified = "InProgress", now
             if self._fail_on_bad_input(job, now):
                 return
+            if self.failures:
+                job.fail_after, job.error_message = self.failures.pop(0)
         done = 1.0 if progress >= 1 else (progress - 0.2) / 0.8
         target = len(job.rows) if done >= 1 else int(len(job.rows) * done) // BULK_CHUNK * BULK_CHUNK
+        failing = job.fail_after is not None and target >= job.fail_after
+        if failing:
+            assert job.fail_after is not None
+            target = min(job.fail_after, len(job.rows))
         for row in job.rows[job.processed : target]:
             job.results.append(self._insert_row(job, row))
         job.processed = max(job.processed, target)
-        if progress >= 1:
+        if failing:
+            # "If the batch still can't be processed after 20 retries, the entire ingest job is
+            # moved to the Failed state and remaining job data isn't processed"; what it already
+            # inserted stays. The docs do not say whether errorMessage is then set: both happen here.
+            job.state, job.modified = "Failed", now
+        elif progress >= 1:
             job.state, job.modified = "JobComplete", now
 
     def _fail_on_bad_input(self, job: BulkJob, now: float) -> bool:
@@ -932,7 +953,8 @@ class SalesforceOrgSim:
     URL from ``build_auth_url(sim)``). The packaging kind is seeded from ``seed`` with two
     managed packages and ``subscribers`` subscriber orgs, and runs push upgrades whose jobs
     fail at ``failure_rate``. Tests steer it with the fault knobs (``fail_next``, ``drop_next``,
-    ``limit_exceeded_next``, ``expire_sessions``, ``refuse_org_keys``) and read its state with
+    ``limit_exceeded_next``, ``expire_sessions``, ``refuse_org_keys``,
+    ``fail_bulk_next``, ``hidden_objects``) and read its state with
     ``push_request`` / ``push_jobs`` / ``subscribers`` / ``calls``.
 
     ``clock`` (seconds since the epoch) replaces wall-clock time, ``lanes`` the number of push
@@ -973,6 +995,9 @@ class SalesforceOrgSim:
         self.calls: list[tuple[str, str]] = []
         self.queries: list[str] = []  # the text of every SOQL query received, as Salesforce would parse it
         self.refuse_org_keys: dict[str, str] = {}
+        # Objects queries cannot see: Salesforce answers INVALID_TYPE for the packaging objects
+        # when the user lacks the permission to push (or the org is not a packaging org).
+        self.hidden_objects: set[str] = set()
         self._ids = IdFactory(pod="5f")
         self.user_id = self._ids.new("User")
         tables = org_data.make_tables()
@@ -1052,6 +1077,11 @@ class SalesforceOrgSim:
 
     def limit_exceeded_next(self, n: int) -> None:
         self._faults.limit_exceeded += n
+
+    def fail_bulk_next(self, *, after: int, message: str | None = None) -> None:
+        """The next Bulk API 2.0 ingest job to start processing inserts ``after`` rows, then ends
+        Failed with ``message`` as its errorMessage (none at all when ``message`` is None)."""
+        self.bulk.failures.append((after, message))
 
     def expire_sessions(self) -> None:
         self._tokens.clear()
@@ -1359,9 +1389,8 @@ class SalesforceOrgSim:
             raise ApiError(400, "MALFORMED_QUERY", "A query string has to be specified")
         version = request.match_info["version"]
         try:
-            result = run_query(
-                text, self.state.tables, api_version=version, now=datetime.fromtimestamp(self.clock(), UTC)
-            )
+            visible = {name: table for name, table in self.state.tables.items() if name not in self.hidden_objects}
+            result = run_query(text, visible, api_version=version, now=datetime.fromtimestamp(self.clock(), UTC))
         except SoqlError as error:
             raise ApiError(400, error.error_code, error.message) from None
         if result.count_only:

@@ -152,8 +152,7 @@ class DeployService:
 
     # -- reading -------------------------------------------------------------------------------
     async def get(self, ref: str) -> Operation:
-        operation_id = repo.parse_ref(ref, kind=OpKind.DEPLOY)
-        operation = await repo.get_operation(self._db, operation_id=operation_id) if operation_id else None
+        operation = await repo.find_operation(self._db, kind=OpKind.DEPLOY, ref=ref)
         if operation is None or operation.kind != OpKind.DEPLOY:
             raise NotFoundError(f"No deployment `{ref}`. `/deploy list` shows recent ones.")
         return operation

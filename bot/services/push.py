@@ -13,14 +13,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import cached_property
 from typing import Any
 
-from bot.clients.salesforce.rest import SalesforceClient, soql_id_list, soql_literal
+from bot.clients.salesforce.rest import SalesforceClient, readable_message, soql_id_list, soql_literal
 from bot.commands import OrgSelection, VersionSpec
 from bot.errors import (
     AmbiguousWriteError,
@@ -51,6 +52,7 @@ NOT_RETRYABLE_ERRORS = {
     "IneligibleUpgrade": "not eligible for this upgrade",
     "FeatureMissing": "a required feature is missing in the org",
 }
+MAX_BULK_JOBS = 3  # ingest jobs that may end Failed for one push before the orgs left are given up
 JOB_DONE_STATES = {"Succeeded", "Failed", "Canceled", "Cancelled"}
 REQUEST_TERMINAL = {"Succeeded", "Failed", "Canceled", "Cancelled"}
 
@@ -332,8 +334,7 @@ class PushService:
         return operation, created
 
     async def get(self, ref: str) -> Operation:
-        operation_id = repo.parse_ref(ref, kind=OpKind.PUSH)
-        operation = await repo.get_operation(self._db, operation_id=operation_id) if operation_id else None
+        operation = await repo.find_operation(self._db, kind=OpKind.PUSH, ref=ref)
         if operation is None or operation.kind != OpKind.PUSH:
             raise NotFoundError(f"No push `{ref}`. `/push list` shows recent ones.")
         return operation
@@ -520,7 +521,9 @@ class PushService:
                     },
                 )
                 return [OpEvent("error")]
-        if not await self._writes.save(operation, lease_token, external_id=request_id, step="create_jobs"):
+        # The push upgrade page, built from the org's instance URL and the id Salesforce returned.
+        data = {**operation.data, "request_url": await client.record_url(request_id)}
+        if not await self._writes.save(operation, lease_token, external_id=request_id, step="create_jobs", data=data):
             # Canceled (or taken over) while we were creating it: do not leave it behind.
             await _quietly_cancel(client, request_id)
             return []
@@ -571,7 +574,8 @@ class PushService:
         targets = await repo.push_targets(self._db, operation_id=operation.id)
         pending = [t for t in targets if t.job_id is None and t.refused_reason is None]
         if pending:
-            if len(pending) > BULK_THRESHOLD or operation.data.get("bulk_job_id"):
+            bulk_started = operation.data.get("bulk_job_id") or operation.data.get("bulk_failures")
+            if len(pending) > BULK_THRESHOLD or bulk_started:
                 created, refused = await self._create_jobs_bulk(operation, lease_token, client, pending)
             elif operation.data.get("jobs_attempted_at"):
                 # An earlier attempt (a replica killed mid-step, say) may have created some of these
@@ -595,13 +599,14 @@ class PushService:
         # Counted from the stored targets, so a resumed step never counts twice.
         refusals = sorted((t.org_key, t.refused_reason or "") for t in targets if t.refused_reason)
         jobs = {"created": sum(1 for t in targets if t.job_id), "refused": len(refusals)}
-        data = {key: value for key, value in operation.data.items() if key not in {"bulk_job_id", "jobs_attempted_at"}}
+        bookkeeping = {"bulk_job_id", "bulk_job_rows", "bulk_failures", "jobs_attempted_at"}
+        data = {key: value for key, value in operation.data.items() if key not in bookkeeping}
         data["jobs"] = jobs
-        events = [
-            OpEvent(
-                "jobs_created", {"created": jobs["created"], "refused": refusals[:50], "refused_total": jobs["refused"]}
-            )
-        ]
+        detail = {"created": jobs["created"], "refused": refusals[:50], "refused_total": jobs["refused"]}
+        if operation.data.get("bulk_failures"):
+            detail["bulk_failures"] = list(operation.data["bulk_failures"])
+            detail["bulk_gave_up"] = len(operation.data["bulk_failures"]) >= MAX_BULK_JOBS
+        events = [OpEvent("jobs_created", detail)]
         if jobs["created"] == 0:
             await _quietly_cancel(client, operation.external_id)
             await self._writes.save(
@@ -649,34 +654,77 @@ class PushService:
     async def _create_jobs_bulk(
         self, operation: Operation, lease_token: str, client: SalesforceClient, targets: Sequence[PushTarget]
     ) -> tuple[dict[str, str], dict[str, str]]:
+        """One ingest job for every org; after a job that ended Failed or Aborted, one more for the rest.
+
+        Salesforce keeps what such a job already inserted ("create a new ingest job to process the
+        records that weren't processed"), so the jobs that exist are read back from PackagePushJob
+        and only orgs still without one are sent again: never a duplicate, never a lost job. At most
+        ``MAX_BULK_JOBS`` jobs end Failed; after that the orgs still without a job are listed as
+        refused with the reason and the push goes on with the others.
+        """
+        failures: list[str] = list(operation.data.get("bulk_failures") or [])
+        reconcile = bool(failures)
         job_id = operation.data.get("bulk_job_id")
         if job_id:
             info = await client.bulk_job(job_id)
             if info.get("state") == "Open":
-                # We died between creating and closing it; the upload may be partial. Start over.
+                # We died between creating and closing it: nothing was processed. Start over.
                 await client.bulk_set_state(job_id, "Aborted")
                 job_id = None
-            elif info.get("state") in {"Aborted", "Failed"}:
-                job_id = None
-        if not job_id:
-            job_id = await client.bulk_create_insert_job("PackagePushJob")
-            await self._writes.save(operation, lease_token, data={**operation.data, "bulk_job_id": job_id})
-            rows = [
-                {"PackagePushRequestId": operation.external_id or "", "SubscriberOrganizationKey": t.org_key}
-                for t in targets
-            ]
-            try:
-                await client.bulk_upload(job_id, rows, ["PackagePushRequestId", "SubscriberOrganizationKey"])
-            except AmbiguousWriteError:
-                await client.bulk_set_state(job_id, "Aborted")
-                raise
-            await client.bulk_set_state(job_id, "UploadComplete")
-        info = await self._wait_bulk(client, job_id)
-        if info.get("state") != "JobComplete":
-            raise TransientError(
-                f"Bulk API job {job_id} ended {info.get('state')}: {str(info.get('errorMessage') or '')[:150]}",
-                system="salesforce",
-            )
+        remaining = list(targets)
+        found: dict[str, str] = {}
+        while True:
+            if not job_id:
+                if reconcile:
+                    existing = await self._existing_jobs(operation, client)
+                    found.update(
+                        {t.org_key[:15]: existing[t.org_key[:15]] for t in remaining if t.org_key[:15] in existing}
+                    )
+                    remaining = [t for t in remaining if t.org_key[:15] not in existing]
+                    if not remaining:
+                        return found, {}
+                    if len(failures) >= MAX_BULK_JOBS:
+                        why = f"no push job created: {len(failures)} Bulk API jobs ended Failed"
+                        return found, {t.org_key[:15]: why for t in remaining}
+                job_id = await self._submit_bulk(operation, lease_token, client, remaining)
+            info = await self._wait_bulk(client, job_id)
+            if info.get("state") == "JobComplete":
+                created, refused = await self._bulk_outcome(client, job_id, info)
+                return {**found, **created}, refused
+            uploaded = int(operation.data.get("bulk_job_rows") or len(remaining))
+            if info.get("state") == "Failed":
+                failures.append(_bulk_failure_text(job_id, info, uploaded=uploaded))
+                log.warning("push %s: %s", operation.ref, failures[-1])
+            # Aborted (by us after an upload whose answer was lost, or by an admin) is not
+            # counted as a failure, but what it processed before it stopped is kept all the same.
+            reconcile = True
+            data = {**operation.data, "bulk_job_id": None, "bulk_failures": failures}
+            if not await self._writes.save(operation, lease_token, data=data):
+                raise TransientError("the push changed while its jobs were being created", system="salesforce")
+            job_id = None
+
+    async def _submit_bulk(
+        self, operation: Operation, lease_token: str, client: SalesforceClient, targets: Sequence[PushTarget]
+    ) -> str:
+        job_id = await client.bulk_create_insert_job("PackagePushJob")
+        data = {**operation.data, "bulk_job_id": job_id, "bulk_job_rows": len(targets)}
+        await self._writes.save(operation, lease_token, data=data)
+        rows = [
+            {"PackagePushRequestId": operation.external_id or "", "SubscriberOrganizationKey": t.org_key}
+            for t in targets
+        ]
+        try:
+            await client.bulk_upload(job_id, rows, ["PackagePushRequestId", "SubscriberOrganizationKey"])
+        except AmbiguousWriteError:
+            await client.bulk_set_state(job_id, "Aborted")
+            raise
+        await client.bulk_set_state(job_id, "UploadComplete")
+        return job_id
+
+    async def _bulk_outcome(
+        self, client: SalesforceClient, job_id: str, info: dict[str, Any]
+    ) -> tuple[dict[str, str], dict[str, str]]:
+        """Created and refused orgs of a JobComplete ingest job, from its result sets."""
         # The job's counts say which result sets hold anything: at 50,000 orgs every call counts.
         # Without them (they are documented for every finished job), read both.
         processed, failed = info.get("numberRecordsProcessed"), info.get("numberRecordsFailed")
@@ -842,16 +890,14 @@ class PushService:
                         for name in ("ErrorType", "ErrorTitle", "ErrorMessage", "ErrorDetails", "ErrorSeverity")
                     }
         await repo.record_push_failures(self._db, operation_id=op.id, errors=errors)
-        groups = Counter((e["ErrorType"], e["ErrorTitle"], e["ErrorMessage"]) for e in errors.values())
+        groups = _failure_groups(errors.values())
         failed = int(counts.get("Failed", 0))
         return {
             "succeeded": int(counts.get("Succeeded", 0)),
             "failed": failed,
             "canceled": int(counts.get("Canceled", 0)),
             "total": sum(counts.values()),
-            "groups": [
-                {"type": t, "title": title, "message": m, "count": n} for (t, title, m), n in groups.most_common(10)
-            ],
+            "groups": groups[:10],
             "group_count": len(groups),
             "without_error_record": max(0, failed - len(errors)),
         }
@@ -906,11 +952,44 @@ def _nothing_to_push(plan: PushPlan) -> str:
     return f"Nothing to push for {plan.version.package_name} {plan.version.label} ({plan.selection}): {reasons}."
 
 
+def _bulk_failure_text(job_id: str, info: dict[str, Any], *, uploaded: int) -> str:
+    """What a person needs about an ingest job that ended Failed, even when Salesforce says nothing."""
+    processed = int(info.get("numberRecordsProcessed") or 0)
+    message = " ".join(str(info.get("errorMessage") or "").split())[:200]
+    reason = f"Salesforce said: {message}" if message else "Salesforce gave no message"
+    return f"Bulk API job {job_id} ended Failed after {processed:,} of {uploaded:,} records; {reason}"
+
+
 def _bulk_error(text: str) -> str:
     """``CODE:message:fields`` as Bulk API 2.0 writes sf__Error; keep code and message."""
     code, _, rest = text.partition(":")
     message = rest.rsplit(":", 1)[0] if rest.count(":") else rest
-    return f"{code}: {message}".strip(": ") or "refused"
+    return f"{code}: {readable_message(message)}".strip(": ") or "refused"
+
+
+_NUMBER_RE = re.compile(r"\d+")
+
+
+def _failure_groups(errors: Iterable[dict[str, str]]) -> list[dict[str, Any]]:
+    """Failures grouped by type, title and message, largest group first.
+
+    Salesforce writes a number of its own into some messages ("…contact support: 1934261182-77421
+    (-1093283713)" differs for every org), so messages are compared with their numbers blanked out
+    and their whitespace collapsed; the group shows the first message as Salesforce wrote it (one
+    line) and says when the numbers differ. The CSV keeps every message whole.
+    """
+    groups: dict[tuple[str, str, str], dict[str, Any]] = {}
+    for error in errors:
+        title, message = readable_message(error["ErrorTitle"]), readable_message(error["ErrorMessage"])
+        key = (error["ErrorType"], _NUMBER_RE.sub("#", title), _NUMBER_RE.sub("#", message))
+        group = groups.get(key)
+        if group is None:
+            groups[key] = {"type": error["ErrorType"], "title": title, "message": message, "count": 1}
+        else:
+            group["count"] += 1
+            if (title, message) != (group["title"], group["message"]):
+                group["numbers_vary"] = True
+    return sorted(groups.values(), key=lambda group: -int(group["count"]))
 
 
 def _sf_datetime(moment: datetime) -> str:

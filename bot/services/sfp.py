@@ -34,6 +34,7 @@ import aiohttp
 
 from bot.clients.retry import RetryPolicy
 from bot.clients.sfp import Cancelled, Recurrence, SfpClient, Stopped, TaskSpec, TaskStatus
+from bot.commands import REF_RE
 from bot.errors import (
     AmbiguousWriteError,
     ApiError,
@@ -292,8 +293,7 @@ class SfpService:
 
     # -- reading -------------------------------------------------------------------------------
     async def get(self, ref: str) -> Operation:
-        operation_id = repo.parse_ref(ref, kind=OpKind.SFP)
-        operation = await repo.get_operation(self._db, operation_id=operation_id) if operation_id else None
+        operation = await repo.find_operation(self._db, kind=OpKind.SFP, ref=ref)
         if operation is None or operation.kind != OpKind.SFP:
             raise NotFoundError(f"No sfp task `{ref}`. `/sfp list` shows recent ones.")
         return operation
@@ -309,6 +309,10 @@ class SfpService:
             ours = await repo.operation_by_external_id(self._db, kind=OpKind.SFP, external_id=parsed.operation_id)
             return Target(operation=ours, operation_id=parsed.operation_id)
         assert parsed.ref is not None
+        if not REF_RE.match(parsed.ref):
+            # An operationId: the task the bot submitted under it, or one it did not (like op:<id>).
+            found = await repo.find_operation(self._db, kind=OpKind.SFP, ref=parsed.ref)
+            return Target(operation=found, operation_id=found.external_id if found else parsed.ref)
         operation = await self.get(parsed.ref)
         return Target(operation=operation, operation_id=operation.external_id)
 

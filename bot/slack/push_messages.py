@@ -72,7 +72,7 @@ def push_card(op: Operation, *, approvals: Sequence[str] = ()) -> tuple[str, lis
         blocks.append(bk.context(f"⚠️ Salesforce trouble, retrying automatically: {bk.escape(data['last_problem'])}"))
     context = [f"`{op.ref}`"]
     if op.external_id:
-        context.append(f"request `{op.external_id}`")
+        context.append(f"request {_request_link(op)}")
     if data.get("approved_by"):
         context.append("approved by " + ", ".join(f"<@{user}>" for user in data["approved_by"]))
     blocks.append(bk.context(" · ".join(context)))
@@ -105,9 +105,10 @@ def _summary_text(summary: dict[str, Any]) -> str:
         lines.append("*Failures by error:*")
         for group in groups:
             message = bk.escape(bk.clip(str(group.get("message") or ""), 160))
+            varies = " _(the numbers differ from org to org; each is in the CSV)_" if group.get("numbers_vary") else ""
             lines.append(
                 f"• {_n(group['count'])} × *{bk.escape(str(group['type']))}* — "
-                f"{bk.escape(str(group['title']))}: {message}"
+                f"{bk.escape(str(group['title']))}: {message}{varies}"
             )
         more = int(summary.get("group_count", 0)) - len(groups)
         if more > 0:
@@ -131,6 +132,15 @@ def event_reply(op: Operation, event: OpEvent) -> str | None:
     name, detail = event.name, event.detail
     if name == "jobs_created":
         text = f"Created {_n(detail.get('created'))} push job(s)."
+        failures = detail.get("bulk_failures") or []
+        for index, failure in enumerate(failures):
+            last_given_up = detail.get("bulk_gave_up") and index == len(failures) - 1
+            then = (
+                "the orgs still without one are listed below"
+                if last_given_up
+                else "only orgs without one were sent again"
+            )
+            text += f"\n⚠️ {bk.escape(bk.clip(str(failure), 300))}. The push jobs it created were kept; {then}."
         refused = detail.get("refused") or []
         if refused:
             text += f" Salesforce refused {_n(detail.get('refused_total'))} org(s); the rest go on:"
@@ -155,12 +165,22 @@ def event_reply(op: Operation, event: OpEvent) -> str | None:
     return None
 
 
+def _request_link(op: Operation) -> str:
+    """The push request id, linked to its page in the packaging org when the bot recorded one."""
+    url = str(op.data.get("request_url") or "")
+    if url.startswith(("https://", "http://")) and "|" not in url and ">" not in url:
+        return f"<{url}|{op.external_id}>"
+    return f"`{op.external_id}`"
+
+
 def completion_text(op: Operation) -> str:
     """Posted once when a push ends: in the thread and in the notifications channel."""
     state = OpState(op.state)
     base = (
         f"{STATE_LABEL[state]}: push {op.ref} of {bk.escape(str(op.params.get('package')))} {op.params.get('version')}"
     )
+    if op.external_id:
+        base += f" · request {_request_link(op)}"
     summary = op.data.get("summary")
     if summary:
         return f"{base}\n{_summary_text(summary)}"

@@ -348,7 +348,8 @@ def completion_text(op: Operation) -> str:
     """Posted once when a task ends: in the thread and in the notifications channel."""
     state = OpState(op.state)
     data = op.data
-    base = f"{state_label(op)}: sfp task {op.ref} ({_e(op.params.get('type'))})"
+    operation = f", operation `{_e(op.external_id)}`" if op.external_id else ""
+    base = f"{state_label(op)}: sfp task {op.ref} ({_e(op.params.get('type'))}{operation})"
     if is_recurring(op) and state in {OpState.SUCCEEDED, OpState.FAILED, OpState.CANCELED} and "run_counts" in data:
         counts = data.get("run_counts") or {}
         total = sum(int(n) for n in counts.values())

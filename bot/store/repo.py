@@ -50,6 +50,30 @@ def parse_ref(ref: str, *, kind: OpKind) -> int | None:
     return int(text) if text.isdigit() and len(text) < 12 else None
 
 
+async def find_operation(db: Database, *, kind: OpKind, ref: str) -> Operation | None:
+    """The operation a person means: the bot's short ref (``P12``, ``12``), or the id the external
+    system gave it — a Salesforce id of either length (its first 15 characters name the record,
+    case-sensitively, so a pasted 18-character id finds a stored 15-character one and back), or
+    an sfp operationId. The caller has checked the shape; it is only ever a bound parameter."""
+    operation_id = parse_ref(ref, kind=kind)
+    if operation_id is not None:
+        found = await get_operation(db, operation_id=operation_id)
+        if found is not None and found.kind == kind:
+            return found
+    text = ref.strip()
+    salesforce_id = len(text) in (15, 18) and text.isalnum() and kind in {OpKind.PUSH, OpKind.DEPLOY}
+    async with db.session() as session:
+        query = select(Operation).where(Operation.kind == kind)
+        if salesforce_id:
+            query = query.where(col(Operation.external_id).startswith(text[:15], autoescape=True))
+        else:
+            query = query.where(Operation.external_id == text)
+        candidates = (await session.exec(query.order_by(col(Operation.id).desc()).limit(20))).all()
+    # LIKE ignores case in SQLite; the id's first 15 characters do not.
+    matches = [op for op in candidates if (op.external_id or "")[:15] == text[:15]] if salesforce_id else candidates
+    return matches[0] if matches else None
+
+
 async def get_operation(db: Database, *, operation_id: int) -> Operation | None:
     async with db.session() as session:
         return await session.get(Operation, operation_id)

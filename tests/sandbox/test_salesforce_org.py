@@ -644,3 +644,35 @@ def test_seed_is_deterministic() -> None:
     assert len({row["OrgKey"] for row in first.subscribers[:300]}) == 300
     assert all(len(row["OrgKey"]) == 15 and row["OrgKey"].startswith("00D") for row in first.subscribers)
     assert SalesforceOrgSim(kind="production").subscribers == []
+
+
+@pytest.mark.parametrize("message", ["Internal Server Error", None])
+async def test_injected_bulk_failure_keeps_what_it_inserted_and_says_what_salesforce_says(
+    sim: SalesforceOrgSim, api: Api, message: str | None
+) -> None:
+    target = version_id(sim, "1.4.0")
+    keys = [key for key in eligible_keys(sim, target) if key not in sim.refuse_org_keys][:500]
+    request_id = await create_request(api, target)
+    sim.fail_bulk_next(after=200, message=message)
+    _, job = await api.call(
+        "POST",
+        f"{V}/jobs/ingest",
+        body={"object": "PackagePushJob", "operation": "insert", "contentType": "CSV", "lineEnding": "LF"},
+    )
+    data = "PackagePushRequestId,SubscriberOrganizationKey\n" + "".join(f"{request_id},{key}\n" for key in keys)
+    await api.call(
+        "PUT", f"{V}/jobs/ingest/{job['id']}/batches", data=data.encode(), headers={"Content-Type": "text/csv"}
+    )
+    await api.call("PATCH", f"{V}/jobs/ingest/{job['id']}", body={"state": "UploadComplete"})
+
+    async def ended() -> dict[str, Any] | None:
+        _, info = await api.call("GET", f"{V}/jobs/ingest/{job['id']}")
+        return dict(info) if info["state"] in ("JobComplete", "Failed") else None
+
+    info = await wait_for(ended)
+    assert info["state"] == "Failed" and info["numberRecordsProcessed"] == 200
+    assert info.get("errorMessage") == message  # absent altogether when Salesforce gives none
+    # Nothing it inserted is rolled back; the rest was never processed.
+    assert len(sim.push_jobs(request_id)) == 200
+    _, unprocessed = await api.call("GET", f"{V}/jobs/ingest/{job['id']}/unprocessedrecords/")
+    assert len(list(csv.DictReader(io.StringIO(unprocessed)))) == len(keys) - 200

@@ -44,6 +44,29 @@ def soql_id_list(ids: Sequence[str]) -> str:
     return "(" + ",".join(soql_literal(record_id) for record_id in ids) + ")"
 
 
+_SOQL_LOCATION_RE = re.compile(r"^ERROR at Row:\d+:Column:\d+$")
+
+
+def readable_message(text: str) -> str:
+    """A Salesforce message as one line a person reads.
+
+    Query errors (MALFORMED_QUERY, INVALID_TYPE, INVALID_FIELD) echo the query, a caret line
+    under the bad token and ``ERROR at Row:1:Column:16`` before the sentence that matters; only
+    that sentence is kept. Blank lines and runs of whitespace, which push errors often carry,
+    collapse to single spaces.
+    """
+    lines = text.splitlines()
+    for index, line in enumerate(lines):
+        if _SOQL_LOCATION_RE.match(line.strip()):
+            lines = lines[index + 1 :]
+            break
+    else:
+        carets = [index for index, line in enumerate(lines) if line.strip() == "^"]
+        if carets:
+            lines = lines[carets[-1] + 1 :]
+    return " ".join(" ".join(lines).split())
+
+
 def checked_id(record_id: str) -> str:
     if not ID_RE.match(record_id):
         raise ValueError(f"not a Salesforce id: {record_id[:40]!r}")
@@ -58,7 +81,10 @@ class SaveResult:
 
     @property
     def error_text(self) -> str:
-        return "; ".join(f"{e.get('statusCode', '')}: {e.get('message', '')}".strip(": ") for e in self.errors)
+        return "; ".join(
+            f"{e.get('statusCode', '')}: {readable_message(str(e.get('message') or ''))}".strip(": ")
+            for e in self.errors
+        )
 
 
 class SalesforceClient:
@@ -86,6 +112,12 @@ class SalesforceClient:
 
     async def instance_url(self) -> str:
         return (await self.session_hook.current()).instance_url
+
+    async def record_url(self, record_id: str) -> str:
+        """The record's page in the org. Salesforce opens any record from ``/<id>`` on the instance
+        (Classic) and redirects there from Lightning; the docs give no other address for a push
+        request's page (Setup › Push Upgrade History opens the same record)."""
+        return f"{await self.instance_url()}/{checked_id(record_id)}"
 
     async def access_token(self) -> AccessToken:
         """For the Metadata API client, which shares this org's session and refresh."""
@@ -293,9 +325,10 @@ def _api_error(response: Response, code: str) -> ApiError:
             message = str(first.get("message") or first.get("error_description") or "")
     except (ValueError, UnicodeDecodeError):
         pass
-    # Salesforce error messages are one sentence; cap them anyway so nothing large reaches Slack.
+    # Salesforce error messages are one sentence once the query echo is gone; cap them anyway so
+    # nothing large reaches Slack.
     return ApiError(
-        message[:300] or f"HTTP {response.status}",
+        readable_message(message)[:300] or f"HTTP {response.status}",
         system=SYSTEM,
         status=response.status,
         code=code or f"HTTP_{response.status}",
