@@ -82,7 +82,12 @@ def sandbox_settings(
             "uat": OrgConfig(kind="sandbox", auth_url=SecretStr(build_auth_url(sandbox_org))),
         },
         "notifications": NotificationsConfig(channel=NOTIFY_CHANNEL),
-        "approval": [ApprovalRule(action="push", org_kind="production", approvers=SANDBOX_APPROVERS, count=1)],
+        # Production actions must name their approvers (quick deploys use the deploy approvers);
+        # FlexDeploy deletes and completions keep the built-in "anyone but the requester".
+        "approval": [
+            ApprovalRule(action="push", org_kind="production", approvers=SANDBOX_APPROVERS, count=1),
+            ApprovalRule(action="deploy", org_kind="production", approvers=SANDBOX_APPROVERS, count=1),
+        ],
         "poller": PollerConfig(interval_seconds=1.0, lease_seconds=30.0),
     }
     values.update(overrides)

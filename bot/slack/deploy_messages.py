@@ -15,7 +15,7 @@ from bot.services.deploy import ACTION_LABEL, DeployPlan, OrgInfo, QuickPlan, va
 from bot.services.operations import OpEvent
 from bot.slack import blocks as bk
 from bot.slack.blocks import Block
-from bot.slack.cards import STATE_LABEL, approval_blocks
+from bot.slack.cards import STATE_LABEL, approval_blocks, waiver_blocks
 from bot.store.models import Operation, OpState
 from bot.when import slack_date
 
@@ -136,6 +136,7 @@ def deploy_card(op: Operation, *, approvals: Sequence[str] = ()) -> tuple[str, l
         blocks.append(bk.section(_progress_text(op, progress)))
 
     until = validation_usable_until(op)
+    blocks.extend(waiver_blocks(op))
     if state == OpState.AWAITING_APPROVAL:
         blocks.extend(approval_blocks(op, approvals, extra=[_cancel_button(op)]))
     elif state in {OpState.SCHEDULED, OpState.STARTING, OpState.RUNNING}:
