@@ -382,7 +382,7 @@ async def test_cancel_withdraws_a_request_and_a_double_click_calls_once(sandbox:
 
 
 async def test_a_refusal_after_approval_ends_the_card_failed(sandbox: Sandbox) -> None:
-    ref = ref_in(await fd(sandbox, ALICE, 'delete 101 "All Profiles"'))
+    ref = ref_in(await fd(sandbox, ALICE, 'delete 101 "Release 40"'))
     op = await wait_fd(sandbox, ref, card=True)
     await click(sandbox, BOB, op, "Approve")
     op = await wait_fd(sandbox, ref, states=[OpState.FAILED], announced=True)
