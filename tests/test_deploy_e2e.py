@@ -555,7 +555,6 @@ async def test_finding_3_the_validation_requester_cannot_approve_its_quick_deplo
     validation = await validated(sandbox, BOB)
     quick_ref = ref_in(await click(sandbox, ALICE, validation, "Quick deploy"), exclude=[validation.ref])
     quick = await wait_op(sandbox, quick_ref, card=True)
-    assert quick.params["validation"]["requester"] == BOB
     refusal = await click(sandbox, BOB, quick, "Approve")
     assert (
         f"You requested the validation this quick deploy would deploy, so someone else has to approve {quick_ref}"
@@ -564,7 +563,8 @@ async def test_finding_3_the_validation_requester_cannot_approve_its_quick_deplo
     assert (await operation(sandbox, quick_ref)).state == OpState.AWAITING_APPROVAL
     assert prod.calls("deployRecentValidation") == []
     assert "You approved" in await click(sandbox, DAVE, quick, "Approve")
-    await wait_op(sandbox, quick_ref, states=[OpState.SUCCEEDED], announced=True)
+    quick = await wait_op(sandbox, quick_ref, states=[OpState.SUCCEEDED], announced=True)
+    assert quick.params["validation"]["requester"] == BOB and quick.data["approved_by"] == [DAVE]
 
 
 async def test_finding_4a_production_deploy_without_named_approvers_is_refused(

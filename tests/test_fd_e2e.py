@@ -405,21 +405,31 @@ async def test_an_ambiguous_write_is_checked_before_it_is_repeated(sandbox: Sand
     assert "last_problem" not in op.data
 
 
-@pytest.fixture
-async def ruled_sandbox(tmp_path: Path) -> AsyncIterator[Sandbox]:
-    """Completing needs Dave; deleting "Protected" needs Dave; deleting "Big Bang" is waived."""
-    rules = [
+def package_rules() -> list[ApprovalRule]:
+    """Completing needs Dave; deleting "Protected" needs Dave."""
+    return [
         ApprovalRule(action="push", org_kind="production", approvers=SANDBOX_APPROVERS),
         ApprovalRule(action="fd_complete", approvers=[DAVE]),
         ApprovalRule(action="fd_delete", package="Protected", approvers=[DAVE]),
-        ApprovalRule(action="fd_delete", org="101", package="Big Bang", count=0, waiver="kept only for reference"),
     ]
-    async with running_sandbox(workdir=tmp_path, job_seconds=0.01, approval=rules) as running:
+
+
+@pytest.fixture
+async def package_ruled_sandbox(tmp_path: Path) -> AsyncIterator[Sandbox]:
+    async with running_sandbox(workdir=tmp_path, job_seconds=0.01, approval=package_rules()) as running:
         yield running
 
 
-async def test_approval_rules_are_configurable(ruled_sandbox: Sandbox) -> None:
-    sandbox = ruled_sandbox
+@pytest.fixture
+async def ruled_sandbox(tmp_path: Path) -> AsyncIterator[Sandbox]:
+    """The package rules, and deleting "Big Bang" waived (rule #4)."""
+    waiver = ApprovalRule(action="fd_delete", org="101", package="Big Bang", count=0, waiver="kept only for reference")
+    async with running_sandbox(workdir=tmp_path, job_seconds=0.01, approval=[*package_rules(), waiver]) as running:
+        yield running
+
+
+async def test_approval_rules_are_configurable(package_ruled_sandbox: Sandbox) -> None:
+    sandbox = package_ruled_sandbox
     sim = sim_of(sandbox)
     ref = ref_in(await fd(sandbox, ALICE, 'status 101 "Release 42" COMPLETED'))
     op = await wait_fd(sandbox, ref, card=True)
@@ -429,9 +439,11 @@ async def test_approval_rules_are_configurable(ruled_sandbox: Sandbox) -> None:
     assert sim.package(SF, "Release 42")["packageStatus"] == "COMPLETED"  # type: ignore[index]
 
 
-async def test_finding_1_a_rule_for_one_fd_package_keeps_the_minimum_for_every_other(ruled_sandbox: Sandbox) -> None:
-    """Rules for "Protected" and "Big Bang" used to leave deletes of every other package unapproved."""
-    sandbox = ruled_sandbox
+async def test_finding_1_a_rule_for_one_fd_package_keeps_the_minimum_for_every_other(
+    package_ruled_sandbox: Sandbox,
+) -> None:
+    """A rule for "Protected" used to leave deletes of every other package unapproved."""
+    sandbox = package_ruled_sandbox
     sim = sim_of(sandbox)
     ref = ref_in(await fd(sandbox, ALICE, 'delete 101 "All Profiles"'))
     op = await wait_fd(sandbox, ref, card=True)
