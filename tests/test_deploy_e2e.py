@@ -576,6 +576,8 @@ async def test_finding_4a_production_deploy_without_named_approvers_is_refused(
     assert "Nobody is configured to approve deploys to production, so this request is refused" in answer
     assert 'add approvers = ["U…"] to an [[approval]] rule with action = "deploy", org_kind = "production"' in answer
     await no_operations_and_refusals(sandbox, [text])
+    orgs = await deploy(sandbox, ALICE, "orgs")
+    assert "`prod` (production): deployments are refused until approvers are configured" in orgs
 
 
 async def test_finding_1_a_production_deploy_no_rule_matches_is_never_sent_unapproved(

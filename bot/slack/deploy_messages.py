@@ -382,11 +382,14 @@ def orgs_message(orgs: Sequence[OrgInfo]) -> str:
     for org in orgs:
         label = f" — {bk.escape(org.label)}" if org.label else ""
         who = ", ".join(f"<!subteam^{a}>" if a.startswith("S") else f"<@{a}>" for a in org.approvers)
-        deploys = (
-            f"deployments need approval ({who or 'anyone but the requester'})"
-            if org.deploy_approval
-            else "deployments need no approval"
-        )
+        if not org.deploy_approval:
+            deploys = "deployments need no approval"
+        elif who:
+            deploys = f"deployments need approval ({who})"
+        elif org.kind == "production":
+            deploys = "deployments are refused until approvers are configured for them"
+        else:
+            deploys = "deployments need approval (anyone but the requester)"
         validations = "validations need approval" if org.validate_approval else "validations need none"
         active = f" · {org.active} deployment(s) in progress" if org.active else ""
         lines.append(f"• `{org.alias}` ({org.kind}){label}: {deploys}; {validations}{active}")
