@@ -10,8 +10,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
-
 DESCRIPTION = """Slack ChatOps for Salesforce release management.
 
 With no Slack credentials and no orgs configured, `python -m bot` starts the local sandbox:
@@ -50,13 +48,15 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    from bot.errors import ConfigError
     from bot.logs import configure_logging
     from bot.settings import load_settings
 
     try:
         settings = load_settings(args.config)
-    except (ValidationError, ValueError) as exc:
-        print(f"configuration error: {exc}", file=sys.stderr)
+    except ConfigError as exc:
+        # One line that names what to fix and shows no secret (the message is built for that).
+        print(exc.message, file=sys.stderr)
         return 2
     secrets = [
         s.get_secret_value()

@@ -1,6 +1,7 @@
 """The bot's one error tree.
 
     ChatOpsError
+    ├── ConfigError               the configuration is wrong; the bot does not start (one line)
     ├── UserError                 the user can fix it; shown ephemerally with usage
     │   ├── UsageError            malformed command or option
     │   ├── NotFoundError         unknown ref, package, version, org …
@@ -27,6 +28,12 @@ class ChatOpsError(Exception):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
+
+
+class ConfigError(ChatOpsError, ValueError):
+    """A bad setting found at start-up. ``message`` is one line naming the file, table, key, bad
+    value and allowed values, and never a secret's value; it is a ValueError too, so callers that
+    catch ValueError around ``load_settings`` keep working."""
 
 
 class UserError(ChatOpsError):

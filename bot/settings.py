@@ -8,6 +8,7 @@ are ``SecretStr`` so they never print.
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import re
 from datetime import timedelta
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -23,9 +24,48 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from bot.errors import ConfigError
+
 PLACEHOLDER_SECRETS = {"changeme", "change-me", "changethis", "xoxb-your-token", "secret", "todo", "xxx"}
+SECRET_FIELDS = (
+    "slack_bot_token",
+    "slack_signing_secret",
+    "slack_app_token",
+    "sfp_token",
+    "flexdeploy_user",
+    "flexdeploy_password",
+)
 COMMANDS = ("push", "deploy", "sfp", "fd")
 ALIAS_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,39}$")
+# Every action a service asks ``requirement_for`` about.
+ApprovalAction = Literal[
+    "push",
+    "deploy",
+    "validate",
+    "quick_deploy",
+    "sfp",
+    "sfp_recurring",
+    "fd_create",
+    "fd_add",
+    "fd_replace",
+    "fd_status",
+    "fd_complete",
+    "fd_delete",
+]
+APPROVAL_ACTIONS: tuple[str, ...] = ApprovalAction.__args__  # type: ignore[attr-defined]
+# Actions whose built-in minimum (one approval by someone other than the requester) always holds
+# where it applies; see bot/services/approvals.py.
+MINIMUM_ACTIONS = frozenset({"push", "deploy", "quick_deploy", "fd_delete", "fd_complete"})
+# Which matchers each action's facts carry: a matcher the action never sets would make its rule
+# silently match nothing.
+RULE_MATCHERS: dict[str, frozenset[str]] = {
+    **{action: frozenset({"org_kind", "org"}) for action in ("deploy", "validate", "quick_deploy")},
+    "push": frozenset({"org_kind", "org", "package"}),
+    "sfp": frozenset({"task_type"}),
+    "sfp_recurring": frozenset({"task_type"}),
+    **{action: frozenset({"org", "package"}) for action in APPROVAL_ACTIONS if action.startswith("fd_")},
+}
+SLACK_APPROVER_RE = re.compile(r"^[UWS][A-Z0-9]+$")
 
 
 def is_loopback_host(host: str | None) -> bool:
@@ -47,6 +87,11 @@ def check_service_url(url: str, *, what: str) -> str:
     if parts.scheme == "http" and is_loopback_host(parts.hostname):
         return url.rstrip("/")
     raise ValueError(f"{what} must be an https:// URL (http:// only to a loopback address), got {parts.scheme}://…")
+
+
+def mask_url_password(url: str) -> str:
+    """``scheme://user:secret@host/…`` → ``scheme://user:***@host/…``; anything else unchanged."""
+    return re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]*):[^@/\s]*@", r"\1:***@", url)
 
 
 def parse_duration(text: str) -> timedelta:
@@ -83,21 +128,75 @@ class OrgConfig(_Strict):
 
 
 class ApprovalRule(_Strict):
-    action: str
-    org_kind: str | None = None
+    """One ``[[approval]]`` table. It can only add to the built-in minimum unless it carries a
+    ``waiver`` saying why it lowers it (``count = 0``, or ``self_approval = true`` where the
+    minimum applies)."""
+
+    action: ApprovalAction
+    org_kind: Literal["production", "sandbox", "scratch"] | None = None
     org: str | None = None
     package: str | None = None
     task_type: str | None = None
     approvers: list[str] = Field(default_factory=list)
-    count: int = Field(default=1, ge=1, le=10)
+    count: int = Field(default=1, ge=0, le=10)
     self_approval: bool = False
     expires: str = "24h"
+    waiver: str | None = None
 
     @field_validator("expires")
     @classmethod
     def _expires(cls, value: str) -> str:
         parse_duration(value)
         return value
+
+    @field_validator("approvers")
+    @classmethod
+    def _approvers(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            if not SLACK_APPROVER_RE.match(entry):
+                raise ValueError(
+                    f"{entry[:40]!r} is not a Slack id; allowed: user ids (U…, W…) and user-group ids (S…)"
+                )
+        return value
+
+    @field_validator("waiver")
+    @classmethod
+    def _waiver(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError('an empty waiver explains nothing; allowed: a reason, e.g. waiver = "scratch packages"')
+        return value.strip() if value else value
+
+    @model_validator(mode="after")
+    def _matchers_and_waiver(self) -> ApprovalRule:
+        unused = [
+            name
+            for name in ("org_kind", "org", "package", "task_type")
+            if getattr(self, name) is not None and name not in RULE_MATCHERS[self.action]
+        ]
+        if unused:
+            allowed = ", ".join(sorted(RULE_MATCHERS[self.action]))
+            raise ValueError(f"{unused[0]} never matches action {self.action!r}; allowed matchers: {allowed}")
+        if self.action.startswith("fd_") and self.org is not None and not self.org.isdigit():
+            raise ValueError(f'org = {self.org[:40]!r} is not a FlexDeploy project id; allowed: digits, e.g. "101"')
+        if self.count == 0 and self.waiver is None:
+            raise ValueError('count = 0 turns approvals off; allowed only with waiver = "<why>" in the same rule')
+        if self.waiver is not None and self.count > 0 and not self.self_approval:
+            raise ValueError(
+                "waiver given but the rule lowers nothing; allowed only with count = 0 or self_approval = true"
+            )
+        return self
+
+    def may_touch_minimum(self, orgs: dict[str, OrgConfig]) -> bool:
+        """Whether this rule can match an operation that the built-in minimum covers."""
+        if self.action not in MINIMUM_ACTIONS:
+            return False
+        if self.action.startswith("fd_"):
+            return True
+        if self.org_kind not in (None, "production"):
+            return False
+        if self.action != "push" and self.org is not None and self.org in orgs:
+            return orgs[self.org].kind == "production"
+        return True
 
     @property
     def expires_after(self) -> timedelta:
@@ -220,10 +319,16 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls), file_secret_settings)
 
-    @field_validator("slack_bot_token", "slack_signing_secret", "slack_app_token", "sfp_token", "flexdeploy_password")
+    @field_validator(*SECRET_FIELDS)
     @classmethod
     def _no_placeholder(cls, value: SecretStr | None, info: Any) -> SecretStr | None:
-        if value is not None and value.get_secret_value().strip().lower() in PLACEHOLDER_SECRETS:
+        if value is None:
+            return value
+        text = value.get_secret_value().strip()
+        if not text:
+            # An empty signing secret would be "configured" yet verify nothing: every request fails.
+            raise ValueError(f"{info.field_name.upper()} is empty; set the real secret or leave it unset")
+        if text.lower() in PLACEHOLDER_SECRETS:
             raise ValueError(f"{info.field_name.upper()} is a placeholder; set the real secret")
         return value
 
@@ -267,6 +372,31 @@ class Settings(BaseSettings):
             raise ValueError("[flexdeploy] is configured but FLEXDEPLOY_USER or FLEXDEPLOY_PASSWORD is not set")
         return self
 
+    @model_validator(mode="after")
+    def _approval_rules_against_orgs(self) -> Settings:
+        """Checks that need ``[orgs]``: a rule naming an org that does not exist matches nothing."""
+        for index, rule in enumerate(self.approval, start=1):
+            where = f"[[approval]] #{index} (action = {rule.action!r})"
+            if rule.org is not None and not rule.action.startswith("fd_") and rule.org not in self.orgs:
+                allowed = ", ".join(sorted(self.orgs)) or "none configured"
+                raise ValueError(f"{where}, key org = {rule.org[:40]!r}: not an alias under [orgs]; allowed: {allowed}")
+            if rule.org is not None and rule.action == "push" and self.orgs[rule.org].packaging is False:
+                raise ValueError(
+                    f"{where}, key org = {rule.org!r}: pushes run in the packaging org; "
+                    f"allowed: {self.packaging_org or 'an org with packaging = true'}"
+                )
+            if rule.self_approval and rule.waiver is None and rule.may_touch_minimum(self.orgs):
+                raise ValueError(
+                    f"{where}, key self_approval = true: lowers the built-in minimum (someone other than the "
+                    'requester approves); allowed only with waiver = "<why>" in the same rule'
+                )
+        return self
+
+    def __repr_args__(self) -> Any:
+        # DATABASE_URL may carry a password (postgresql+psycopg://user:pw@host/db): never in a repr.
+        for name, value in super().__repr_args__():
+            yield name, (mask_url_password(value) if name == "database_url" and isinstance(value, str) else value)
+
     @property
     def slack_configured(self) -> bool:
         return self.slack_signing_secret is not None or self.slack_app_token is not None
@@ -284,12 +414,103 @@ class Settings(BaseSettings):
 
 
 def load_settings(config_path: Path | str | None = None, **overrides: Any) -> Settings:
-    """Build settings from the environment and the TOML file (``--config`` or CHATOPS_CONFIG)."""
+    """Build settings from the environment and the TOML file (``--config`` or CHATOPS_CONFIG).
+
+    Raises ConfigError with one line naming the file, table, key, bad value and allowed values:
+    pydantic's own report prints each bad input, and for a model-level error that is the whole
+    input, secrets included.
+    """
     path = config_path or os.environ.get("CHATOPS_CONFIG")
     if path is not None and not Path(path).is_file():
-        raise ValueError(f"config file not found: {path}")
+        raise ConfigError(f"config file not found: {path}")
 
     class _FromFile(Settings):
         model_config = SettingsConfigDict(toml_file=str(path) if path else None)
 
-    return _FromFile(**overrides)
+    try:
+        return _FromFile(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(config_error_line(exc, path=path)) from None
+
+
+# Where each TOML table's keys are defined, for "allowed: …" on an unknown key.
+_TABLE_MODELS: dict[str, type[BaseModel]] = {
+    "approval": ApprovalRule,
+    "orgs": OrgConfig,
+    "sfp": SfpConfig,
+    "flexdeploy": FlexDeployConfig,
+    "notifications": NotificationsConfig,
+    "artifacts": ArtifactsConfig,
+    "poller": PollerConfig,
+}
+
+
+def config_error_line(exc: ValidationError, *, path: Path | str | None) -> str:
+    """The first problem of a ValidationError as one line that never shows a secret's value."""
+    errors = exc.errors(include_url=False)
+    first = _describe(errors[0]) if errors else str(exc.title)
+    origin = f"configuration error in {Path(path).name}" if path else "configuration error"
+    more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
+    return " ".join(f"{origin}: {first}{more}".split())
+
+
+def _describe(error: Any) -> str:
+    loc = tuple(error.get("loc") or ())
+    kind = error.get("type", "")
+    problem = str(error.get("msg", "")).removeprefix("Value error, ")
+    if not loc:  # a model-level check: its message names table and key itself
+        return problem
+    table, key, model = _where(loc)
+    if kind == "extra_forbidden":
+        allowed = ", ".join(model.model_fields) if model is not None else ""
+        name = f"[{table}.{key}]" if table == "access" and len(loc) == 2 else (f"{table}, key {key}" if table else key)
+        if table == "access" and len(loc) == 2:
+            allowed = "[access] admins, " + ", ".join(f"[access.{command}]" for command in COMMANDS)
+            return f"{name}: not a command; allowed: {allowed}"
+        if model is Settings:
+            allowed = "[orgs.<alias>], [[approval]], [access], " + ", ".join(f"[{table}]" for table in _TABLE_MODELS)
+            allowed = allowed.replace("[approval], ", "").replace("[orgs], ", "")
+        return f"{name}: unknown {'table or key' if model is Settings else 'key'}; allowed: {allowed}"
+    if key == "(table)":  # a check across the table's keys: its message names them
+        return f"{table}: {problem}"
+    shown = _shown_value(loc, error.get("input"))
+    name = f"{table}, key {key}" if table else key
+    if problem.startswith(f"{key} "):  # our own check of a secret already names the variable
+        return problem
+    if kind == "literal_error":
+        expected = (error.get("ctx") or {}).get("expected", "")
+        return f"{name} = {shown}: not allowed; allowed: {expected}"
+    return f"{name} = {shown}: {problem}"
+
+
+def _where(loc: tuple[Any, ...]) -> tuple[str, str, type[BaseModel] | None]:
+    """(table as written in TOML or "" for a top-level setting, key, the model defining that table)."""
+    head = str(loc[0])
+    if head == "approval" and len(loc) >= 2:
+        return f"[[approval]] #{int(loc[1]) + 1}", ".".join(map(str, loc[2:])) or "(table)", ApprovalRule
+    if head == "orgs" and len(loc) >= 2:
+        model: type[BaseModel] = JwtAuthConfig if "jwt" in loc[2:-1] else OrgConfig
+        return f"[orgs.{loc[1]}]", ".".join(map(str, loc[2:])) or "(table)", model
+    if head == "access":
+        if len(loc) == 2:
+            return "access", str(loc[1]), AccessConfig
+        return f"[access.{loc[1]}]", ".".join(map(str, loc[2:])), AccessRule
+    if head in _TABLE_MODELS and len(loc) >= 2:
+        return f"[{head}]", ".".join(map(str, loc[1:])), _TABLE_MODELS[head]
+    if head in Settings.model_fields and head not in _TABLE_MODELS:
+        return "", head.upper(), Settings  # an environment variable (or a top-level key)
+    return "", f"[{head}]" if len(loc) == 1 else ".".join(map(str, loc)), Settings
+
+
+def _shown_value(loc: tuple[Any, ...], value: Any) -> str:
+    """The bad value as the user wrote it, unless it is (or may contain) a secret."""
+    if any(str(part) in SECRET_FIELDS or str(part) == "auth_url" for part in loc):
+        return "(secret, not shown)"
+    if isinstance(value, bool | int | float):
+        return json.dumps(value)
+    if isinstance(value, str):
+        text = mask_url_password(value)
+        return json.dumps(text if len(text) <= 60 else text[:57] + "…", ensure_ascii=False)
+    if isinstance(value, list) and all(isinstance(item, str | int | float) for item in value) and len(value) <= 5:
+        return json.dumps(value, ensure_ascii=False)[:80]
+    return "(a table)" if isinstance(value, dict) else "(a value of the wrong type)"

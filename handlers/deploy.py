@@ -20,6 +20,7 @@ from bot.deploy_commands import (
 )
 from bot.errors import StateError
 from bot.outbox import reply_row
+from bot.services.approvals import audit_waiver
 from bot.services.deploy import DeployPlan, DeployService, QuickPlan
 from bot.slack import deploy_messages
 from bot.slack.blocks import escape
@@ -107,6 +108,9 @@ def register(app: AsyncApp, deps: HandlerDeps) -> None:
             action=f"deploy.{operation.params.get('action')}",
             detail=f"{operation.summary} ({deploy_messages.plan_summary(plan)})"[:500],
             outcome=operation.state,
+        )
+        await audit_waiver(
+            deps.db, actor=user, channel=channel, operation_ref=operation.ref, approval=operation.data.get("approval")
         )
         notes = plan.notes if created else []
         await reply_ephemeral(respond, deploy_messages.created_message(operation, created=created, notes=notes))

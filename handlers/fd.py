@@ -14,6 +14,7 @@ from slack_bolt.async_app import AsyncAck, AsyncApp, AsyncRespond
 
 from bot.errors import UsageError
 from bot.fd_commands import FdCancel, FdDelete, FdHelp, FdShow, FdStatus, FdWrite, parse_fd
+from bot.services.approvals import audit_waiver
 from bot.services.flexdeploy import NOT_CONFIGURED, FlexDeployService, files_csv
 from bot.slack import fd_messages
 from bot.store import repo
@@ -87,6 +88,13 @@ def register(app: AsyncApp, deps: HandlerDeps) -> None:
                 detail=call,
                 outcome=operation.state,
             )
+            await audit_waiver(
+                deps.db,
+                actor=user,
+                channel=channel,
+                operation_ref=operation.ref,
+                approval=operation.data.get("approval"),
+            )
             await reply_ephemeral(respond, fd_messages.pending_ack(outcome.pending, notes=outcome.notes))
             return
         applied = outcome.applied
@@ -99,6 +107,7 @@ def register(app: AsyncApp, deps: HandlerDeps) -> None:
             detail=call,
             outcome="absent" if applied.absent else "ok",
         )
+        await audit_waiver(deps.db, actor=user, channel=channel, operation_ref="", approval=applied.waiver)
         if not applied.absent:
             text, blocks = fd_messages.applied_message(applied, user=user)
             ts = await deps.poster.post(channel=channel, text=text, blocks=blocks)

@@ -7,6 +7,7 @@ from typing import Any
 from slack_bolt.async_app import AsyncAck, AsyncApp, AsyncRespond
 
 from bot.commands import PUSH_USAGE, Help, PushCreate, PushList, PushRef, PushRetry, parse_push
+from bot.services.approvals import audit_waiver
 from bot.slack import push_messages
 from bot.slack.blocks import escape
 from bot.store import repo
@@ -76,6 +77,9 @@ def register(app: AsyncApp, deps: HandlerDeps) -> None:
             detail=operation.summary,
             outcome=operation.state,
         )
+        await audit_waiver(
+            deps.db, actor=user, channel=channel, operation_ref=operation.ref, approval=operation.data.get("approval")
+        )
         text = push_messages.created_message(operation, created=created)
         if plan.not_eligible:
             text += "\n" + push_messages.plan_message(plan, dry_run=False).split("\n", 1)[0]
@@ -107,6 +111,9 @@ def register(app: AsyncApp, deps: HandlerDeps) -> None:
             action="push.retry",
             detail=f"retry of {retry_plan.previous.ref}: {operation.summary}",
             outcome=operation.state,
+        )
+        await audit_waiver(
+            deps.db, actor=user, channel=channel, operation_ref=operation.ref, approval=operation.data.get("approval")
         )
         text = push_messages.created_message(operation, created=created)
         text += "\n" + push_messages.retry_message(retry_plan, dry_run=False).split("\n", 1)[-1]

@@ -8,6 +8,7 @@ from typing import Any
 from slack_bolt.async_app import AsyncAck, AsyncApp, AsyncRespond
 
 from bot.errors import StateError, UsageError
+from bot.services.approvals import audit_waiver
 from bot.services.sfp import NOT_CONFIGURED, SfpService, Target, TaskRequest
 from bot.sfp_commands import SFP_USAGE, SfpHelp, SfpList, SfpRef, SfpSubmit, parse_sfp
 from bot.slack import sfp_messages
@@ -88,6 +89,9 @@ def register(app: AsyncApp, deps: HandlerDeps) -> None:
             action="sfp.submit",
             detail=operation.summary,
             outcome=operation.state,
+        )
+        await audit_waiver(
+            deps.db, actor=user, channel=channel, operation_ref=operation.ref, approval=operation.data.get("approval")
         )
         await reply_ephemeral(respond, sfp_messages.created_message(operation, created=created))
 

@@ -12,7 +12,9 @@ import pytest
 
 from bot.cli import main
 from bot.sandbox.embedded import Sandbox, running_sandbox
+from bot.services.approvals import ApprovalFacts, requirement_for
 from bot.settings import ApprovalRule
+from bot.store import repo
 from bot.store.models import OpState
 from tests.helpers import (
     CHANNEL,
@@ -100,3 +102,78 @@ def test_audit_export_csv_and_json(
     assert main(["audit", "--format", "csv", "--out", str(out)]) == 0
     lines = out.read_text().splitlines()
     assert lines[0] == "id,at,actor,channel,operation_ref,action,detail,outcome" and len(lines) == 3
+
+
+# -- issue 12: approvals fail closed ------------------------------------------------------------
+
+PRODUCTION_DEPLOY = ApprovalFacts(action="deploy", org="prod", org_kinds=frozenset({"production"}))
+
+
+def test_finding_1_rules_for_an_action_never_drop_the_minimum_where_none_matches() -> None:
+    rules = [ApprovalRule(action="deploy", org="uat", approvers=[BOB])]
+    requirement = requirement_for(PRODUCTION_DEPLOY, rules)
+    assert requirement is not None and requirement.count == 1 and not requirement.self_approval
+    assert requirement.rule == "built-in minimum"
+    fd_delete = ApprovalFacts(action="fd_delete", org="101", package="Release 40")
+    requirement = requirement_for(fd_delete, [ApprovalRule(action="fd_delete", package="Protected", approvers=[DAVE])])
+    assert requirement is not None and requirement.count == 1 and requirement.approvers == ()
+
+
+def test_finding_1_the_strictest_matching_rule_wins_over_a_waiver() -> None:
+    waiver = ApprovalRule(action="deploy", org="prod", count=0, waiver="hotfix org")
+    strict = ApprovalRule(action="deploy", org_kind="production", approvers=[BOB, DAVE], count=2)
+    for rules in ([waiver, strict], [strict, waiver]):
+        requirement = requirement_for(PRODUCTION_DEPLOY, rules)
+        assert requirement is not None and requirement.count == 2 and requirement.waiver is None
+    alone = requirement_for(PRODUCTION_DEPLOY, [waiver])
+    assert (
+        alone is not None and alone.count == 0 and alone.waiver == "hotfix org" and alone.rule == "rule #1 for deploy"
+    )
+    # Outside the minimum nothing changes: no matching rule, no approval.
+    sandbox_deploy = ApprovalFacts(action="deploy", org="uat", org_kinds=frozenset({"sandbox"}))
+    assert requirement_for(sandbox_deploy, [strict]) is None
+
+
+@pytest.fixture
+async def no_production_approvers(tmp_path: Path) -> AsyncIterator[Sandbox]:
+    rules = [ApprovalRule(action="push", org_kind="sandbox", approvers=[BOB])]
+    async with running_sandbox(workdir=tmp_path, job_seconds=0.01, subscribers=40, approval=rules) as running:
+        yield running
+
+
+async def test_finding_4a_production_push_without_named_approvers_is_refused(no_production_approvers: Sandbox) -> None:
+    sandbox = no_production_approvers
+    sandbox.packaging.reset_calls()
+    answer = await push(sandbox, ALICE, "create Acme Billing@1.4.0 --orgs all")
+    assert "Nobody is configured to approve push upgrades that include production orgs" in answer
+    assert 'add approvers = ["U…"] to an [[approval]] rule with action = "push", org_kind = "production"' in answer
+    assert writes(sandbox.packaging.calls) == []
+    assert sandbox.runtime is not None
+    db = sandbox.runtime.db
+    assert await repo.count_operations(db) == 0
+    rows = await repo.audit_events(db)
+    assert [row.outcome.split(":")[0] for row in rows] == ["refused"]
+    # Sandbox-only pushes are not production actions: their own rule applies.
+    ref = ref_in(await push(sandbox, ALICE, "create Acme Billing@1.4.0 --orgs sandbox"))
+    op = await wait_for_op(sandbox, ref, card=True)
+    assert op.state == OpState.AWAITING_APPROVAL and op.data["approval"]["approvers"] == [BOB]
+
+
+@pytest.fixture
+async def waived_pushes(tmp_path: Path) -> AsyncIterator[Sandbox]:
+    rules = [ApprovalRule(action="push", org_kind="production", count=0, waiver="nightly patch train")]
+    async with running_sandbox(workdir=tmp_path, job_seconds=0.01, subscribers=40, approval=rules) as running:
+        yield running
+
+
+async def test_finding_1_a_waiver_is_shown_on_the_card_and_written_to_the_audit(waived_pushes: Sandbox) -> None:
+    sandbox = waived_pushes
+    ref = ref_in(await push(sandbox, ALICE, "create Acme Billing@1.4.0 --orgs all"))
+    op = await wait_for_op(sandbox, ref, states=[OpState.SUCCEEDED, OpState.FAILED], card=True)
+    card = full_text(sandbox.slack.find_message(CHANNEL, op.card_ts or ""))  # type: ignore[arg-type]
+    assert "Waiver (rule #1 for push): no approval needed, because nightly patch train" in card
+    assert sandbox.runtime is not None
+    rows = [row for row in await repo.audit_events(sandbox.runtime.db) if row.action == "approval.waived"]
+    assert [(row.actor, row.operation_ref, row.detail) for row in rows] == [
+        (ALICE, ref, "rule #1 for push: nightly patch train")
+    ]

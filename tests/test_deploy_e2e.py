@@ -10,7 +10,7 @@ import itertools
 import re
 import time
 import zipfile
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -20,15 +20,16 @@ from sqlmodel import select
 
 from bot.deploy_commands import DeployFlags, DeployHelp, DeployQuick, DeployRef, DeployStart, parse_deploy
 from bot.errors import UsageError
-from bot.sandbox.embedded import NOTIFY_CHANNEL, Sandbox
+from bot.sandbox.embedded import NOTIFY_CHANNEL, SANDBOX_APPROVERS, Sandbox, running_sandbox
 from bot.sandbox.fake_slack import Message
 from bot.sandbox.metadata_api import MetadataApiSim
 from bot.services.deploy import DeployService
+from bot.settings import ApprovalRule
 from bot.store import repo
 from bot.store.models import AuditEvent, Operation, OpKind, OpState
 from tests.helpers import CHANNEL, ephemerals, full_text, next_ephemeral, outbox_drained
 
-ALICE, BOB, CAROL = "U0ALICE", "U0BOB", "U0CAROL"
+ALICE, BOB, CAROL, DAVE = "U0ALICE", "U0BOB", "U0CAROL", "U0DAVE"
 PACKAGE = (
     '<?xml version="1.0"?><Package xmlns="http://soap.sforce.com/2006/04/metadata"><version>61.0</version></Package>'
 )
@@ -602,3 +603,94 @@ async def test_deployment_card_links_to_its_deployment_status_page_and_notices_c
     (notice,) = notices_of(sandbox, f"validation {ref} ")
     assert f"Salesforce id `{deploy_id}` · <{url}|Deployment Status>" in notice
     assert f"Deployment Status in Salesforce: {url}" in report_of(sandbox, ref)
+
+
+# --------------------------------------------------------------------------- approvals fail closed (issue 12)
+
+PUSH_RULE = ApprovalRule(action="push", org_kind="production", approvers=SANDBOX_APPROVERS)
+
+
+@pytest.fixture
+async def bob_approves_production(tmp_path: Path) -> AsyncIterator[Sandbox]:
+    """Production deployments name one approver, Bob; no quick_deploy rule."""
+    rules = [PUSH_RULE, ApprovalRule(action="deploy", org_kind="production", approvers=[BOB])]
+    async with running_sandbox(workdir=tmp_path, job_seconds=0.01, subscribers=20, approval=rules) as running:
+        yield running
+
+
+@pytest.fixture
+async def only_a_sandbox_deploy_rule(tmp_path: Path) -> AsyncIterator[Sandbox]:
+    """A deploy rule exists, but only for the sandbox org: nothing names production approvers."""
+    rules = [PUSH_RULE, ApprovalRule(action="deploy", org="uat", approvers=[BOB])]
+    async with running_sandbox(workdir=tmp_path, job_seconds=0.01, subscribers=20, approval=rules) as running:
+        yield running
+
+
+async def validated(sandbox: Sandbox, user: str) -> Operation:
+    ref = ref_in(await deploy(sandbox, user, "validate prod good-release --test-level RunLocalTests"))
+    validation = await wait_op(sandbox, ref, states=[OpState.SUCCEEDED], card=True)
+    await card_text_when(sandbox, validation, "Quick deploy")
+    return validation
+
+
+async def test_finding_3_quick_deploy_approvers_default_to_the_deploy_approvers(
+    bob_approves_production: Sandbox,
+) -> None:
+    sandbox = bob_approves_production
+    prod = mdapi(sandbox, "prod")
+    validation = await validated(sandbox, ALICE)
+    quick_ref = ref_in(await click(sandbox, ALICE, validation, "Quick deploy"), exclude=[validation.ref])
+    quick = await wait_op(sandbox, quick_ref, card=True)
+    assert "<@U0BOB>" in await card_text_when(sandbox, quick, "Needs 1 approval")
+    for outsider in (CAROL, DAVE):
+        assert "not an approver" in await click(sandbox, outsider, quick, "Approve")
+    assert prod.calls("deployRecentValidation") == []
+    assert "You approved" in await click(sandbox, BOB, quick, "Approve")
+    quick = await wait_op(sandbox, quick_ref, states=[OpState.SUCCEEDED], announced=True)
+    assert quick.data["approved_by"] == [BOB] and len(prod.calls("deployRecentValidation")) == 1
+
+
+async def test_finding_3_the_validation_requester_cannot_approve_its_quick_deploy(sandbox: Sandbox) -> None:
+    """Bob validated; Alice clicked Quick deploy; Bob approving would be four eyes on the click only."""
+    prod = mdapi(sandbox, "prod")
+    validation = await validated(sandbox, BOB)
+    quick_ref = ref_in(await click(sandbox, ALICE, validation, "Quick deploy"), exclude=[validation.ref])
+    quick = await wait_op(sandbox, quick_ref, card=True)
+    refusal = await click(sandbox, BOB, quick, "Approve")
+    assert (
+        f"You requested the validation this quick deploy would deploy, so someone else has to approve {quick_ref}"
+        in (refusal)
+    )
+    assert (await operation(sandbox, quick_ref)).state == OpState.AWAITING_APPROVAL
+    assert prod.calls("deployRecentValidation") == []
+    assert "You approved" in await click(sandbox, DAVE, quick, "Approve")
+    quick = await wait_op(sandbox, quick_ref, states=[OpState.SUCCEEDED], announced=True)
+    assert quick.params["validation"]["requester"] == BOB and quick.data["approved_by"] == [DAVE]
+
+
+async def test_finding_4a_production_deploy_without_named_approvers_is_refused(
+    only_a_sandbox_deploy_rule: Sandbox,
+) -> None:
+    sandbox = only_a_sandbox_deploy_rule
+    text = "start prod good-release.zip"
+    answer = await deploy(sandbox, ALICE, text)
+    assert "Nobody is configured to approve deploys to production, so this request is refused" in answer
+    assert 'add approvers = ["U…"] to an [[approval]] rule with action = "deploy", org_kind = "production"' in answer
+    await no_operations_and_refusals(sandbox, [text])
+    orgs = await deploy(sandbox, ALICE, "orgs")
+    assert "`prod` (production): deployments are refused until approvers are configured" in orgs
+
+
+async def test_finding_1_a_production_deploy_no_rule_matches_is_never_sent_unapproved(
+    only_a_sandbox_deploy_rule: Sandbox,
+) -> None:
+    """Before, the rule for `uat` replaced the default, so a deployment to `prod` started at once."""
+    sandbox = only_a_sandbox_deploy_rule
+    await deploy(sandbox, ALICE, "start prod good-release.zip")
+    await deploy(sandbox, ALICE, "start prod good-release.zip")  # a second try changes nothing either
+    assert mdapi(sandbox, "prod").calls("deploy") == []
+    assert sandbox.runtime is not None and await repo.count_operations(sandbox.runtime.db) == 0
+    # The sandbox org's rule still applies where it matches.
+    ref = ref_in(await deploy(sandbox, ALICE, "start uat good-release.zip"))
+    op = await wait_op(sandbox, ref, card=True)
+    assert op.state == OpState.AWAITING_APPROVAL and op.data["approval"]["approvers"] == [BOB]

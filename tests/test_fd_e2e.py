@@ -405,32 +405,68 @@ async def test_an_ambiguous_write_is_checked_before_it_is_repeated(sandbox: Sand
     assert "last_problem" not in op.data
 
 
-@pytest.fixture
-async def ruled_sandbox(tmp_path: Path) -> AsyncIterator[Sandbox]:
-    """Completing needs Dave; deleting needs nobody unless the package is called "Protected"."""
-    rules = [
+def package_rules() -> list[ApprovalRule]:
+    """Completing needs Dave; deleting "Protected" needs Dave."""
+    return [
         ApprovalRule(action="push", org_kind="production", approvers=SANDBOX_APPROVERS),
         ApprovalRule(action="fd_complete", approvers=[DAVE]),
-        ApprovalRule(action="fd_delete", package="Protected"),
+        ApprovalRule(action="fd_delete", package="Protected", approvers=[DAVE]),
     ]
-    async with running_sandbox(workdir=tmp_path, job_seconds=0.01, approval=rules) as running:
+
+
+@pytest.fixture
+async def package_ruled_sandbox(tmp_path: Path) -> AsyncIterator[Sandbox]:
+    async with running_sandbox(workdir=tmp_path, job_seconds=0.01, approval=package_rules()) as running:
         yield running
 
 
-async def test_approval_rules_are_configurable(ruled_sandbox: Sandbox) -> None:
-    sandbox = ruled_sandbox
-    sim = sim_of(sandbox)
-    answer = await fd(sandbox, ALICE, 'delete 101 "Big Bang"')
-    assert "Done: delete `Big Bang`" in answer and sim.package(SF, "Big Bang") is None
-    await wait_post(sandbox, "deleted `Big Bang`")
-    assert await ops(sandbox) == []
+@pytest.fixture
+async def ruled_sandbox(tmp_path: Path) -> AsyncIterator[Sandbox]:
+    """The package rules, and deleting "Big Bang" waived (rule #4)."""
+    waiver = ApprovalRule(action="fd_delete", org="101", package="Big Bang", count=0, waiver="kept only for reference")
+    async with running_sandbox(workdir=tmp_path, job_seconds=0.01, approval=[*package_rules(), waiver]) as running:
+        yield running
 
+
+async def test_approval_rules_are_configurable(package_ruled_sandbox: Sandbox) -> None:
+    sandbox = package_ruled_sandbox
+    sim = sim_of(sandbox)
     ref = ref_in(await fd(sandbox, ALICE, 'status 101 "Release 42" COMPLETED'))
     op = await wait_fd(sandbox, ref, card=True)
     assert "not an approver" in await click(sandbox, BOB, op, "Approve")
     assert "You approved" in await click(sandbox, DAVE, op, "Approve")
     await wait_fd(sandbox, ref, states=[OpState.SUCCEEDED], announced=True)
     assert sim.package(SF, "Release 42")["packageStatus"] == "COMPLETED"  # type: ignore[index]
+
+
+async def test_finding_1_a_rule_for_one_fd_package_keeps_the_minimum_for_every_other(
+    package_ruled_sandbox: Sandbox,
+) -> None:
+    """A rule for "Protected" used to leave deletes of every other package unapproved."""
+    sandbox = package_ruled_sandbox
+    sim = sim_of(sandbox)
+    ref = ref_in(await fd(sandbox, ALICE, 'delete 101 "All Profiles"'))
+    op = await wait_fd(sandbox, ref, card=True)
+    assert op.state == OpState.AWAITING_APPROVAL and op.data["approval"]["rule"] == "built-in minimum"
+    assert sim.writes() == [] and sim.package(SF, "All Profiles") is not None
+    assert "someone else has to approve" in await click(sandbox, ALICE, op, "Approve")
+    assert "You approved" in await click(sandbox, CAROL, op, "Approve")  # anyone but the requester
+    await wait_fd(sandbox, ref, states=[OpState.SUCCEEDED], announced=True)
+    assert sim.package(SF, "All Profiles") is None
+
+
+async def test_finding_1_a_waiver_is_shown_in_the_channel_and_audited(ruled_sandbox: Sandbox) -> None:
+    sandbox = ruled_sandbox
+    sim = sim_of(sandbox)
+    answer = await fd(sandbox, ALICE, 'delete 101 "Big Bang"')
+    assert "Done: delete `Big Bang`" in answer and sim.package(SF, "Big Bang") is None
+    post = await wait_post(sandbox, "deleted `Big Bang`")
+    assert "Waiver (rule #4 for fd_delete): no approval needed, because kept only for reference" in post
+    assert await ops(sandbox) == []
+    rows = [row for row in await audit_rows(sandbox) if row.action == "approval.waived"]
+    assert [(r.actor, r.detail, r.outcome) for r in rows] == [
+        (ALICE, "rule #4 for fd_delete: kept only for reference", "no approval")
+    ]
 
 
 async def test_not_configured_says_so(tmp_path: Path) -> None:

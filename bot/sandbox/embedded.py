@@ -87,7 +87,12 @@ def sandbox_settings(
         },
         "notifications": NotificationsConfig(channel=NOTIFY_CHANNEL),
         "access": AccessConfig(admins=SANDBOX_ADMINS),
-        "approval": [ApprovalRule(action="push", org_kind="production", approvers=SANDBOX_APPROVERS, count=1)],
+        # Production actions must name their approvers (quick deploys use the deploy approvers);
+        # FlexDeploy deletes and completions keep the built-in "anyone but the requester".
+        "approval": [
+            ApprovalRule(action="push", org_kind="production", approvers=SANDBOX_APPROVERS, count=1),
+            ApprovalRule(action="deploy", org_kind="production", approvers=SANDBOX_APPROVERS, count=1),
+        ],
         "poller": PollerConfig(interval_seconds=1.0, lease_seconds=30.0),
     }
     values.update(overrides)

@@ -7,7 +7,8 @@ once or two replicas handling the same click start the operation exactly once.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -32,19 +33,32 @@ class Directory(Protocol):
 @dataclass(frozen=True)
 class ApprovalRequirement:
     approvers: tuple[str, ...]  # user ids (U…/W…) and user-group ids (S…); empty = anyone
-    count: int
+    count: int  # 0 only under an explicit waiver: the operation starts without approval
     self_approval: bool
     expires_after: timedelta
     rule: str  # how it was chosen, shown on the card
+    waiver: str | None = None  # why a rule lowers the built-in minimum; shown on the card, audited
+    # People who may not approve although they did not request it, with why (e.g. the requester
+    # of the validation a quick deploy would deploy: four eyes on the change, not on the click).
+    excluded: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def needed(self) -> bool:
+        return self.count > 0
 
     def to_data(self, *, now: datetime) -> dict[str, Any]:
-        return {
+        data: dict[str, Any] = {
             "approvers": list(self.approvers),
             "count": self.count,
             "self_approval": self.self_approval,
             "rule": self.rule,
             "expires_at": (now + self.expires_after).isoformat(),
         }
+        if self.waiver:
+            data["waiver"] = self.waiver
+        if self.excluded:
+            data["excluded"] = dict(self.excluded)
+        return data
 
 
 @dataclass(frozen=True)
@@ -58,42 +72,110 @@ class ApprovalFacts:
     task_type: str | None = None
 
 
-def _default_requires(facts: ApprovalFacts) -> bool:
+def minimum_applies(facts: ApprovalFacts) -> bool:
+    """The built-in minimum: one approval by someone other than the requester, whatever the rules."""
     if facts.action in {"deploy", "quick_deploy", "push"}:
         return "production" in facts.org_kinds
     return facts.action in {"fd_delete", "fd_complete"}
 
 
-def requirement_for(facts: ApprovalFacts, rules: list[ApprovalRule]) -> ApprovalRequirement | None:
-    """The approval this action needs, or None.
+def _matches(rule: ApprovalRule, facts: ApprovalFacts) -> bool:
+    return (
+        rule.action == facts.action
+        and (rule.org_kind is None or rule.org_kind in facts.org_kinds)
+        and (rule.org is None or rule.org == facts.org)
+        and (rule.package is None or rule.package == facts.package)
+        and (rule.task_type is None or rule.task_type == facts.task_type)
+    )
 
-    Rules for an action replace the default for that action only: configuring an sfp rule must
-    not silently switch off approvals for production pushes.
+
+def _from_rule(rule: ApprovalRule, number: int) -> ApprovalRequirement:
+    return ApprovalRequirement(
+        approvers=tuple(rule.approvers),
+        count=rule.count,
+        self_approval=rule.self_approval,
+        expires_after=rule.expires_after,
+        rule=f"rule #{number} for {rule.action}",
+        waiver=rule.waiver,
+    )
+
+
+def requirement_for(facts: ApprovalFacts, rules: list[ApprovalRule]) -> ApprovalRequirement | None:
+    """The approval this action needs, or None when it needs none.
+
+    Fails closed. Where the built-in minimum applies, the first matching rule that keeps it (at
+    least one approval, not by the requester) decides, among rules without an ``org_kind`` or with
+    ``org_kind = "production"``; a rule that lowers it (``count = 0`` or
+    ``self_approval``, each only with a ``waiver``) decides only when no matching rule keeps it;
+    no matching rule at all means the minimum itself, never "no approval". Elsewhere the first
+    matching rule decides, and no rule means no approval. Quick deploys with no approvers of
+    their own are approved by the org's deploy approvers.
     """
-    own_rules = [rule for rule in rules if rule.action == facts.action]
-    if not own_rules:
-        if not _default_requires(facts):
-            return None
-        return ApprovalRequirement(
-            approvers=(), count=1, self_approval=False, expires_after=DEFAULT_EXPIRY, rule="default policy"
-        )
-    for index, rule in enumerate(own_rules):
-        if rule.org_kind is not None and rule.org_kind not in facts.org_kinds:
-            continue
-        if rule.org is not None and rule.org != facts.org:
-            continue
-        if rule.package is not None and rule.package != facts.package:
-            continue
-        if rule.task_type is not None and rule.task_type != facts.task_type:
-            continue
-        return ApprovalRequirement(
-            approvers=tuple(rule.approvers),
-            count=rule.count,
-            self_approval=rule.self_approval,
-            expires_after=rule.expires_after,
-            rule=f"rule #{index + 1} for {rule.action}",
-        )
-    return None
+    matching = [(number, rule) for number, rule in enumerate(rules, start=1) if _matches(rule, facts)]
+    requirement: ApprovalRequirement | None = None
+    if minimum_applies(facts):
+        # A push to production and sandbox orgs also matches org_kind = "sandbox", but a rule
+        # written for sandboxes must not decide who approves the production part.
+        matching = [(n, rule) for n, rule in matching if rule.org_kind in (None, "production")]
+        keeping = [(n, rule) for n, rule in matching if rule.count >= 1 and not rule.self_approval]
+        waived = [(n, rule) for n, rule in matching if rule.waiver is not None]
+        if keeping:
+            requirement = _from_rule(keeping[0][1], keeping[0][0])
+        elif waived:
+            requirement = _from_rule(waived[0][1], waived[0][0])
+        else:
+            requirement = ApprovalRequirement(
+                approvers=(), count=1, self_approval=False, expires_after=DEFAULT_EXPIRY, rule="built-in minimum"
+            )
+    elif matching:
+        requirement = _from_rule(matching[0][1], matching[0][0])
+    if requirement is None:
+        return None
+    if facts.action == "quick_deploy" and requirement.needed and not requirement.approvers:
+        deploy = requirement_for(replace(facts, action="deploy"), rules)
+        if deploy is not None and deploy.approvers:
+            requirement = replace(requirement, approvers=deploy.approvers, rule=f"{requirement.rule}, deploy approvers")
+    return requirement
+
+
+def production_approvers_missing(facts: ApprovalFacts, requirement: ApprovalRequirement | None) -> str | None:
+    """Why a production action cannot be requested yet: nobody is named to approve it.
+
+    "Anyone but the requester" is not enough for production (SPEC §13): the answer names the
+    setting to add. None when the request may go ahead.
+    """
+    if facts.action not in {"deploy", "quick_deploy", "push"} or "production" not in facts.org_kinds:
+        return None
+    if requirement is None or not requirement.needed or requirement.approvers:
+        return None
+    action = "deploy" if facts.action == "quick_deploy" else facts.action
+    what = {"push": "push upgrades that include production orgs"}.get(
+        facts.action, f"{facts.action.replace('_', ' ')}s to production"
+    )
+    return (
+        f"Nobody is configured to approve {what}, so this request is refused. "
+        f'Ask an admin to add approvers = ["U…"] to an [[approval]] rule with action = "{action}", '
+        'org_kind = "production" in the bot\'s configuration.'
+    )
+
+
+async def audit_waiver(
+    db: Database, *, actor: str, channel: str, operation_ref: str, approval: Mapping[str, Any] | None
+) -> None:
+    """A rule that lowered the built-in minimum leaves its own audit row when the operation is
+    requested, so that an export shows every operation that ran under a waiver, and why."""
+    if not approval or not approval.get("waiver"):
+        return
+    lowered = "no approval" if int(approval.get("count", 1)) == 0 else "self-approval allowed"
+    await repo.audit(
+        db,
+        actor=actor,
+        channel=channel,
+        operation_ref=operation_ref,
+        action="approval.waived",
+        detail=f"{approval.get('rule', 'rule')}: {approval['waiver']}"[:500],
+        outcome=lowered,
+    )
 
 
 @dataclass(frozen=True)
@@ -142,6 +224,9 @@ class ApprovalService:
             if approve:
                 raise NotAllowedError(f"You requested {operation.ref}, so someone else has to approve it.")
             raise NotAllowedError(f"You requested {operation.ref}; to withdraw it use `cancel {operation.ref}`.")
+        excluded: dict[str, str] = requirement.get("excluded") or {}
+        if user in excluded and not requirement.get("self_approval", False):
+            raise NotAllowedError(f"You {excluded[user]}, so someone else has to approve {operation.ref}.")
         if not await self._may_approve(operation, requirement, user):
             raise NotAllowedError(f"You are not an approver for {operation.ref} ({requirement.get('rule', 'policy')}).")
         # Wake the poller first: if this process dies between recording the decision and applying

@@ -23,7 +23,7 @@ import asyncio
 import logging
 from bisect import bisect_left
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -36,6 +36,7 @@ from bot.errors import (
     AmbiguousWriteError,
     ApiError,
     AuthError,
+    NotAllowedError,
     NotFoundError,
     StateError,
     TransientError,
@@ -44,7 +45,12 @@ from bot.errors import (
     UserError,
 )
 from bot.redaction import redact_text
-from bot.services.approvals import ApprovalFacts, ApprovalRequirement, requirement_for
+from bot.services.approvals import (
+    ApprovalFacts,
+    ApprovalRequirement,
+    production_approvers_missing,
+    requirement_for,
+)
 from bot.services.artifacts import Artifact, ArtifactStore
 from bot.services.lifecycle import LeasedWrites
 from bot.services.operations import Advance, OpEvent, OpFile
@@ -173,15 +179,18 @@ class DeployService:
             requirement = requirement_for(
                 ApprovalFacts(action="deploy", org=alias, org_kinds=frozenset({config.kind})), self._settings.approval
             )
-            validate = self.approval_for(action="validate", org=alias, kind=config.kind)
+            validate = requirement_for(
+                ApprovalFacts(action="validate", org=alias, org_kinds=frozenset({config.kind})),
+                self._settings.approval,
+            )
             result.append(
                 OrgInfo(
                     alias=alias,
                     kind=config.kind,
                     label=config.label,
-                    deploy_approval=requirement is not None,
+                    deploy_approval=requirement is not None and requirement.needed,
                     approvers=requirement.approvers if requirement else (),
-                    validate_approval=validate is not None,
+                    validate_approval=validate is not None and validate.needed,
                     active=sum(1 for op in active if op.org == alias),
                 )
             )
@@ -297,9 +306,20 @@ class DeployService:
         )
 
     # -- creating --------------------------------------------------------------------------------
-    def approval_for(self, *, action: str, org: str, kind: str) -> ApprovalRequirement | None:
+    def approval_for(
+        self, *, action: str, org: str, kind: str, validation_requester: str | None = None
+    ) -> ApprovalRequirement | None:
+        """The approval a deployment needs; refuses a production one that nobody is named to approve."""
         facts = ApprovalFacts(action=action, org=org, org_kinds=frozenset({kind}))
-        return requirement_for(facts, self._settings.approval)
+        requirement = requirement_for(facts, self._settings.approval)
+        missing = production_approvers_missing(facts, requirement)
+        if missing:
+            raise NotAllowedError(missing)
+        if requirement is not None and validation_requester:
+            # Four eyes on the change: whoever asked for the validation does not approve deploying it.
+            why = "requested the validation this quick deploy would deploy"
+            requirement = replace(requirement, excluded=((validation_requester, why),))
+        return requirement
 
     async def create(
         self,
@@ -327,6 +347,7 @@ class DeployService:
                     "usable_until": plan.usable_until.isoformat(),
                     "artifact": (validation.params.get("artifact") or {}).get("name"),
                     "test_level": (validation.params.get("options") or {}).get("test_level"),
+                    "requester": validation.requester,
                 },
                 "notes": plan.notes,
             }
@@ -343,10 +364,16 @@ class DeployService:
             }
             summary = f"{ACTION_LABEL[action]} {plan.artifact.name} → {plan.org}"
         params["scheduled_for"] = _iso(scheduled_for)
-        requirement = self.approval_for(action=action, org=plan.org, kind=plan.org_kind)
+        requirement = self.approval_for(
+            action=action,
+            org=plan.org,
+            kind=plan.org_kind,
+            validation_requester=plan.validation.requester if isinstance(plan, QuickPlan) else None,
+        )
         data: dict[str, Any] = {}
         if requirement:
-            data["approval"] = requirement.to_data(now=now)
+            data["approval"] = requirement.to_data(now=now)  # a waiver is kept for the card too
+        if requirement and requirement.needed:
             state = OpState.AWAITING_APPROVAL
         else:
             state = OpState.SCHEDULED if scheduled_for and scheduled_for > now else OpState.STARTING
@@ -363,7 +390,7 @@ class DeployService:
             idempotency_key=idempotency_key,
             scheduled_for=scheduled_for,
             next_poll_at=now,
-            approval_expires_at=(now + requirement.expires_after) if requirement else None,
+            approval_expires_at=(now + requirement.expires_after) if requirement and requirement.needed else None,
         )
         return await repo.insert_operation(self._db, operation=operation)
 

@@ -114,6 +114,7 @@ class Applied:
     change: Change
     after: Package | None
     absent: bool = False  # delete of a package that was not there: nothing to do
+    waiver: dict[str, Any] | None = None  # the approval data of a waiver that let it run unapproved
 
 
 @dataclass(frozen=True)
@@ -252,7 +253,8 @@ class FlexDeployService:
             # been created a moment ago, an unapproved DELETE would remove it.
             return Outcome(applied=Applied(change, None, absent=True), notes=change.notes)
         requirement = self.approval_for(change)
-        if requirement is None:
+        if requirement is None or not requirement.needed:
+            waiver = requirement.to_data(now=now or datetime.now(UTC)) if requirement and requirement.waiver else None
             try:
                 after = await self._send(change)
             except AmbiguousWriteError as exc:
@@ -261,7 +263,7 @@ class FlexDeployService:
                     system=exc.system,
                     status=exc.status,
                 ) from None
-            return Outcome(applied=Applied(change, after), notes=change.notes)
+            return Outcome(applied=Applied(change, after, waiver=waiver), notes=change.notes)
         operation, created = await self._request(
             change,
             requirement,

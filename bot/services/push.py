@@ -27,6 +27,7 @@ from bot.errors import (
     AmbiguousWriteError,
     ApiError,
     AuthError,
+    NotAllowedError,
     NotFoundError,
     StateError,
     TransientError,
@@ -34,7 +35,7 @@ from bot.errors import (
     UsageError,
 )
 from bot.redaction import csv_bytes, redact_text
-from bot.services.approvals import ApprovalFacts, ApprovalRequirement, requirement_for
+from bot.services.approvals import ApprovalFacts, ApprovalRequirement, production_approvers_missing, requirement_for
 from bot.services.lifecycle import LeasedWrites
 from bot.services.operations import Advance, OpEvent, OpFile
 from bot.services.orgs import OrgRegistry
@@ -263,7 +264,11 @@ class PushService:
         facts = ApprovalFacts(
             action="push", org=self._orgs.packaging_alias(), org_kinds=plan.org_kinds, package=plan.version.package_name
         )
-        return requirement_for(facts, self._settings.approval)
+        requirement = requirement_for(facts, self._settings.approval)
+        missing = production_approvers_missing(facts, requirement)
+        if missing:
+            raise NotAllowedError(missing)
+        return requirement
 
     async def create(
         self,
@@ -290,10 +295,11 @@ class PushService:
             },
         }
         if requirement:
-            data["approval"] = requirement.to_data(now=now)
+            data["approval"] = requirement.to_data(now=now)  # a waiver is kept for the card too
+        waits = requirement is not None and requirement.needed
         operation = Operation(
             kind=OpKind.PUSH,
-            state=OpState.AWAITING_APPROVAL if requirement else OpState.STARTING,
+            state=OpState.AWAITING_APPROVAL if waits else OpState.STARTING,
             step="create_request",
             org=self._orgs.packaging_alias(),
             summary=f"{plan.version.package_name} {plan.version.label} → {len(plan.targets):,} orgs",
@@ -312,7 +318,7 @@ class PushService:
             idempotency_key=idempotency_key,
             scheduled_for=scheduled_for,
             next_poll_at=now,
-            approval_expires_at=(now + requirement.expires_after) if requirement else None,
+            approval_expires_at=(now + requirement.expires_after) if waits and requirement else None,
         )
         operation, created = await repo.insert_operation(self._db, operation=operation)
         if created:

@@ -277,7 +277,7 @@ class SfpService:
             summary += f" every {_duration_text(request.every)}"
         operation = Operation(
             kind=OpKind.SFP,
-            state=OpState.AWAITING_APPROVAL if requirement else OpState.STARTING,
+            state=OpState.AWAITING_APPROVAL if requirement and requirement.needed else OpState.STARTING,
             step="submit",
             summary=summary[:200],
             params=request.to_params(),
@@ -287,7 +287,7 @@ class SfpService:
             idempotency_key=idempotency_key,
             scheduled_for=request.scheduled_for,
             next_poll_at=now,
-            approval_expires_at=(now + requirement.expires_after) if requirement else None,
+            approval_expires_at=(now + requirement.expires_after) if requirement and requirement.needed else None,
         )
         return await repo.insert_operation(self._db, operation=operation)
 

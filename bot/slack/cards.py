@@ -6,7 +6,8 @@ for every kind of operation; handlers/approvals.py answers them.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from bot.slack import blocks as bk
 from bot.slack.blocks import Block
@@ -26,6 +27,20 @@ STATE_LABEL = {
     OpState.CANCELED: "✋ Canceled",
     OpState.ERROR: "❗ Could not run",
 }
+
+
+def waiver_text(requirement: Mapping[str, Any]) -> str | None:
+    """The line that says an approval rule lowered the built-in minimum, and why (SPEC §13)."""
+    waiver = requirement.get("waiver")
+    if not waiver:
+        return None
+    lowered = "no approval needed" if int(requirement.get("count", 1)) == 0 else "the requester may approve"
+    return f"⚠️ Waiver ({requirement.get('rule', 'a rule')}): {lowered}, because {bk.escape(str(waiver))}"
+
+
+def waiver_blocks(op: Operation) -> list[Block]:
+    text = waiver_text(op.data.get("approval") or {})
+    return [bk.context(text)] if text else []
 
 
 def approval_blocks(op: Operation, approvals: Sequence[str], *, extra: Sequence[Block] = ()) -> list[Block]:

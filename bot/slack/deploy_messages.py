@@ -23,7 +23,7 @@ from bot.services.deploy import (
 from bot.services.operations import OpEvent
 from bot.slack import blocks as bk
 from bot.slack.blocks import Block
-from bot.slack.cards import STATE_LABEL, approval_blocks
+from bot.slack.cards import STATE_LABEL, approval_blocks, waiver_blocks
 from bot.store.models import Operation, OpState
 from bot.when import slack_date
 
@@ -145,6 +145,7 @@ def deploy_card(op: Operation, *, approvals: Sequence[str] = ()) -> tuple[str, l
         blocks.append(bk.section(_progress_text(op, progress)))
 
     until = validation_usable_until(op)
+    blocks.extend(waiver_blocks(op))
     if state == OpState.AWAITING_APPROVAL:
         blocks.extend(approval_blocks(op, approvals, extra=[_cancel_button(op)]))
     elif state in {OpState.SCHEDULED, OpState.STARTING, OpState.RUNNING}:
@@ -494,11 +495,14 @@ def orgs_message(orgs: Sequence[OrgInfo]) -> str:
     for org in orgs:
         label = f" — {bk.escape(org.label)}" if org.label else ""
         who = ", ".join(f"<!subteam^{a}>" if a.startswith("S") else f"<@{a}>" for a in org.approvers)
-        deploys = (
-            f"deployments need approval ({who or 'anyone but the requester'})"
-            if org.deploy_approval
-            else "deployments need no approval"
-        )
+        if not org.deploy_approval:
+            deploys = "deployments need no approval"
+        elif who:
+            deploys = f"deployments need approval ({who})"
+        elif org.kind == "production":
+            deploys = "deployments are refused until approvers are configured for them"
+        else:
+            deploys = "deployments need approval (anyone but the requester)"
         validations = "validations need approval" if org.validate_approval else "validations need none"
         active = f" · {org.active} deployment(s) in progress" if org.active else ""
         lines.append(f"• `{org.alias}` ({org.kind}){label}: {deploys}; {validations}{active}")

@@ -15,7 +15,7 @@ from bot.services.flexdeploy import LONG_LIST, Applied, Pending
 from bot.services.operations import OpEvent
 from bot.slack import blocks as bk
 from bot.slack.blocks import Block
-from bot.slack.cards import STATE_LABEL, approval_blocks
+from bot.slack.cards import STATE_LABEL, approval_blocks, waiver_blocks, waiver_text
 from bot.store.models import Operation, OpState
 from bot.when import slack_date
 
@@ -185,6 +185,9 @@ def applied_message(applied: Applied, *, user: str) -> tuple[str, list[Block]]:
     """Posted in the channel: a change to a shared release artefact is news for the whole team."""
     headline = applied_headline(applied, user=user)
     blocks: list[Block] = [bk.section(headline)]
+    waiver = waiver_text(applied.waiver or {})
+    if waiver:
+        blocks.append(bk.context(waiver))
     if applied.after is not None:
         blocks.extend(package_blocks(applied.after, project_id=applied.change.project_id))
     return bk.clip(headline, bk.MESSAGE_TEXT_MAX), bk.limit_blocks(blocks)
@@ -246,6 +249,7 @@ def fd_card(op: Operation, *, approvals: Sequence[str] = ()) -> tuple[str, list[
     blocks: list[Block] = [bk.header(title), bk.fields_section(fields)]
     if action in WHAT_IT_MEANS and not op.is_terminal:
         blocks.append(bk.context(WHAT_IT_MEANS[action]))
+    blocks.extend(waiver_blocks(op))
     if state == OpState.AWAITING_APPROVAL:
         blocks.extend(approval_blocks(op, approvals, extra=[_cancel_button(op)]))
     if state == OpState.SUCCEEDED:

@@ -13,7 +13,7 @@ from bot.services.operations import OpEvent
 from bot.services.push import PushPlan, RetryPlan
 from bot.slack import blocks as bk
 from bot.slack.blocks import Block
-from bot.slack.cards import STATE_LABEL, approval_blocks
+from bot.slack.cards import STATE_LABEL, approval_blocks, waiver_blocks
 from bot.store.models import Operation, OpState
 from bot.when import slack_date
 
@@ -56,6 +56,7 @@ def push_card(op: Operation, *, approvals: Sequence[str] = ()) -> tuple[str, lis
             bk.context(f"Salesforce refused {_n(jobs['refused'])} org(s) when creating jobs — see the thread.")
         )
 
+    blocks.extend(waiver_blocks(op))
     if state == OpState.AWAITING_APPROVAL:
         blocks.extend(approval_blocks(op, approvals, extra=[_cancel_button(op)]))
     elif state == OpState.SCHEDULED:

@@ -28,7 +28,7 @@ from bot.services.sfp import (
 )
 from bot.slack import blocks as bk
 from bot.slack.blocks import Block
-from bot.slack.cards import STATE_LABEL, approval_blocks
+from bot.slack.cards import STATE_LABEL, approval_blocks, waiver_blocks
 from bot.store.models import Operation, OpState
 from bot.when import slack_date
 
@@ -215,6 +215,7 @@ def sfp_card(op: Operation, *, approvals: Sequence[str] = ()) -> tuple[str, list
     if data.get("last_problem") and not op.is_terminal:
         blocks.append(bk.context(f"⚠️ sfp server trouble, retrying automatically: {_e(data['last_problem'])}"))
 
+    blocks.extend(waiver_blocks(op))
     if state == OpState.AWAITING_APPROVAL:
         blocks.extend(approval_blocks(op, approvals, extra=[_cancel_button(op)]))
     elif state in {OpState.SCHEDULED, OpState.RUNNING}:
