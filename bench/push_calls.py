@@ -21,10 +21,10 @@ import aiohttp
 from bench.common import packaging_settings
 from bot.clients.salesforce.auth import TokenCache, parse_sfdx_auth_url
 from bot.clients.salesforce.rest import SalesforceClient
-from bot.commands import OrgSelection, VersionSpec
+from bot.core.orgs import OrgRegistry
+from bot.push.commands import OrgSelection, VersionSpec
+from bot.push.service import PushService
 from bot.sandbox.salesforce_org import SalesforceOrgSim, build_auth_url
-from bot.services.orgs import OrgRegistry
-from bot.services.push import PushService
 from bot.store import repo
 from bot.store.db import Database, migrate
 from bot.store.models import OpState

@@ -4,7 +4,7 @@ Leases make replicas safe: an operation is advanced by whichever replica's condi
 claimed it, and every write the advance makes is conditioned on that lease. A replica that dies
 holding leases simply lets them expire; another picks the operations up.
 
-Messages go through the Slack outbox (bot/outbox.py): a cycle only records what is owed, so it
+Messages go through the Slack outbox (bot/slack/outbox.py): a cycle only records what is owed, so it
 never waits for Slack's one-message-per-second-per-channel rate. Completion is enqueued once
 (unique keys per operation and final state) and ``announced_state`` then records it.
 """
@@ -27,9 +27,9 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from slack_sdk.errors import SlackApiError
 from sqlmodel import col, select
 
-from bot.outbox import SlackOutbox, card_digest, file_row, message_row, reply_row
-from bot.services.operations import Advance, Advancer, OpEvent
+from bot.core.operations import Advance, Advancer, OpEvent
 from bot.settings import PollerConfig
+from bot.slack.outbox import SlackOutbox, card_digest, file_row, message_row, reply_row
 from bot.slack.web import COMPLETION_EVENT, SlackPoster
 from bot.store import repo
 from bot.store.db import Database

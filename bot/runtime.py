@@ -10,16 +10,19 @@ from slack_bolt.async_app import AsyncApp
 
 import handlers
 from bot.clients.retry import RetryPolicy
+from bot.core.access import AccessPolicy
+from bot.core.approvals import ApprovalService
+from bot.core.orgs import OrgRegistry
+from bot.deploy import messages as deploy_messages
+from bot.deploy.service import DeployService
+from bot.flexdeploy import messages as fd_messages
+from bot.flexdeploy.service import FlexDeployService
 from bot.poller import KindView, Poller
-from bot.services.access import AccessPolicy
-from bot.services.approvals import ApprovalService
-from bot.services.deploy import DeployService
-from bot.services.flexdeploy import FlexDeployService
-from bot.services.orgs import OrgRegistry
-from bot.services.push import PushService
-from bot.services.sfp import SfpService
+from bot.push import messages as push_messages
+from bot.push.service import PushService
 from bot.settings import Settings
-from bot.slack import deploy_messages, fd_messages, push_messages, sfp_messages
+from bot.sfp import messages as sfp_messages
+from bot.sfp.service import SfpService
 from bot.slack.web import SLACK_TIMEOUT_SECONDS, SlackDirectory, SlackPoster, make_web_client, own_workspace
 from bot.store.db import Database, migrate
 from bot.store.models import OpKind

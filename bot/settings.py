@@ -54,7 +54,7 @@ ApprovalAction = Literal[
 ]
 APPROVAL_ACTIONS: tuple[str, ...] = ApprovalAction.__args__  # type: ignore[attr-defined]
 # Actions whose built-in minimum (one approval by someone other than the requester) always holds
-# where it applies; see bot/services/approvals.py.
+# where it applies; see bot/core/approvals.py.
 MINIMUM_ACTIONS = frozenset({"push", "deploy", "quick_deploy", "fd_delete", "fd_complete"})
 # Which matchers each action's facts carry: a matcher the action never sets would make its rule
 # silently match nothing.

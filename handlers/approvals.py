@@ -7,8 +7,8 @@ from typing import Any
 from slack_bolt.async_app import AsyncAck, AsyncApp, AsyncRespond
 from slack_sdk.web.async_client import AsyncWebClient
 
-from bot.outbox import reply_row
 from bot.slack.messages import approval_ack, approval_thread_text, reject_modal
+from bot.slack.outbox import reply_row
 from bot.store import repo
 from bot.store.models import REF_PREFIX, OpKind
 from handlers.context import HandlerDeps

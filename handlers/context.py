@@ -5,14 +5,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from bot.outbox import SlackOutbox
-from bot.services.access import AccessPolicy
-from bot.services.approvals import ApprovalService
-from bot.services.deploy import DeployService
-from bot.services.flexdeploy import FlexDeployService
-from bot.services.push import PushService
-from bot.services.sfp import SfpService
+from bot.core.access import AccessPolicy
+from bot.core.approvals import ApprovalService
+from bot.deploy.service import DeployService
+from bot.flexdeploy.service import FlexDeployService
+from bot.push.service import PushService
 from bot.settings import Settings
+from bot.sfp.service import SfpService
+from bot.slack.outbox import SlackOutbox
 from bot.slack.web import SlackDirectory, SlackPoster
 from bot.store.db import Database
 from handlers.ack_first import AckFirst

@@ -8,7 +8,10 @@ from typing import Any
 
 from slack_bolt.async_app import AsyncAck, AsyncApp, AsyncRespond
 
-from bot.deploy_commands import (
+from bot.core.approvals import audit_waiver
+from bot.core.when import parse_when
+from bot.deploy import messages as deploy_messages
+from bot.deploy.commands import (
     DEPLOY_USAGE,
     DeployHelp,
     DeployList,
@@ -18,15 +21,12 @@ from bot.deploy_commands import (
     DeployStart,
     parse_deploy,
 )
+from bot.deploy.service import DeployPlan, DeployService, QuickPlan
 from bot.errors import StateError
-from bot.outbox import reply_row
-from bot.services.approvals import audit_waiver
-from bot.services.deploy import DeployPlan, DeployService, QuickPlan
-from bot.slack import deploy_messages
 from bot.slack.blocks import escape
+from bot.slack.outbox import reply_row
 from bot.store import repo
 from bot.store.models import REF_PREFIX, OpKind
-from bot.when import parse_when
 from handlers.context import HandlerDeps
 from handlers.errors import guarded, parse_or_refuse, reply_ephemeral
 

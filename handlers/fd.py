@@ -12,11 +12,11 @@ from typing import Any
 
 from slack_bolt.async_app import AsyncAck, AsyncApp, AsyncRespond
 
+from bot.core.approvals import audit_waiver
 from bot.errors import UsageError
-from bot.fd_commands import FdCancel, FdDelete, FdHelp, FdShow, FdStatus, FdWrite, parse_fd
-from bot.services.approvals import audit_waiver
-from bot.services.flexdeploy import NOT_CONFIGURED, FlexDeployService, files_csv
-from bot.slack import fd_messages
+from bot.flexdeploy import messages as fd_messages
+from bot.flexdeploy.commands import FdCancel, FdDelete, FdHelp, FdShow, FdStatus, FdWrite, parse_fd
+from bot.flexdeploy.service import NOT_CONFIGURED, FlexDeployService, files_csv
 from bot.store import repo
 from bot.store.models import REF_PREFIX, OpKind
 from handlers.context import HandlerDeps

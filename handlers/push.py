@@ -6,12 +6,13 @@ from typing import Any
 
 from slack_bolt.async_app import AsyncAck, AsyncApp, AsyncRespond
 
-from bot.commands import PUSH_USAGE, Help, PushCreate, PushList, PushRef, PushRetry, parse_push
-from bot.services.approvals import audit_waiver
-from bot.slack import push_messages
+from bot.core.approvals import audit_waiver
+from bot.core.grammar import Help
+from bot.core.when import parse_when
+from bot.push import messages as push_messages
+from bot.push.commands import PUSH_USAGE, PushCreate, PushList, PushRef, PushRetry, parse_push
 from bot.slack.blocks import escape
 from bot.store import repo
-from bot.when import parse_when
 from handlers.context import HandlerDeps
 from handlers.errors import guarded, parse_or_refuse, reply_ephemeral
 

@@ -7,15 +7,15 @@ from typing import Any
 
 from slack_bolt.async_app import AsyncAck, AsyncApp, AsyncRespond
 
+from bot.core.approvals import audit_waiver
+from bot.core.when import parse_when
 from bot.errors import StateError, UsageError
-from bot.services.approvals import audit_waiver
-from bot.services.sfp import NOT_CONFIGURED, SfpService, Target, TaskRequest
-from bot.sfp_commands import SFP_USAGE, SfpHelp, SfpList, SfpRef, SfpSubmit, parse_sfp
-from bot.slack import sfp_messages
+from bot.sfp import messages as sfp_messages
+from bot.sfp.commands import SFP_USAGE, SfpHelp, SfpList, SfpRef, SfpSubmit, parse_sfp
+from bot.sfp.service import NOT_CONFIGURED, SfpService, Target, TaskRequest
 from bot.slack.blocks import escape
 from bot.store import repo
 from bot.store.models import REF_PREFIX, OpKind
-from bot.when import parse_when
 from handlers.context import HandlerDeps
 from handlers.errors import guarded, parse_or_refuse, reply_ephemeral
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from bot.cli import main
+from bot.core.approvals import ApprovalFacts, requirement_for
 from bot.sandbox.embedded import Sandbox, running_sandbox
-from bot.services.approvals import ApprovalFacts, requirement_for
 from bot.settings import ApprovalRule
 from bot.store import repo
 from bot.store.models import OpState

@@ -14,9 +14,9 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from bot.deploy.artifacts import ArtifactStore, Limits, inspect_zip, zip_folder
 from bot.errors import NotFoundError, StateError, UsageError
 from bot.sandbox.metadata_api import ArtifactServer, write_sample_artifacts
-from bot.services.artifacts import ArtifactStore, Limits, inspect_zip, zip_folder
 from bot.settings import ArtifactsConfig
 
 PACKAGE = (

@@ -7,12 +7,13 @@ from datetime import UTC, datetime
 
 import pytest
 
-from bot.commands import Help, PushCreate, PushList, PushRef, PushRetry, parse_push
-from bot.deploy_commands import DeployQuick, DeployRef, parse_deploy
+from bot.core.grammar import Help
+from bot.core.when import parse_when
+from bot.deploy.commands import DeployQuick, DeployRef, parse_deploy
 from bot.errors import UsageError
-from bot.fd_commands import parse_fd
-from bot.sfp_commands import SfpRef, parse_sfp
-from bot.when import parse_when
+from bot.flexdeploy.commands import parse_fd
+from bot.push.commands import PushCreate, PushList, PushRef, PushRetry, parse_push
+from bot.sfp.commands import SfpRef, parse_sfp
 
 NOW = datetime(2026, 11, 23, 15, 0, tzinfo=UTC)
 

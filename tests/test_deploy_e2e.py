@@ -18,12 +18,12 @@ from typing import Any
 import pytest
 from sqlmodel import select
 
-from bot.deploy_commands import DeployFlags, DeployHelp, DeployQuick, DeployRef, DeployStart, parse_deploy
+from bot.deploy.commands import DeployFlags, DeployHelp, DeployQuick, DeployRef, DeployStart, parse_deploy
+from bot.deploy.service import DeployService
 from bot.errors import UsageError
 from bot.sandbox.embedded import NOTIFY_CHANNEL, SANDBOX_APPROVERS, Sandbox, running_sandbox
 from bot.sandbox.fake_slack import Message
 from bot.sandbox.metadata_api import MetadataApiSim
-from bot.services.deploy import DeployService
 from bot.settings import ApprovalRule
 from bot.store import repo
 from bot.store.models import AuditEvent, Operation, OpKind, OpState

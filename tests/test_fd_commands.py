@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from bot.errors import UsageError
-from bot.fd_commands import FdCancel, FdDelete, FdHelp, FdShow, FdStatus, FdWrite, FileSpec, parse_fd
+from bot.flexdeploy.commands import FdCancel, FdDelete, FdHelp, FdShow, FdStatus, FdWrite, FileSpec, parse_fd
 
 
 def test_show_delete_status_cancel_help() -> None:

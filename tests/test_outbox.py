@@ -15,8 +15,8 @@ import pytest
 from sqlalchemy import update
 from sqlmodel import col, select
 
-from bot.outbox import SlackOutbox, card_row, message_row, reply_row
 from bot.sandbox.fake_slack import FakeSlack
+from bot.slack.outbox import SlackOutbox, card_row, message_row, reply_row
 from bot.slack.web import SlackPoster, make_web_client
 from bot.store import repo
 from bot.store.db import Database, migrate

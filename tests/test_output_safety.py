@@ -230,7 +230,7 @@ async def test_finding_6_credentials_in_sfp_results_reach_no_message_file_audit_
 
 async def test_finding_9c_audit_rows_keep_no_secrets_typed_into_sfp_data(sandbox: Sandbox) -> None:
     answer = await command(
-        sandbox, "/sfp", 'submit checkReviewEnvironment password=hunter22 token=abc99xyz client_secret=s3cr3t'
+        sandbox, "/sfp", "submit checkReviewEnvironment password=hunter22 token=abc99xyz client_secret=s3cr3t"
     )
     ref = sfp_ref(answer)
     await settled(sandbox, int(ref.lstrip("S")), OpState.SUCCEEDED)

@@ -19,8 +19,8 @@ from bot.clients.retry import RetryPolicy
 from bot.clients.sfp import SfpClient, TaskSpec
 from bot.errors import AmbiguousWriteError, ApiError, AuthError, TaskNotFoundError, TransientError
 from bot.sandbox.sfp_server import SfpServerSim
-from bot.services.sfp import is_long_result, redact
-from bot.sfp_commands import SfpRef, SfpSubmit, parse_sfp
+from bot.sfp.commands import SfpRef, SfpSubmit, parse_sfp
+from bot.sfp.service import is_long_result, redact
 
 FAST = RetryPolicy(attempts=3, base_delay=0.01, max_delay=0.02)
 CHECK = TaskSpec(type="checkReviewEnvironment", data={"env": "rev1"})

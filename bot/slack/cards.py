@@ -9,10 +9,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from bot.core.when import slack_date
 from bot.slack import blocks as bk
 from bot.slack.blocks import Block
 from bot.store.models import Operation, OpState
-from bot.when import slack_date
 
 STATE_LABEL = {
     OpState.AWAITING_APPROVAL: "⏸️ Waiting for approval",

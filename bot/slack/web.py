@@ -24,8 +24,8 @@ from slack_sdk.http_retry.builtin_async_handlers import (
 )
 from slack_sdk.web.async_client import AsyncWebClient
 
+from bot.core.operations import OpFile
 from bot.redaction import redact, redact_text
-from bot.services.operations import OpFile
 
 log = logging.getLogger(__name__)
 

@@ -10,14 +10,14 @@ from collections.abc import Sequence
 from typing import Any
 
 from bot.clients.flexdeploy import Package
-from bot.fd_commands import FD_USAGE
-from bot.services.flexdeploy import LONG_LIST, Applied, Pending
-from bot.services.operations import OpEvent
+from bot.core.operations import OpEvent
+from bot.core.when import slack_date
+from bot.flexdeploy.commands import FD_USAGE
+from bot.flexdeploy.service import LONG_LIST, Applied, Pending
 from bot.slack import blocks as bk
 from bot.slack.blocks import Block
 from bot.slack.cards import STATE_LABEL, approval_blocks, waiver_blocks, waiver_text
 from bot.store.models import Operation, OpState
-from bot.when import slack_date
 
 SHOWN_WHEN_LONG = 15  # files listed in the message when the full list goes into a file
 STATUS_ICON = {"ACTIVE": "🟢", "INACTIVE": "⚪", "COMPLETED": "🏁"}

@@ -11,10 +11,10 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
+from bot.core.approvals import settle
+from bot.core.operations import Advance, OpEvent
 from bot.errors import UpstreamError
 from bot.redaction import redact_text
-from bot.services.approvals import settle
-from bot.services.operations import Advance, OpEvent
 from bot.store import repo
 from bot.store.db import Database
 from bot.store.models import Operation, OpState

@@ -13,7 +13,7 @@ from datetime import timedelta
 from typing import Any
 
 from bot.clients.sfp import OPERATION_ID_RE, PRIORITIES
-from bot.commands import SFP_REFS, parse_ref, split_options, tokenize
+from bot.core.grammar import SFP_REFS, parse_ref, split_options, tokenize
 from bot.errors import UsageError
 from bot.settings import parse_duration
 

@@ -2,7 +2,7 @@
 
 A deployment is an Operation of kind ``deploy`` (refs ``D1`` …). Everything the user can get
 wrong is checked by ``plan`` / ``plan_quick`` before the operation exists: the org, the
-production rules, the test options, the artifact (see ``bot.services.artifacts``) and, for a
+production rules, the test options, the artifact (see ``bot.deploy.artifacts``) and, for a
 quick deploy, the validation it reuses. The Metadata API calls happen in the poller:
 
     awaiting_approval ─approve→ starting ─deploy()→ running ─checkDeployStatus…→ done
@@ -31,7 +31,17 @@ import aiohttp
 
 from bot.clients.retry import RetryPolicy
 from bot.clients.salesforce.metadata import DeployOptions, DeployResult, MetadataClient
-from bot.deploy_commands import DEPLOY_USAGE, DeployFlags, DeployStart
+from bot.core.approvals import (
+    ApprovalFacts,
+    ApprovalRequirement,
+    production_approvers_missing,
+    requirement_for,
+)
+from bot.core.lifecycle import LeasedWrites
+from bot.core.operations import Advance, OpEvent, OpFile
+from bot.core.orgs import OrgRegistry
+from bot.deploy.artifacts import Artifact, ArtifactStore
+from bot.deploy.commands import DEPLOY_USAGE, DeployFlags, DeployStart
 from bot.errors import (
     AmbiguousWriteError,
     ApiError,
@@ -45,16 +55,6 @@ from bot.errors import (
     UserError,
 )
 from bot.redaction import redact_text
-from bot.services.approvals import (
-    ApprovalFacts,
-    ApprovalRequirement,
-    production_approvers_missing,
-    requirement_for,
-)
-from bot.services.artifacts import Artifact, ArtifactStore
-from bot.services.lifecycle import LeasedWrites
-from bot.services.operations import Advance, OpEvent, OpFile
-from bot.services.orgs import OrgRegistry
 from bot.settings import Settings
 from bot.store import repo
 from bot.store.db import Database

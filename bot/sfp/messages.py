@@ -14,9 +14,10 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from bot.clients.sfp import Recurrence, TaskStatus, parse_time
+from bot.core.operations import OpEvent
+from bot.core.when import slack_date
 from bot.redaction import REDACTED, redact, redact_text
-from bot.services.operations import OpEvent
-from bot.services.sfp import (
+from bot.sfp.service import (
     CancelOutcome,
     StopOutcome,
     Target,
@@ -30,7 +31,6 @@ from bot.slack import blocks as bk
 from bot.slack.blocks import Block
 from bot.slack.cards import STATE_LABEL, approval_blocks, waiver_blocks
 from bot.store.models import Operation, OpState
-from bot.when import slack_date
 
 STOP_ACTION = "sfp_stop"
 CANCEL_ACTION = "sfp_cancel"

@@ -22,7 +22,10 @@ from functools import cached_property
 from typing import Any
 
 from bot.clients.salesforce.rest import SalesforceClient, readable_message, soql_id_list, soql_literal
-from bot.commands import OrgSelection, VersionSpec
+from bot.core.approvals import ApprovalFacts, ApprovalRequirement, production_approvers_missing, requirement_for
+from bot.core.lifecycle import LeasedWrites
+from bot.core.operations import Advance, OpEvent, OpFile
+from bot.core.orgs import OrgRegistry
 from bot.errors import (
     AmbiguousWriteError,
     ApiError,
@@ -34,11 +37,8 @@ from bot.errors import (
     UpstreamError,
     UsageError,
 )
+from bot.push.commands import OrgSelection, VersionSpec
 from bot.redaction import csv_bytes, redact_text
-from bot.services.approvals import ApprovalFacts, ApprovalRequirement, production_approvers_missing, requirement_for
-from bot.services.lifecycle import LeasedWrites
-from bot.services.operations import Advance, OpEvent, OpFile
-from bot.services.orgs import OrgRegistry
 from bot.settings import Settings
 from bot.store import repo
 from bot.store.db import Database

@@ -1,6 +1,6 @@
 """The ``/fd`` grammar: text in, typed request out, ``UsageError`` (with usage) on anything off.
 
-Pure functions with no Slack, HTTP or database types (like ``bot.commands`` for ``/push``,
+Pure functions with no Slack, HTTP or database types (like ``bot.push.commands`` for ``/push``,
 whose ``tokenize``/``split_options`` it reuses). Checks that need the package as FlexDeploy
 has it (its type, status, files) are made by the service after a GET.
 """
@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass, replace
 from typing import Literal
 
-from bot.commands import FD_REFS, parse_ref, split_options, tokenize
+from bot.core.grammar import FD_REFS, parse_ref, split_options, tokenize
 from bot.errors import UsageError
 
 FD_USAGE = """*`/fd` — FlexDeploy packages*

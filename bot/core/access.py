@@ -13,8 +13,8 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
+from bot.core.approvals import Directory
 from bot.errors import NotAllowedError
-from bot.services.approvals import Directory
 from bot.settings import AccessConfig
 from bot.store.models import Operation
 

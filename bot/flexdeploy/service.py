@@ -30,6 +30,9 @@ import aiohttp
 
 from bot.clients.flexdeploy import FlexDeployClient, Package, PackageFile
 from bot.clients.retry import RetryPolicy
+from bot.core.approvals import ApprovalFacts, ApprovalRequirement, requirement_for
+from bot.core.lifecycle import LeasedWrites
+from bot.core.operations import Advance, OpEvent, OpFile
 from bot.errors import (
     AmbiguousWriteError,
     ApiError,
@@ -40,7 +43,7 @@ from bot.errors import (
     UpstreamError,
     UsageError,
 )
-from bot.fd_commands import (
+from bot.flexdeploy.commands import (
     FD_USAGE,
     FdDelete,
     FdStatus,
@@ -51,9 +54,6 @@ from bot.fd_commands import (
     check_type_rules,
 )
 from bot.redaction import csv_bytes, redact_text
-from bot.services.approvals import ApprovalFacts, ApprovalRequirement, requirement_for
-from bot.services.lifecycle import LeasedWrites
-from bot.services.operations import Advance, OpEvent, OpFile
 from bot.settings import Settings
 from bot.store import repo
 from bot.store.db import Database

@@ -34,7 +34,10 @@ import aiohttp
 
 from bot.clients.retry import RetryPolicy
 from bot.clients.sfp import Cancelled, Recurrence, SfpClient, Stopped, TaskSpec, TaskStatus
-from bot.commands import REF_RE
+from bot.core.approvals import ApprovalFacts, ApprovalRequirement, requirement_for
+from bot.core.grammar import REF_RE
+from bot.core.lifecycle import LeasedWrites
+from bot.core.operations import Advance, OpEvent, OpFile
 from bot.errors import (
     AmbiguousWriteError,
     ApiError,
@@ -48,11 +51,8 @@ from bot.errors import (
     UsageError,
 )
 from bot.redaction import csv_bytes, redact, redact_text
-from bot.services.approvals import ApprovalFacts, ApprovalRequirement, requirement_for
-from bot.services.lifecycle import LeasedWrites
-from bot.services.operations import Advance, OpEvent, OpFile
 from bot.settings import Settings
-from bot.sfp_commands import SFP_USAGE, SfpRef
+from bot.sfp.commands import SFP_USAGE, SfpRef
 from bot.store import repo
 from bot.store.db import Database
 from bot.store.models import Operation, OpKind, OpState

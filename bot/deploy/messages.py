@@ -11,7 +11,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from bot.services.deploy import (
+from bot.core.operations import OpEvent
+from bot.core.when import slack_date
+from bot.deploy.service import (
     ACTION_LABEL,
     DeployPlan,
     OrgInfo,
@@ -20,12 +22,10 @@ from bot.services.deploy import (
     percent_text,
     validation_usable_until,
 )
-from bot.services.operations import OpEvent
 from bot.slack import blocks as bk
 from bot.slack.blocks import Block
 from bot.slack.cards import STATE_LABEL, approval_blocks, waiver_blocks
 from bot.store.models import Operation, OpState
-from bot.when import slack_date
 
 MAX_LISTED_FAILURES = 20
 MAX_LISTED_COVERAGE = 10  # on the card; the thread lists up to MAX_LISTED_FAILURES, the report all

@@ -19,7 +19,7 @@ from bot.store.db import Database
 from bot.store.models import Approval, Operation, OpState
 
 if TYPE_CHECKING:  # access.py needs Directory from here
-    from bot.services.access import AccessPolicy
+    from bot.core.access import AccessPolicy
 
 DEFAULT_EXPIRY = timedelta(hours=24)
 

@@ -9,13 +9,13 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from bot.services.operations import OpEvent
-from bot.services.push import PushPlan, RetryPlan
+from bot.core.operations import OpEvent
+from bot.core.when import slack_date
+from bot.push.service import PushPlan, RetryPlan
 from bot.slack import blocks as bk
 from bot.slack.blocks import Block
 from bot.slack.cards import STATE_LABEL, approval_blocks, waiver_blocks
 from bot.store.models import Operation, OpState
-from bot.when import slack_date
 
 MAX_LISTED_REFUSALS = 20
 

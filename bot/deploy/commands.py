@@ -9,8 +9,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from bot.commands import DEPLOY_REFS, parse_ref, tokenize
-from bot.commands import split_options as _split
+from bot.core.grammar import DEPLOY_REFS, parse_ref, tokenize
+from bot.core.grammar import split_options as _split
 from bot.errors import UsageError
 from bot.settings import ALIAS_RE
 

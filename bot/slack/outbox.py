@@ -29,7 +29,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import col, select
 
-from bot.services.operations import OpFile
+from bot.core.operations import OpFile
 from bot.slack.web import SlackPoster
 from bot.store.db import Database
 from bot.store.models import ChannelPace, Operation, OutboxMessage

@@ -1,0 +1,1 @@
+"""The machinery every operation kind shares: approvals, access, lifecycle writes, grammar."""

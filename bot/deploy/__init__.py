@@ -1,0 +1,1 @@
+"""Metadata deployments (`/deploy`): grammar, artifacts, service steps and messages."""

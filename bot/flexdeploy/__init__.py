@@ -1,0 +1,1 @@
+"""FlexDeploy packages (`/fd`): grammar, service steps and messages."""

@@ -1,0 +1,1 @@
+"""Push upgrades (`/push`): grammar, service steps and messages."""

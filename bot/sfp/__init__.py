@@ -1,0 +1,1 @@
+"""sfp server tasks (`/sfp`): grammar, service steps and messages."""
