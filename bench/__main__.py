@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import ack_latency, poll_cycle, push_calls
+from bench import ack_latency, artifact_memory, poll_cycle, push_calls
 
 
 def _machine() -> str:
@@ -48,6 +48,8 @@ async def run(sizes: list[int]) -> dict[str, Any]:
             results["push"].append(await push_calls.measure(size))
         print("poll cycle over 1,000 operations …", flush=True)
         results["poll"] = await poll_cycle.measure(workdir)
+        print("artifact inspection peak memory …", flush=True)
+        results["artifact_memory"] = await artifact_memory.measure(workdir)
     return results
 
 
@@ -96,6 +98,15 @@ def table(results: dict[str, Any]) -> str:
         f"| bot peak resident memory (poll run / ack run) | {poll['bot_peak_rss_mb']} MB / "
         f"{ack['bot_peak_rss_mb']} MB | < 250 MB | {_verdict(rss < 250)} |"
     )
+    inspection = results.get("artifact_memory")
+    if inspection:  # absent from results files written before it was measured
+        target = inspection["target_mb"]
+        for row in inspection["artifacts"]:
+            lines.append(
+                f"| artifact inspection peak memory: {row['artifact']} ({row['files']:,} files, "
+                f"{row['compressed_mb']} MB zipped, {row['uncompressed_mb']} MB unzipped) | {row['peak_mb']} MB "
+                f"(tracemalloc), {row['seconds']} s | < {target} MB | {_verdict(row['peak_mb'] < target)} |"
+            )
     return "\n".join(lines)
 
 
