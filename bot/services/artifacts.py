@@ -43,7 +43,6 @@ from bot.errors import NotFoundError, StateError, TransientError, UsageError
 from bot.settings import ArtifactsConfig, is_loopback_host
 
 MD_URI = "http://soap.sforce.com/2006/04/metadata"
-MD_NS = "{" + MD_URI + "}"
 _DESTRUCTIVE = re.compile(r"^destructiveChanges(?:Pre|Post)?\.xml$")
 _CHUNK = 64 * 1024
 _FIXED_TIME = (1980, 1, 1, 0, 0, 0)
