@@ -1,6 +1,6 @@
 """`python -m bench`: every benchmark of SPEC §11 against the sandbox; a table and a JSON file.
 
-Options: `--quick` (10,000 orgs only, for a fast look), `--only ack|push|poll` (one part; the ack part
+Options: `--quick` (10,000 orgs only, for a fast look), `--only ack|push|poll|artifact` (one part; the ack part
 includes its round under anonymous junk), `--out FILE` (default bench/results/latest.json).
 """
 
@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import ack_latency, poll_cycle, push_calls
+from bench import ack_latency, artifact_memory, poll_cycle, push_calls
 
 
 def _machine() -> str:
@@ -37,7 +37,7 @@ def _machine() -> str:
     )
 
 
-PARTS = ("ack", "push", "poll")
+PARTS = ("ack", "push", "poll", "artifact")
 
 
 async def run(sizes: list[int], *, parts: tuple[str, ...] = PARTS) -> dict[str, Any]:
@@ -55,6 +55,9 @@ async def run(sizes: list[int], *, parts: tuple[str, ...] = PARTS) -> dict[str, 
         if "poll" in parts:
             print("poll cycle over 1,000 operations …", flush=True)
             results["poll"] = await poll_cycle.measure(workdir)
+        if "artifact" in parts:
+            print("artifact inspection peak memory …", flush=True)
+            results["artifact_memory"] = await artifact_memory.measure(workdir)
     return results
 
 
@@ -122,6 +125,15 @@ def table(results: dict[str, Any]) -> str:
     elif ack:
         rss = ack["bot_peak_rss_mb"]
         lines.append(f"| bot peak resident memory (ack run) | {rss} MB | < 250 MB | {_verdict(rss < 250)} |")
+    inspection = results.get("artifact_memory")
+    if inspection:  # absent from results files written before it was measured
+        target = inspection["target_mb"]
+        for row in inspection["artifacts"]:
+            lines.append(
+                f"| artifact inspection peak memory: {row['artifact']} ({row['files']:,} files, "
+                f"{row['compressed_mb']} MB zipped, {row['uncompressed_mb']} MB unzipped) | {row['peak_mb']} MB "
+                f"(tracemalloc), {row['seconds']} s | < {target} MB | {_verdict(row['peak_mb'] < target)} |"
+            )
     return "\n".join(lines)
 
 

@@ -13,9 +13,12 @@ Each refusal is a ``UsageError`` naming the problem, so the user can fix it:
 Limits are checked while reading, never after: the declared sizes in the zip's central directory
 first (Python's ``zipfile`` never yields more bytes than an entry declares, and a lying entry
 fails its CRC check), then the bytes actually decompressed, chunk by chunk, against both the
-absolute limit and the per-entry expansion ratio. Folders are zipped in memory with fixed
-timestamps, so the same content always gives the same SHA-256; the poller re-reads the artifact
-when it deploys and refuses one whose checksum changed since it was requested (or approved).
+absolute limit and the per-entry expansion ratio. Decompressed bytes are counted and dropped:
+the manifests (``package.xml``, ``destructiveChanges*.xml``) are parsed as they stream by, so
+inspecting any artifact within the limits holds the zip plus a few MB, never its content.
+Folders are zipped in memory with fixed timestamps, so the same content always gives the same
+SHA-256; the poller re-reads the artifact when it deploys and refuses one whose checksum changed
+since it was requested (or approved).
 """
 
 from __future__ import annotations
@@ -31,18 +34,23 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import unquote, urlsplit
+from xml.parsers import expat
 
 import aiohttp
-from defusedxml import ElementTree as SafeElementTree
 from defusedxml.common import DefusedXmlException
 
 from bot.errors import NotFoundError, StateError, TransientError, UsageError
 from bot.settings import ArtifactsConfig, is_loopback_host
 
-MD_NS = "{http://soap.sforce.com/2006/04/metadata}"
+MD_URI = "http://soap.sforce.com/2006/04/metadata"
 _DESTRUCTIVE = re.compile(r"^destructiveChanges(?:Pre|Post)?\.xml$")
 _CHUNK = 64 * 1024
 _FIXED_TIME = (1980, 1, 1, 0, 0, 0)
+# Manifests are parsed while they stream, but expat buffers a token until it ends (a long comment,
+# attribute or name), so a manifest's size is capped: 5 MiB lists far more members than 10,000 files.
+MANIFEST_CAP = 5 * 1024 * 1024
+_MANIFEST_DEPTH = 64
+_MANIFEST_TEXT = 4096  # a <name> or <members> longer than this is not a metadata name
 ARTIFACT_RULES = (
     "An artifact is a `.zip` or a folder under the artifacts directory (with `package.xml` at its root), "
     "or an https URL under an allowed prefix; at most 10,000 files, ~39 MB zipped, 400 MB unzipped."
@@ -160,17 +168,19 @@ def inspect_zip(data: bytes, *, label: str, limits: Limits = DEFAULT_LIMITS) -> 
         raise _refuse(f"`{label}` has no `package.xml` (at its root or in one top-level folder).")
     wanted = {"package.xml"} if root_package else set(nested)
     prefix_of = {name: name[: -len("package.xml")] for name in wanted}
-    kept: dict[str, bytes] = {}
+    types: dict[str, int] = {}
+    destructive: list[str] = []
     total = 0
     try:
         for info in entries:
             allowed = max(info.compress_size * limits.ratio, limits.ratio_floor)
             read = 0
-            keep = info.filename in wanted or any(
+            manifest = info.filename in wanted or any(
                 info.filename.startswith(prefix) and _DESTRUCTIVE.match(info.filename[len(prefix) :])
                 for prefix in prefix_of.values()
             )
-            chunks: list[bytes] = []
+            # Content is only counted; a manifest is parsed chunk by chunk, never kept whole.
+            counter = _ManifestReader(label=label, name=info.filename) if manifest else None
             with archive.open(info) as handle:
                 while chunk := handle.read(_CHUNK):
                     read += len(chunk)
@@ -185,46 +195,142 @@ def inspect_zip(data: bytes, *, label: str, limits: Limits = DEFAULT_LIMITS) -> 
                             f"`{label}` looks like a zip bomb: `{info.filename[:80]}` expands more than "
                             f"{limits.ratio}× ({info.compress_size:,} bytes zipped). Refused."
                         )
-                    if keep and read <= 5 * 1024 * 1024:
-                        chunks.append(chunk)
-            if keep:
-                kept[info.filename] = b"".join(chunks)
+                    if counter is not None:
+                        counter.feed(chunk)
+            if counter is None:
+                continue
+            parsed = counter.close()
+            if info.filename in wanted:
+                for type_name, count in parsed.items():
+                    types[type_name] = types.get(type_name, 0) + count
+            else:
+                destructive.append(info.filename)
     except zipfile.BadZipFile as exc:
         raise _refuse(f"`{label}` is damaged ({str(exc)[:80]}).") from None
     except (zipfile.LargeZipFile, NotImplementedError, RuntimeError, EOFError, OSError) as exc:
         raise _refuse(f"`{label}` cannot be read ({type(exc).__name__}).") from None
-    types: dict[str, int] = {}
-    destructive: list[str] = []
-    for name, content in sorted(kept.items()):
-        parsed = _package_types(content, label=label, name=name)
-        if name in wanted:
-            for type_name, count in parsed.items():
-                types[type_name] = types.get(type_name, 0) + count
-        else:
-            destructive.append(name)
     return ZipFacts(
         files=len(entries),
         uncompressed=total,
         root_package=root_package,
         types=types,
-        destructive=tuple(destructive),
+        destructive=tuple(sorted(destructive)),
     )
 
 
-def _package_types(content: bytes, *, label: str, name: str) -> dict[str, int]:
-    try:
-        root = SafeElementTree.fromstring(content, forbid_dtd=True)
-    except (SafeElementTree.ParseError, DefusedXmlException, ValueError):
-        raise _refuse(f"`{label}`: `{name}` is not valid XML (DTDs and entities are refused).") from None
-    if root.tag not in {f"{MD_NS}Package", "Package"}:
-        raise _refuse(f"`{label}`: `{name}` is not a `<Package>` manifest.")
-    types: dict[str, int] = {}
-    for block in list(root.iter(f"{MD_NS}types")) + list(root.iter("types")):
-        type_name = (block.findtext(f"{MD_NS}name") or block.findtext("name") or "").strip()
-        members = [(m.text or "").strip() for m in [*block.iter(f"{MD_NS}members"), *block.iter("members")]]
-        if type_name:
-            types[type_name] = 0 if "*" in members else types.get(type_name, 0) + len(members)
-    return types
+class _Block:
+    """A ``<types>`` block being read."""
+
+    __slots__ = ("members", "name", "wildcard")
+
+    def __init__(self) -> None:
+        self.name = ""
+        self.members = 0
+        self.wildcard = False
+
+
+# Element names as expat reports them with namespace_separator=" ": the metadata namespace or none.
+_KINDS = {f"{uri}{local}": local for uri in ("", MD_URI + " ") for local in ("types", "members", "name")}
+_PACKAGE = {"Package", f"{MD_URI} Package"}
+
+
+class _ManifestReader:
+    """Counts the members of each ``<types>`` block of one manifest as its bytes are fed.
+
+    Holds only the stack of open elements (at most ``_MANIFEST_DEPTH``) and the text of the
+    current ``<name>`` or ``<members>``. pyexpat directly, with defusedxml's refusals (any DTD,
+    entity declaration or external reference), because a Python call per element is all a
+    manifest of a hundred thousand members can afford."""
+
+    def __init__(self, *, label: str, name: str) -> None:
+        self._label = label
+        self._name = name
+        self._size = 0
+        # One entry per open element: None, or (kind, its text before its first child).
+        self._stack: list[tuple[str, list[str]] | None] = []
+        self._blocks: list[_Block] = []
+        self._text: list[str] | None = None  # the text being gathered, if any
+        self._text_size = 0
+        self.types: dict[str, int] = {}
+        parser = expat.ParserCreate(namespace_separator=" ")
+        parser.buffer_text = True
+        parser.StartDoctypeDeclHandler = self._forbidden
+        parser.EntityDeclHandler = self._forbidden
+        parser.UnparsedEntityDeclHandler = self._forbidden
+        parser.ExternalEntityRefHandler = self._forbidden
+        parser.StartElementHandler = self._start
+        parser.EndElementHandler = self._end
+        parser.CharacterDataHandler = self._characters
+        self._parser = parser
+
+    def feed(self, chunk: bytes) -> None:
+        self._size += len(chunk)
+        if self._size > MANIFEST_CAP:
+            raise _refuse(
+                f"`{self._label}`: `{self._name[:80]}` is over {_mb(MANIFEST_CAP)}; a manifest that large is refused."
+            )
+        self._parse(chunk, final=False)
+
+    def close(self) -> dict[str, int]:
+        """The types of a complete, well-formed manifest: type name → members (0 = wildcard)."""
+        self._parse(b"", final=True)
+        return self.types
+
+    def _parse(self, data: bytes, *, final: bool) -> None:
+        try:
+            self._parser.Parse(data, final)
+        except (expat.ExpatError, DefusedXmlException, ValueError):
+            raise _refuse(
+                f"`{self._label}`: `{self._name}` is not valid XML (DTDs and entities are refused)."
+            ) from None
+
+    def _forbidden(self, *_: object) -> None:
+        raise DefusedXmlException("DTDs, entities and external references are refused")
+
+    def _start(self, name: str, _attrs: object) -> None:
+        stack = self._stack
+        if not stack and name not in _PACKAGE:
+            raise _refuse(f"`{self._label}`: `{self._name}` is not a `<Package>` manifest.")
+        if len(stack) >= _MANIFEST_DEPTH:
+            raise _refuse(f"`{self._label}`: `{self._name}` nests elements more than {_MANIFEST_DEPTH} deep.")
+        self._text = None  # what follows a child is that child's tail, not its parent's text
+        kind = _KINDS.get(name)
+        if kind == "types":
+            self._blocks.append(_Block())
+        elif (kind == "members" and self._blocks) or (kind == "name" and stack and (stack[-1] or ("",))[0] == "types"):
+            self._text = []
+            self._text_size = 0
+        else:
+            stack.append(None)
+            return
+        stack.append((kind, self._text if self._text is not None else []))
+
+    def _characters(self, content: str) -> None:
+        if self._text is None:
+            return
+        self._text_size += len(content)
+        if self._text_size > _MANIFEST_TEXT:
+            raise _refuse(f"`{self._label}`: `{self._name}` has a name or member over {_MANIFEST_TEXT:,} characters.")
+        self._text.append(content)
+
+    def _end(self, _name: str) -> None:
+        self._text = None
+        entry = self._stack.pop()
+        if entry is None:
+            return
+        kind, parts = entry
+        if kind == "members":
+            wildcard = "".join(parts).strip() == "*"
+            for block in self._blocks:  # a block counts the members of blocks nested in it, as before
+                block.members += 1
+                block.wildcard = block.wildcard or wildcard
+        elif kind == "name":
+            block = self._blocks[-1]
+            block.name = block.name or "".join(parts).strip()
+        else:
+            block = self._blocks.pop()
+            if block.name:
+                self.types[block.name] = 0 if block.wildcard else self.types.get(block.name, 0) + block.members
 
 
 def zip_folder(root: Path, *, label: str, limits: Limits = DEFAULT_LIMITS) -> bytes:
@@ -415,17 +521,17 @@ class ArtifactStore:
                         f"`{_url_name(url)}` is {_mb(declared)}; Salesforce accepts at most "
                         f"{_mb(self._limits.compressed)} zipped."
                     )
-                chunks: list[bytes] = []
-                size = 0
+                # BytesIO hands its buffer over in getvalue(); a list of chunks joined would need the
+                # artifact twice over at the end.
+                buffer = io.BytesIO()
                 async for chunk in response.content.iter_chunked(_CHUNK):
-                    size += len(chunk)
-                    if size > self._limits.compressed:
+                    if buffer.tell() + len(chunk) > self._limits.compressed:
                         raise _refuse(
                             f"`{_url_name(url)}` is over {_mb(self._limits.compressed)}; "
                             "Salesforce accepts at most that."
                         )
-                    chunks.append(chunk)
-                return b"".join(chunks)
+                    buffer.write(chunk)
+                return buffer.getvalue()
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise TransientError(
                 f"could not download the artifact ({type(exc).__name__})", system="artifact store"
