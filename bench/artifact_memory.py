@@ -18,7 +18,7 @@ from typing import Any
 
 import aiohttp
 
-from bot.services.artifacts import ArtifactStore
+from bot.deploy.artifacts import ArtifactStore
 from bot.settings import ArtifactsConfig
 
 TARGET_MB = 100

@@ -16,8 +16,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from bot.deploy.artifacts import Artifact, ArtifactStore, inspect_zip
 from bot.errors import UsageError
-from bot.services.artifacts import Artifact, ArtifactStore, inspect_zip
 from bot.settings import ArtifactsConfig
 
 MB = 1_000_000
