@@ -9,6 +9,7 @@ from typing import Any
 from slack_bolt.async_app import AsyncAck, AsyncApp, AsyncRespond
 
 from bot.core.approvals import audit_waiver
+from bot.core.payloads import common
 from bot.core.when import parse_when
 from bot.deploy import messages as deploy_messages
 from bot.deploy.commands import (
@@ -110,7 +111,7 @@ def register(app: AsyncApp, deps: HandlerDeps) -> None:
             outcome=operation.state,
         )
         await audit_waiver(
-            deps.db, actor=user, channel=channel, operation_ref=operation.ref, approval=operation.data.get("approval")
+            deps.db, actor=user, channel=channel, operation_ref=operation.ref, approval=common(operation).approval
         )
         notes = plan.notes if created else []
         await reply_ephemeral(respond, deploy_messages.created_message(operation, created=created, notes=notes))

@@ -13,6 +13,7 @@ from typing import Any
 from slack_bolt.async_app import AsyncAck, AsyncApp, AsyncRespond
 
 from bot.core.approvals import audit_waiver
+from bot.core.payloads import ApprovalState, common
 from bot.errors import UsageError
 from bot.flexdeploy import messages as fd_messages
 from bot.flexdeploy.commands import FdCancel, FdDelete, FdHelp, FdShow, FdStatus, FdWrite, parse_fd
@@ -93,7 +94,7 @@ def register(app: AsyncApp, deps: HandlerDeps) -> None:
                 actor=user,
                 channel=channel,
                 operation_ref=operation.ref,
-                approval=operation.data.get("approval"),
+                approval=common(operation).approval,
             )
             await reply_ephemeral(respond, fd_messages.pending_ack(outcome.pending, notes=outcome.notes))
             return
@@ -107,7 +108,13 @@ def register(app: AsyncApp, deps: HandlerDeps) -> None:
             detail=call,
             outcome="absent" if applied.absent else "ok",
         )
-        await audit_waiver(deps.db, actor=user, channel=channel, operation_ref="", approval=applied.waiver)
+        await audit_waiver(
+            deps.db,
+            actor=user,
+            channel=channel,
+            operation_ref="",
+            approval=ApprovalState.read(applied.waiver) if applied.waiver else None,
+        )
         if not applied.absent:
             text, blocks = fd_messages.applied_message(applied, user=user)
             ts = await deps.poster.post(channel=channel, text=text, blocks=blocks)

@@ -8,6 +8,7 @@ from slack_bolt.async_app import AsyncAck, AsyncApp, AsyncRespond
 
 from bot.core.approvals import audit_waiver
 from bot.core.grammar import Help
+from bot.core.payloads import common
 from bot.core.when import parse_when
 from bot.push import messages as push_messages
 from bot.push.commands import PUSH_USAGE, PushCreate, PushList, PushRef, PushRetry, parse_push
@@ -79,7 +80,7 @@ def register(app: AsyncApp, deps: HandlerDeps) -> None:
             outcome=operation.state,
         )
         await audit_waiver(
-            deps.db, actor=user, channel=channel, operation_ref=operation.ref, approval=operation.data.get("approval")
+            deps.db, actor=user, channel=channel, operation_ref=operation.ref, approval=common(operation).approval
         )
         text = push_messages.created_message(operation, created=created)
         if plan.not_eligible:
@@ -114,7 +115,7 @@ def register(app: AsyncApp, deps: HandlerDeps) -> None:
             outcome=operation.state,
         )
         await audit_waiver(
-            deps.db, actor=user, channel=channel, operation_ref=operation.ref, approval=operation.data.get("approval")
+            deps.db, actor=user, channel=channel, operation_ref=operation.ref, approval=common(operation).approval
         )
         text = push_messages.created_message(operation, created=created)
         text += "\n" + push_messages.retry_message(retry_plan, dry_run=False).split("\n", 1)[-1]

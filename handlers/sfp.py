@@ -8,6 +8,7 @@ from typing import Any
 from slack_bolt.async_app import AsyncAck, AsyncApp, AsyncRespond
 
 from bot.core.approvals import audit_waiver
+from bot.core.payloads import common
 from bot.core.when import parse_when
 from bot.errors import StateError, UsageError
 from bot.sfp import messages as sfp_messages
@@ -91,7 +92,7 @@ def register(app: AsyncApp, deps: HandlerDeps) -> None:
             outcome=operation.state,
         )
         await audit_waiver(
-            deps.db, actor=user, channel=channel, operation_ref=operation.ref, approval=operation.data.get("approval")
+            deps.db, actor=user, channel=channel, operation_ref=operation.ref, approval=common(operation).approval
         )
         await reply_ephemeral(respond, sfp_messages.created_message(operation, created=created))
 

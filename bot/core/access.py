@@ -14,6 +14,7 @@ import re
 from collections.abc import Iterable
 
 from bot.core.approvals import Directory
+from bot.core.payloads import common
 from bot.errors import NotAllowedError
 from bot.settings import AccessConfig
 from bot.store.models import Operation
@@ -108,9 +109,9 @@ class AccessPolicy:
         approved it under an "anyone but the requester" rule), and admins."""
         if user == operation.requester or await self.is_admin(user):
             return True
-        approval = operation.data.get("approval") or {}
-        approvers = [str(entry) for entry in approval.get("approvers") or []]
-        approved_by = [str(entry) for entry in operation.data.get("approved_by") or []]
+        state = common(operation)
+        approvers = state.approval.approvers if state.approval else []
+        approved_by = state.approved_by
         return user in approvers or user in approved_by or await self._in_groups(user, _groups(approvers))
 
     async def _in_groups(self, user: str, groups: Iterable[str]) -> bool:

@@ -7,11 +7,11 @@ once or two replicas handling the same click start the operation exactly once.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Protocol
 
+from bot.core.payloads import ApprovalState, common, with_common
 from bot.errors import NotAllowedError, NotFoundError, StateError
 from bot.settings import ApprovalRule
 from bot.store import repo
@@ -46,19 +46,20 @@ class ApprovalRequirement:
     def needed(self) -> bool:
         return self.count > 0
 
+    def to_state(self, *, now: datetime) -> ApprovalState:
+        return ApprovalState(
+            approvers=list(self.approvers),
+            count=self.count,
+            self_approval=self.self_approval,
+            rule=self.rule,
+            expires_at=(now + self.expires_after).isoformat(),
+            waiver=self.waiver or None,
+            excluded=dict(self.excluded),
+        )
+
     def to_data(self, *, now: datetime) -> dict[str, Any]:
-        data: dict[str, Any] = {
-            "approvers": list(self.approvers),
-            "count": self.count,
-            "self_approval": self.self_approval,
-            "rule": self.rule,
-            "expires_at": (now + self.expires_after).isoformat(),
-        }
-        if self.waiver:
-            data["waiver"] = self.waiver
-        if self.excluded:
-            data["excluded"] = dict(self.excluded)
-        return data
+        """The stored form (``data.approval``) of ``to_state``."""
+        return self.to_state(now=now).dump()
 
 
 @dataclass(frozen=True)
@@ -160,20 +161,20 @@ def production_approvers_missing(facts: ApprovalFacts, requirement: ApprovalRequ
 
 
 async def audit_waiver(
-    db: Database, *, actor: str, channel: str, operation_ref: str, approval: Mapping[str, Any] | None
+    db: Database, *, actor: str, channel: str, operation_ref: str, approval: ApprovalState | None
 ) -> None:
     """A rule that lowered the built-in minimum leaves its own audit row when the operation is
     requested, so that an export shows every operation that ran under a waiver, and why."""
-    if not approval or not approval.get("waiver"):
+    if approval is None or not approval.waiver:
         return
-    lowered = "no approval" if int(approval.get("count", 1)) == 0 else "self-approval allowed"
+    lowered = "no approval" if approval.count == 0 else "self-approval allowed"
     await repo.audit(
         db,
         actor=actor,
         channel=channel,
         operation_ref=operation_ref,
         action="approval.waived",
-        detail=f"{approval.get('rule', 'rule')}: {approval['waiver']}"[:500],
+        detail=f"{approval.rule}: {approval.waiver}"[:500],
         outcome=lowered,
     )
 
@@ -192,8 +193,8 @@ class ApprovalService:
         self._directory = directory
         self._access = access
 
-    async def _may_approve(self, operation: Operation, requirement: dict[str, Any], user: str) -> bool:
-        approvers: list[str] = requirement.get("approvers") or []
+    async def _may_approve(self, operation: Operation, requirement: ApprovalState, user: str) -> bool:
+        approvers = requirement.approvers
         if not approvers:
             # "Anyone but the requester" still means anyone allowed to run the command: someone
             # barred from /push by [access] must not be able to start a push by approving it.
@@ -213,22 +214,21 @@ class ApprovalService:
         operation = await repo.get_operation(self._db, operation_id=operation_id)
         if operation is None:
             raise NotFoundError("That operation no longer exists.")
-        requirement = operation.data.get("approval") or {}
+        requirement = common(operation).approval or ApprovalState()
         if operation.state != OpState.AWAITING_APPROVAL:
             raise StateError(
                 f"{operation.ref} is not waiting for approval any more (it is {operation.state.replace('_', ' ')})."
             )
         if operation.approval_expires_at and _aware(operation.approval_expires_at) <= now:
             raise StateError(f"The approval request for {operation.ref} has expired; request it again.")
-        if user == operation.requester and not requirement.get("self_approval", False):
+        if user == operation.requester and not requirement.self_approval:
             if approve:
                 raise NotAllowedError(f"You requested {operation.ref}, so someone else has to approve it.")
             raise NotAllowedError(f"You requested {operation.ref}; to withdraw it use `cancel {operation.ref}`.")
-        excluded: dict[str, str] = requirement.get("excluded") or {}
-        if user in excluded and not requirement.get("self_approval", False):
-            raise NotAllowedError(f"You {excluded[user]}, so someone else has to approve {operation.ref}.")
+        if user in requirement.excluded and not requirement.self_approval:
+            raise NotAllowedError(f"You {requirement.excluded[user]}, so someone else has to approve {operation.ref}.")
         if not await self._may_approve(operation, requirement, user):
-            raise NotAllowedError(f"You are not an approver for {operation.ref} ({requirement.get('rule', 'policy')}).")
+            raise NotAllowedError(f"You are not an approver for {operation.ref} ({requirement.rule}).")
         # Wake the poller first: if this process dies between recording the decision and applying
         # it, the poller applies it (``settle``) on its next cycle instead of leaving it waiting.
         await repo.update_operation(
@@ -266,13 +266,13 @@ async def settle(db: Database, operation: Operation, *, now: datetime | None = N
     now = now or datetime.now(UTC)
     decisions = await repo.approvals_for(db, operation_id=operation.id)
     approvers = [d.approver for d in decisions if d.decision == "approve"]
-    needed = int((operation.data.get("approval") or {}).get("count", 1))
+    needed = (common(operation).approval or ApprovalState()).count
     rejection = next((d for d in decisions if d.decision == "reject"), None)
     if rejection is not None:
         state: str = OpState.REJECTED
-        data = {**operation.data, "rejected_by": rejection.approver, "reject_reason": rejection.reason}
+        data = with_common(operation, rejected_by=rejection.approver, reject_reason=rejection.reason)
     elif len(approvers) >= needed:
-        state, data = OpState.STARTING, {**operation.data, "approved_by": approvers}
+        state, data = OpState.STARTING, with_common(operation, approved_by=approvers)
     else:
         return "recorded", len(approvers), needed
     changed = await repo.update_operation(

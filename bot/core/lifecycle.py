@@ -13,6 +13,7 @@ from typing import Any
 
 from bot.core.approvals import settle
 from bot.core.operations import Advance, OpEvent
+from bot.core.payloads import common, with_common
 from bot.errors import UpstreamError
 from bot.redaction import redact_text
 from bot.store import repo
@@ -83,9 +84,9 @@ class LeasedWrites:
     ) -> Advance:
         """Keep the operation as it is, note the problem for the card, and try again later."""
         assert operation.id is not None
-        failures = int(operation.data.get("transient_failures", 0)) + 1
+        failures = common(operation).transient_failures + 1
         log.warning("%s: transient failure %s: %s", operation.ref, failures, exc.message)
-        data = {**operation.data, "transient_failures": failures, "last_problem": redact_text(exc.message)[:200]}
+        data = with_common(operation, transient_failures=failures, last_problem=redact_text(exc.message)[:200])
         await repo.update_operation(self._db, operation_id=operation.id, lease_token=lease_token, values={"data": data})
         operation.data = data
         return Advance(next_poll_in=delay or min(5.0 * failures, 120.0))

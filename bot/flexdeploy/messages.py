@@ -11,6 +11,7 @@ from typing import Any
 
 from bot.clients.flexdeploy import Package
 from bot.core.operations import OpEvent
+from bot.core.payloads import ApprovalState
 from bot.core.when import slack_date
 from bot.flexdeploy.commands import FD_USAGE
 from bot.flexdeploy.service import LONG_LIST, Applied, Pending
@@ -185,7 +186,7 @@ def applied_message(applied: Applied, *, user: str) -> tuple[str, list[Block]]:
     """Posted in the channel: a change to a shared release artefact is news for the whole team."""
     headline = applied_headline(applied, user=user)
     blocks: list[Block] = [bk.section(headline)]
-    waiver = waiver_text(applied.waiver or {})
+    waiver = waiver_text(ApprovalState.read(applied.waiver) if applied.waiver else None)
     if waiver:
         blocks.append(bk.context(waiver))
     if applied.after is not None:

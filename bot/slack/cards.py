@@ -6,9 +6,9 @@ for every kind of operation; handlers/approvals.py answers them.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
+from bot.core.payloads import ApprovalState, common
 from bot.core.when import slack_date
 from bot.slack import blocks as bk
 from bot.slack.blocks import Block
@@ -29,30 +29,28 @@ STATE_LABEL = {
 }
 
 
-def waiver_text(requirement: Mapping[str, Any]) -> str | None:
+def waiver_text(requirement: ApprovalState | None) -> str | None:
     """The line that says an approval rule lowered the built-in minimum, and why (SPEC §13)."""
-    waiver = requirement.get("waiver")
-    if not waiver:
+    if requirement is None or not requirement.waiver:
         return None
-    lowered = "no approval needed" if int(requirement.get("count", 1)) == 0 else "the requester may approve"
-    return f"⚠️ Waiver ({requirement.get('rule', 'a rule')}): {lowered}, because {bk.escape(str(waiver))}"
+    lowered = "no approval needed" if requirement.count == 0 else "the requester may approve"
+    return f"⚠️ Waiver ({requirement.rule}): {lowered}, because {bk.escape(requirement.waiver)}"
 
 
 def waiver_blocks(op: Operation) -> list[Block]:
-    text = waiver_text(op.data.get("approval") or {})
+    text = waiver_text(common(op).approval)
     return [bk.context(text)] if text else []
 
 
 def approval_blocks(op: Operation, approvals: Sequence[str], *, extra: Sequence[Block] = ()) -> list[Block]:
     """What the card shows while waiting: who may approve, who did, until when; Approve/Reject."""
-    requirement = op.data.get("approval") or {}
-    approvers = requirement.get("approvers") or []
-    who = ", ".join(f"<!subteam^{a}>" if a.startswith("S") else f"<@{a}>" for a in approvers) or "anyone"
-    count = int(requirement.get("count", 1))
+    requirement = common(op).approval or ApprovalState()
+    who = ", ".join(f"<!subteam^{a}>" if a.startswith("S") else f"<@{a}>" for a in requirement.approvers) or "anyone"
+    count = requirement.count
     text = (
         f"Needs {count} approval{'s' if count > 1 else ''} from {who}"
-        + ("" if requirement.get("self_approval") else f" other than <@{op.requester}>")
-        + f" ({requirement.get('rule', 'policy')})."
+        + ("" if requirement.self_approval else f" other than <@{op.requester}>")
+        + f" ({requirement.rule})."
     )
     if approvals:
         text += "\nApproved so far: " + ", ".join(f"<@{user}>" for user in approvals)
