@@ -36,14 +36,21 @@ async def guarded(
     action: str,
     detail: str,
     promptly: bool = False,
+    usage: str | None = None,
 ) -> None:
     """Start a listener's work after ack(), behind the acks in flight (``AckFirst``; ``promptly``:
-    at once), and return; errors become an ephemeral reply and an audit row."""
+    at once), and return; errors become an ephemeral reply and an audit row.
+
+    ``usage`` is the command's help, added to a ``UsageError`` raised without one: services
+    check input too (production rules, schedules) but know nothing of how commands are written.
+    """
 
     async def run() -> None:
         try:
             await work()
         except ChatOpsError as error:
+            if isinstance(error, UsageError) and error.usage is None and usage is not None:
+                error.usage = usage
             outcome = "refused" if isinstance(error, UserError) else "upstream-error"
             if not isinstance(error, UserError):
                 log.warning("%s failed upstream: %s", action, error.message)
