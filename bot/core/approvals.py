@@ -12,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Protocol
 
 from bot.core.payloads import ApprovalState, common, with_common
+from bot.core.when import aware
 from bot.errors import NotAllowedError, NotFoundError, StateError
 from bot.settings import ApprovalRule
 from bot.store import repo
@@ -219,7 +220,7 @@ class ApprovalService:
             raise StateError(
                 f"{operation.ref} is not waiting for approval any more (it is {operation.state.replace('_', ' ')})."
             )
-        if operation.approval_expires_at and _aware(operation.approval_expires_at) <= now:
+        if operation.approval_expires_at and aware(operation.approval_expires_at) <= now:
             raise StateError(f"The approval request for {operation.ref} has expired; request it again.")
         if user == operation.requester and not requirement.self_approval:
             if approve:
@@ -284,7 +285,3 @@ async def settle(db: Database, operation: Operation, *, now: datetime | None = N
     if not changed:
         return "late", len(approvers), needed
     return ("rejected" if state == OpState.REJECTED else "approved"), len(approvers), needed
-
-
-def _aware(moment: datetime) -> datetime:
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)

@@ -14,6 +14,7 @@ from typing import Any
 from bot.core.approvals import settle
 from bot.core.operations import Advance, OpEvent
 from bot.core.payloads import common, with_common
+from bot.core.when import aware
 from bot.errors import UpstreamError
 from bot.redaction import redact_text
 from bot.store import repo
@@ -103,12 +104,8 @@ class LeasedWrites:
             log.info("%s: applied a recorded decision (%s)", operation.ref, outcome)
             return Advance(next_poll_in=0.0)
         expires = operation.approval_expires_at
-        if expires is not None and _aware(expires) <= now:
+        if expires is not None and aware(expires) <= now:
             await self.save(operation, lease_token, state=OpState.EXPIRED)
             return Advance(events=[OpEvent("expired")])
-        remaining = (_aware(expires) - now).total_seconds() if expires else 3600.0
+        remaining = (aware(expires) - now).total_seconds() if expires else 3600.0
         return Advance(next_poll_in=max(1.0, min(remaining, 300.0)))
-
-
-def _aware(moment: datetime) -> datetime:
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)

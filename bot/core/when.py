@@ -17,6 +17,11 @@ _CLOCK = re.compile(r"^(\d{1,2}):(\d{2})$")
 _MAX_AHEAD = timedelta(days=90)
 
 
+def aware(moment: datetime) -> datetime:
+    """A time read back from the database as UTC: SQLite returns naive datetimes, PostgreSQL aware ones."""
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
 def zone(name: str | None) -> ZoneInfo:
     try:
         return ZoneInfo(name or "UTC")
