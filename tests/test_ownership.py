@@ -47,6 +47,7 @@ NOT_OURS = "was not submitted by this bot; only a bot admin"
 def approval_rules() -> list[ApprovalRule]:
     return [
         ApprovalRule(action="push", org_kind="production", approvers=[BOB], count=1),
+        ApprovalRule(action="deploy", org_kind="production", approvers=[BOB], count=1),
         ApprovalRule(action="sfp", task_type="unassignReviewEnvironment", approvers=[GROUP], count=1),
     ]
 
