@@ -114,7 +114,9 @@ async def test_sigkill_mid_push_then_restart_completes_once(harness: Harness, ki
 
     second = await harness.start_bot("second")
     try:
-        done = await harness.slack.wait_for(lambda: completions(harness.slack)[1] or None, 90)
+        # Both the thread reply and the channel notice: under load the thread reply, which shares
+        # its channel's posting rate with the card's edits, can come a few seconds after the notice.
+        done = await harness.slack.wait_for(lambda: all(completions(harness.slack)) or None, 90)
         assert done, (harness.workdir / "second.log").read_text()[-3000:]
         await asyncio.sleep(3)  # time for a duplicate to show up, if there were going to be one
     finally:

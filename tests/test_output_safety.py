@@ -10,6 +10,7 @@ the logs as the bot writes them.
 from __future__ import annotations
 
 import asyncio
+import csv
 import io
 import json
 import logging
@@ -153,9 +154,11 @@ async def test_finding_5_csv_formula_injection_in_the_push_failures_csv(sandbox:
     op = await settled(sandbox, int(ref.lstrip("P")), OpState.FAILED, OpState.SUCCEEDED)
     files = [f for f in sandbox.slack.files.values() if f.name == f"push-{op.ref}-failures.csv"]
     assert len(files) == 1
-    rows = (files[0].text() or "").strip().splitlines()[1:]
-    assert rows and all(f'"\'{FORMULA.replace(chr(34), chr(34) * 2)}"' in row for row in rows), rows[:2]
-    assert not any(cell.startswith("=") for row in rows for cell in row.split(","))
+    # Read as a spreadsheet would: error messages may span lines inside a quoted cell.
+    header, *rows = list(csv.reader(io.StringIO(files[0].text() or "")))
+    names = [row[header.index("org_name")] for row in rows]
+    assert names and all(name == "'" + FORMULA for name in names), names[:2]
+    assert not any(cell.startswith(("=", "+", "@")) for row in rows for cell in row)
 
 
 async def test_finding_5_csv_formula_injection_in_the_flexdeploy_files_csv(sandbox: Sandbox) -> None:

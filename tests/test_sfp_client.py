@@ -160,7 +160,8 @@ def test_key_value_pairs_become_typed_task_data() -> None:
     assert isinstance(parsed, SfpSubmit)
     assert parsed.data == {"env": "rev1", "note": "two words", "wait": 300, "flags": [1, 2], "on": True}
     assert parse_sfp("status s12") == SfpRef(action="status", ref="S12")
-    assert parse_sfp("runs 7") == SfpRef(action="runs", ref="S7")
+    # Bare digits stay as typed: the service tries the task S7 first, then an operationId "7".
+    assert parse_sfp("runs 7") == SfpRef(action="runs", ref="7")
     assert parse_sfp("stop op:abc-1:2") == SfpRef(action="stop", operation_id="abc-1:2")
 
 
