@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, func, not_, or_, update
+from sqlalchemy import and_, func, not_, or_, true, update
 from sqlmodel import col, select
 
 from bot.store.db import Store, insert_ignoring_duplicates, unit_of_work
@@ -41,10 +41,11 @@ async def queued_keys(db: Store, *, keys: Sequence[str]) -> set[str]:
     return queued
 
 
-def deliverable(now: datetime) -> Any:
-    """Rows that may be claimed now. A reply waits until its operation's card is in Slack, and
-    while it waits it is not claimable at all: claiming it only to put it back would spend the
-    channel's posting slot on it every second, holding up everything behind it."""
+def deliverable(now: datetime, *, or_later: bool = False) -> Any:
+    """Rows that may be claimed now (``or_later``: or once their back-off is over). A reply waits
+    until its operation's card is in Slack, and while it waits it is not claimable at all:
+    claiming it only to put it back would spend the channel's posting slot on it every second,
+    holding up everything behind it."""
     card_posted = (
         select(Operation.id)
         .where(col(Operation.id) == col(OutboxMessage.operation_id), col(Operation.card_ts).is_not(None))
@@ -54,7 +55,7 @@ def deliverable(now: datetime) -> Any:
     due = or_(col(OutboxMessage.next_attempt_at).is_(None), col(OutboxMessage.next_attempt_at) <= now)
     return and_(
         or_(
-            and_(col(OutboxMessage.state) == "pending", due),
+            and_(col(OutboxMessage.state) == "pending", true() if or_later else due),
             and_(col(OutboxMessage.state) == "sending", col(OutboxMessage.lease_expires_at) < now),
         ),
         or_(not_(col(OutboxMessage.in_card_thread)), card_posted),
@@ -76,8 +77,10 @@ async def ready_channels(db: Store, *, now: datetime, limit: int = 200) -> Seque
 
 
 async def anything_deliverable(db: Store, *, now: datetime) -> bool:
+    """Whether a row may be sent now or once Slack's back-off is over (a drain waits for it)."""
+    query = select(OutboxMessage.id).where(deliverable(now, or_later=True)).limit(1)
     async with unit_of_work(db) as session:
-        return (await session.exec(select(OutboxMessage.id).where(deliverable(now)).limit(1))).first() is not None
+        return (await session.exec(query)).first() is not None
 
 
 async def claim_next(
