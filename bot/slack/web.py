@@ -159,11 +159,6 @@ class SlackPoster:
         response = await self.client.chat_postMessage(**kwargs)
         return str(response["ts"])
 
-    async def update(self, *, channel: str, ts: str, text: str, blocks: list[dict[str, Any]]) -> None:
-        """Edit a message now (a one-off edit answering a person); the poller uses ``try_update``."""
-        self._updates.take()
-        await self.client.chat_update(channel=channel, ts=ts, text=redact_text(text), blocks=redacted_blocks(blocks))
-
     async def try_update(self, *, channel: str, ts: str, text: str, blocks: list[dict[str, Any]]) -> bool:
         """Edit a message unless this minute's chat.update budget is spent (then the caller retries later).
 
