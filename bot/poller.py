@@ -5,8 +5,8 @@ claimed it, and every write the advance makes is conditioned on that lease. A re
 holding leases simply lets them expire; another picks the operations up.
 
 Messages go through the Slack outbox (bot/slack/outbox.py): a cycle only records what is owed, so it
-never waits for Slack's one-message-per-second-per-channel rate. Completion is enqueued once
-(unique keys per operation and final state) and ``announced_state`` then records it.
+never waits for Slack's one-message-per-second-per-channel rate. The completion notice is queued
+and ``announced_state`` recorded in one transaction, so it is owed exactly once.
 """
 
 from __future__ import annotations
@@ -18,22 +18,22 @@ import socket
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from slack_sdk.errors import SlackApiError
-from sqlmodel import col, select
 
 from bot.core.operations import Advance, Advancer, OpEvent
 from bot.settings import PollerConfig
-from bot.slack.outbox import SlackOutbox, card_digest, file_row, message_row, reply_row
+from bot.slack.outbox import CardRenderer, SlackOutbox, card_digest, file_row, message_row, reply_row
 from bot.slack.web import COMPLETION_EVENT, SlackPoster
+from bot.store import outbox as outbox_store
 from bot.store import repo
 from bot.store.db import Database
-from bot.store.models import Approval, Operation, OpState, OutboxMessage
+from bot.store.models import Operation, OpState, OutboxMessage
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,23 @@ class KindView:
     completion_text: Callable[[Operation], str]
 
 
+def replica_name() -> str:
+    """Names this process in leases (the poller's and the outbox's), unique among replicas."""
+    return f"{socket.gethostname()}:{uuid.uuid4().hex[:6]}"
+
+
+def card_renderer(*, db: Database, views: dict[str, KindView]) -> CardRenderer:
+    """The card of an operation as it should look now: the outbox renders a card when it finally
+    sends it, so a card that waited in the queue goes out with the newest content."""
+
+    async def render(op: Operation) -> tuple[str, Blocks]:
+        waiting = op.state == OpState.AWAITING_APPROVAL and op.id is not None
+        approvals = (await repo.approvers(db, operation_ids=[op.id or 0])).get(op.id or 0, []) if waiting else []
+        return views[op.kind].card(op, approvals=approvals)
+
+    return render
+
+
 class Poller:
     def __init__(
         self,
@@ -57,6 +74,7 @@ class Poller:
         db: Database,
         views: dict[str, KindView],
         poster: SlackPoster,
+        outbox: SlackOutbox,
         config: PollerConfig,
         notifications_channel: str | None = None,
         owner: str | None = None,
@@ -66,14 +84,14 @@ class Poller:
         self._poster = poster
         self._config = config
         self._notify_channel = notifications_channel
-        self.owner = owner or f"{socket.gethostname()}:{uuid.uuid4().hex[:6]}"
+        self.owner = owner or replica_name()
         self._scheduler: AsyncIOScheduler | None = None
         self._tick_lock = asyncio.Lock()
         self._jobs: set[asyncio.Task[Any]] = set()  # scheduler jobs running now
         self._stopping = False
         self._replies: list[OutboxMessage] = []
         self.last_cycle: dict[str, Any] = {}  # shown on /healthz: what the latest non-empty cycle did
-        self.outbox = SlackOutbox(db=db, poster=poster, render_card=self.render_card, owner=self.owner)
+        self.outbox = outbox  # built by the runtime; the poller schedules its deliveries
         self.outbox.wake = self._wake_outbox
 
     # -- scheduling -----------------------------------------------------------------------
@@ -144,12 +162,6 @@ class Poller:
         if self._scheduler is not None and self._scheduler.running and (job := self._scheduler.get_job("outbox")):
             job.modify(next_run_time=datetime.now(UTC))
 
-    async def render_card(self, op: Operation) -> tuple[str, Blocks]:
-        """The card as it should look now (the outbox renders cards when it finally sends them)."""
-        view = self._views[op.kind]
-        approvals = (await self._approvals([op])).get(op.id or 0, []) if op.state == OpState.AWAITING_APPROVAL else []
-        return view.card(op, approvals=approvals)
-
     def kick(self) -> None:
         """Run a tick now (a new operation, an approval): users should not wait a whole interval."""
         if self._scheduler is None or not self._scheduler.running:
@@ -183,14 +195,15 @@ class Poller:
                 advances: dict[int, Advance] = {}
                 for outcome in await asyncio.gather(*(self._advance(kind, ops) for kind, ops in by_kind.items())):
                     advances.update(outcome)
-                fresh = await self._reload([op.id for op in claimed if op.id is not None])
+                fresh = await repo.operations_by_ids(self._db, ids=[op.id for op in claimed if op.id is not None])
                 # An operation someone else moved meanwhile (an approval, a cancel) is looked at again
                 # at once rather than after the delay its advancer chose for the old state.
                 advanced = {op.id: op.state for op in claimed}
                 for op in fresh:
                     if op.id is not None and op.state != advanced.get(op.id):
                         advances[op.id] = replace(advances.get(op.id, Advance()), next_poll_in=0.0)
-                approvals = await self._approvals([op for op in fresh if op.state == OpState.AWAITING_APPROVAL])
+                waiting = [op.id for op in fresh if op.state == OpState.AWAITING_APPROVAL and op.id is not None]
+                approvals = await repo.approvers(self._db, operation_ids=waiting)
                 # Cards not in Slack yet, in one statement and ahead of any reply of this cycle; the
                 # outbox renders each when it sends it, so it goes out with the newest content.
                 await self.outbox.enqueue_cards([op for op in fresh if op.card_ts is None and op.kind in self._views])
@@ -245,26 +258,6 @@ class Poller:
             log.exception("advancing %d %s operation(s) failed", len(operations), kind)
             return {}
 
-    async def _reload(self, ids: Sequence[int]) -> list[Operation]:
-        async with self._db.session() as session:
-            return list((await session.exec(select(Operation).where(col(Operation.id).in_(ids)))).all())
-
-    async def _approvals(self, operations: Sequence[Operation]) -> dict[int, list[str]]:
-        if not operations:
-            return {}
-        async with self._db.session() as session:
-            rows = (
-                await session.exec(
-                    select(Approval).where(
-                        col(Approval.operation_id).in_([op.id for op in operations]), Approval.decision == "approve"
-                    )
-                )
-            ).all()
-        result: dict[int, list[str]] = defaultdict(list)
-        for row in rows:
-            result[row.operation_id].append(row.approver)
-        return result
-
     async def _publish(
         self, op: Operation, advance: Advance, approvals: list[str]
     ) -> tuple[int, str, datetime | None, str | None]:
@@ -317,7 +310,7 @@ class Poller:
         return op.card_digest, False
 
     async def _announce(self, op: Operation, view: KindView, token: str) -> None:
-        """Queue the completion notice (thread, files, notifications channel) once, then record it."""
+        """Queue the completion notice (thread, files, notifications channel) and record it, together."""
         assert op.id is not None
         key = f"{op.id}:{op.state}"
         text = view.completion_text(op)
@@ -334,10 +327,13 @@ class Poller:
                     event_type=COMPLETION_EVENT,
                 )
             )
-        await self.outbox.enqueue(*rows)
-        if await repo.update_operation(
-            self._db, operation_id=op.id, lease_token=token, values={"announced_state": op.state}
-        ):
+        # One transaction: the notice is owed exactly when ``announced_state`` says it was queued
+        # (a failure between the two would lose the notice, or send it twice).
+        async with self._db.transaction() as session:
+            if not await repo.record_announced(session, operation_id=op.id, lease_token=token, state=op.state):
+                return  # the lease was lost: its new holder announces
+            await outbox_store.enqueue(session, rows=rows)
             await repo.audit(
-                self._db, actor="bot", channel=op.channel, operation_ref=op.ref, action="completed", outcome=op.state
+                session, actor="bot", channel=op.channel, operation_ref=op.ref, action="completed", outcome=op.state
             )
+        self.outbox.wake()

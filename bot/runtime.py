@@ -17,13 +17,21 @@ from bot.deploy import messages as deploy_messages
 from bot.deploy.service import DeployService
 from bot.flexdeploy import messages as fd_messages
 from bot.flexdeploy.service import FlexDeployService
-from bot.poller import KindView, Poller
+from bot.poller import KindView, Poller, card_renderer, replica_name
 from bot.push import messages as push_messages
 from bot.push.service import PushService
 from bot.settings import Settings
 from bot.sfp import messages as sfp_messages
 from bot.sfp.service import SfpService
-from bot.slack.web import SLACK_TIMEOUT_SECONDS, SlackDirectory, SlackPoster, make_web_client, own_workspace
+from bot.slack.outbox import SlackOutbox
+from bot.slack.web import (
+    SLACK_TIMEOUT_SECONDS,
+    SlackDirectory,
+    SlackPoster,
+    make_outbox_client,
+    make_web_client,
+    own_workspace,
+)
 from bot.store.db import Database, migrate
 from bot.store.models import OpKind
 from handlers.ack_first import AckFirst, AckFirstApp
@@ -105,12 +113,22 @@ async def build_runtime(
             completion_text=deploy_messages.completion_text,
         ),
     }
+    # The outbox is the one retry owner of what it sends (and of the poller's card edits): its
+    # client leaves 429s and 5xx to it. Same connections as the listeners' client.
+    replica = owner or replica_name()
+    queue_poster = SlackPoster(
+        make_outbox_client(
+            token=settings.slack_bot_token.get_secret_value(), base_url=settings.slack_api_url, session=slack_http
+        )
+    )
+    outbox = SlackOutbox(db=db, poster=queue_poster, render_card=card_renderer(db=db, views=views), owner=replica)
     poller = Poller(
         db=db,
-        poster=poster,
+        poster=queue_poster,
+        outbox=outbox,
         config=settings.poller,
         notifications_channel=settings.notifications.channel,
-        owner=owner,
+        owner=replica,
         views=views,
     )
     socket_mode = settings.slack_signing_secret is None

@@ -4,6 +4,7 @@ interrupted by a crash, against the fake Slack Web API through the bot's real cl
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from sqlmodel import col, select
 
 from bot.sandbox.fake_slack import FakeSlack
 from bot.slack.outbox import SlackOutbox, card_row, message_row, reply_row
-from bot.slack.web import SlackPoster, make_web_client
+from bot.slack.web import SlackPoster, make_outbox_client
 from bot.store import repo
 from bot.store.db import Database, migrate
 from bot.store.models import Operation, OutboxMessage
@@ -68,7 +69,7 @@ async def setup(tmp_path: Path) -> AsyncIterator[Setup]:
     db = Database(url)
     slack = FakeSlack()
     await slack.start()
-    client = make_web_client(token=slack.bot_token, base_url=slack.api_url)
+    client = make_outbox_client(token=slack.bot_token, base_url=slack.api_url)  # as bot/runtime.py builds it
     poster = SlackPoster(client)
     try:
         yield Setup(db, slack, poster, SlackOutbox(db=db, poster=poster, render_card=render, owner="test"))
@@ -189,3 +190,50 @@ async def test_a_card_slack_refuses_for_good_takes_its_waiting_replies_with_it(s
     assert (card.state, card.last_error) == ("failed", "invalid_blocks")
     assert reply.state == "failed" and "card could not be posted" in (reply.last_error or "")
     assert setup.slack.channel_messages(CHANNEL) == []
+
+
+async def test_a_429_is_the_outboxs_to_answer_on_the_first_refusal(setup: Setup) -> None:
+    """One retry owner: Slack's first 429 comes back to the outbox (no retries inside the call),
+    which holds the row and its channel for Retry-After, then sends the message once."""
+    setup.slack.rate_limit_next("chat.postMessage", 1, retry_after=2)
+    await setup.outbox.enqueue(message_row(channel=CHANNEL, text="release notes", key="limited"))
+    refused_at = time.monotonic()
+
+    assert await setup.outbox.deliver() == 0
+    assert len(setup.slack.calls_to("chat.postMessage")) == 1  # refused once, not retried in the call
+    row = await setup.row("limited")
+    assert (row.state, row.attempts, row.lease_owner) == ("pending", 0, None)  # pacing: no attempt spent
+    assert row.next_attempt_at is not None
+    assert await setup.outbox.deliver() == 0  # held, not hammered
+    assert len(setup.slack.calls_to("chat.postMessage")) == 1
+
+    await drained(setup)
+    assert time.monotonic() - refused_at >= 1.5
+    assert [m.text for m in setup.posted("limited")] == ["release notes"]
+    assert len(setup.slack.calls_to("chat.postMessage")) == 2
+    assert (await setup.row("limited")).state == "sent"
+
+
+async def test_a_send_slack_fails_waits_longer_each_time_and_keeps_its_channels_order(setup: Setup) -> None:
+    first, second = (
+        message_row(channel=CHANNEL, text="one", key="one"),
+        message_row(channel=CHANNEL, text="two", key="two"),
+    )
+    await setup.outbox.enqueue(first, second)
+    real_post = setup.poster.post
+    failures = 2
+
+    async def flaky_post(**kwargs: Any) -> str:
+        nonlocal failures
+        if failures:
+            failures -= 1
+            raise TimeoutError  # Slack did not answer in time
+        return await real_post(**kwargs)
+
+    setup.poster.post = flaky_post  # type: ignore[method-assign]
+    await setup.outbox.deliver()
+    row = await setup.row("one")
+    assert (row.state, row.attempts, row.last_error) == ("pending", 1, "timed out")
+    assert row.next_attempt_at is not None
+    await drained(setup)
+    assert [m.text for m in setup.slack.channel_messages(CHANNEL)] == ["one", "two"]

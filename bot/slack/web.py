@@ -1,7 +1,10 @@
-"""The Slack Web API as the bot uses it: one AsyncWebClient with retry handlers, paced posting.
+"""The Slack Web API as the bot uses it: AsyncWebClients with their retry handlers, paced posting.
 
-slack_sdk retries only connection errors by default; the rate-limit handler (which honours
-``Retry-After``) and the server-error handler are installed here, in one place.
+Each send has one retry owner. The outbox's client (``make_outbox_client``) retries a dropped
+connection once and nothing else: the outbox itself answers a 429 (``Retry-After``) and a 5xx,
+with the row's next-attempt time, and keeps every send inside its lease. The client of the
+listeners and interactive replies (``make_web_client``), which have no queue to wait in, lets
+slack_sdk retry 429s (honouring ``Retry-After``) and 5xx inside the call.
 
 Everything the bot sends — text, blocks and files — passes the bot's one redaction routine on
 its way out, whichever path its content took (an upstream error, a result, something typed).
@@ -23,6 +26,7 @@ from slack_sdk.http_retry.builtin_async_handlers import (
     AsyncServerErrorRetryHandler,
 )
 from slack_sdk.web.async_client import AsyncWebClient
+from slack_sdk.web.async_slack_response import AsyncSlackResponse
 
 from bot.core.operations import OpFile
 from bot.redaction import redact, redact_text
@@ -71,8 +75,8 @@ class TokenBucket:
 
 
 def make_web_client(*, token: str, base_url: str, session: aiohttp.ClientSession | None = None) -> AsyncWebClient:
-    """The bot's Web API client. Pass the ``session`` to reuse connections: without one, slack_sdk
-    opens a new session (and TCP connection) for every call."""
+    """The listeners' Web API client. Pass the ``session`` to reuse connections: without one,
+    slack_sdk opens a new session (and TCP connection) for every call."""
     return AsyncWebClient(
         token=token,
         base_url=base_url,
@@ -83,6 +87,18 @@ def make_web_client(*, token: str, base_url: str, session: aiohttp.ClientSession
             AsyncRateLimitErrorRetryHandler(max_retry_count=5),
             AsyncServerErrorRetryHandler(max_retry_count=3),
         ],
+    )
+
+
+def make_outbox_client(*, token: str, base_url: str, session: aiohttp.ClientSession | None = None) -> AsyncWebClient:
+    """The client of the outbox and the poller's card edits: a 429 or 5xx comes straight back to
+    them (five 429s absorbed inside one call would let a send outlive its lease)."""
+    return AsyncWebClient(
+        token=token,
+        base_url=base_url,
+        session=session,
+        timeout=SLACK_TIMEOUT_SECONDS,
+        retry_handlers=[AsyncConnectionErrorRetryHandler(max_retry_count=1)],
     )
 
 
@@ -143,11 +159,6 @@ class SlackPoster:
         response = await self.client.chat_postMessage(**kwargs)
         return str(response["ts"])
 
-    async def update(self, *, channel: str, ts: str, text: str, blocks: list[dict[str, Any]]) -> None:
-        """Edit a message now (a one-off edit answering a person); the poller uses ``try_update``."""
-        self._updates.take()
-        await self.client.chat_update(channel=channel, ts=ts, text=redact_text(text), blocks=redacted_blocks(blocks))
-
     async def try_update(self, *, channel: str, ts: str, text: str, blocks: list[dict[str, Any]]) -> bool:
         """Edit a message unless this minute's chat.update budget is spent (then the caller retries later).
 
@@ -187,37 +198,29 @@ class SlackPoster:
     async def find_in_thread(self, *, channel: str, thread_ts: str, event_type: str, key: str) -> str | None:
         """The ts of a message with this metadata in the thread, if one was already posted (a crash
         between posting and recording it)."""
-        cursor: str | None = None
-        while True:
-            response = await self.client.conversations_replies(
-                channel=channel, ts=thread_ts, cursor=cursor, include_all_metadata=True, limit=200
-            )
-            for message in response.get("messages", []):
-                metadata = message.get("metadata") or {}
-                if metadata.get("event_type") == event_type and (metadata.get("event_payload") or {}).get("key") == key:
-                    return str(message["ts"])
-            cursor = (response.get("response_metadata") or {}).get("next_cursor")
-            if not cursor:
-                return None
+        pages = await self.client.conversations_replies(
+            channel=channel, ts=thread_ts, include_all_metadata=True, limit=200
+        )
+        return await _find_by_metadata(pages, event_type=event_type, key=key)
 
     async def find_in_channel(self, *, channel: str, oldest: datetime, event_type: str, key: str) -> str | None:
         """The ts of a top-level message with this metadata posted since ``oldest``, if any."""
-        cursor: str | None = None
-        while True:
-            response = await self.client.conversations_history(
-                channel=channel,
-                oldest=f"{oldest.timestamp() - 5:.6f}",
-                cursor=cursor,
-                include_all_metadata=True,
-                limit=200,
-            )
-            for message in response.get("messages", []):
-                metadata = message.get("metadata") or {}
-                if metadata.get("event_type") == event_type and (metadata.get("event_payload") or {}).get("key") == key:
-                    return str(message["ts"])
-            cursor = (response.get("response_metadata") or {}).get("next_cursor")
-            if not cursor:
-                return None
+        pages = await self.client.conversations_history(
+            channel=channel, oldest=f"{oldest.timestamp() - 5:.6f}", include_all_metadata=True, limit=200
+        )
+        return await _find_by_metadata(pages, event_type=event_type, key=key)
+
+
+async def _find_by_metadata(pages: AsyncSlackResponse, *, event_type: str, key: str) -> str | None:
+    """The ts of the first message carrying this metadata, reading page after page (slack_sdk
+    follows ``next_cursor``) and stopping at the first match."""
+    async for page in pages:
+        messages: list[dict[str, Any]] = page.get("messages") or []
+        for message in messages:
+            metadata = message.get("metadata") or {}
+            if metadata.get("event_type") == event_type and (metadata.get("event_payload") or {}).get("key") == key:
+                return str(message["ts"])
+    return None
 
 
 class SlackDirectory:

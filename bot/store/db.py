@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import event
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -95,5 +98,56 @@ class Database:
         async with self._sessions() as session:
             yield session
 
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[AsyncSession]:
+        """One unit of work: everything done with the session commits together when the block
+        ends, or none of it when the block raises. Repository functions take this session, so
+        a decision spanning several statements is one transaction."""
+        async with self._sessions() as session, session.begin():
+            yield session
+
     async def close(self) -> None:
         await self.engine.dispose()
+
+
+Store = Database | AsyncSession
+"""What repository functions accept: the caller's session (they run inside its transaction and
+leave committing to the caller) or the Database (they run in a transaction of their own)."""
+
+
+@asynccontextmanager
+async def unit_of_work(store: Store) -> AsyncIterator[AsyncSession]:
+    """The caller's session as is, or a transaction of its own committed when the block ends."""
+    if isinstance(store, AsyncSession):
+        yield store
+        return
+    async with store.transaction() as session:
+        yield session
+
+
+def dialect_name(session: AsyncSession) -> str:
+    """``postgresql`` or ``sqlite``: the few statements that differ (upserts, SKIP LOCKED) ask."""
+    return session.get_bind().dialect.name
+
+
+async def insert_ignoring_duplicates(
+    session: AsyncSession, *, table: Any, rows: Sequence[dict[str, Any]], unique: Sequence[str]
+) -> int:
+    """INSERT … ON CONFLICT DO NOTHING: a row whose unique key exists is skipped without an error,
+    so the caller's transaction goes on (an IntegrityError would abort it on PostgreSQL).
+
+    One statement with many parameter sets (executemany), not a multi-row VALUES clause:
+    SQLAlchemy builds the latter value by value in Python. Returns how many were inserted, exact
+    for one row (for many, how many were offered).
+    """
+    if not rows:
+        return 0
+    insert = postgresql_insert(table) if dialect_name(session) == "postgresql" else sqlite_insert(table)
+    connection = await session.connection()
+    statement = insert.on_conflict_do_nothing(index_elements=list(unique))
+    if len(rows) > 1:
+        await connection.execute(statement, list(rows))
+        return len(rows)
+    # psycopg reports no row count for an INSERT SQLAlchemy adds RETURNING to: ask for the row.
+    inserted = await connection.execute(statement.returning(*(table.c[name] for name in unique)), rows[0])
+    return len(inserted.all())

@@ -170,6 +170,7 @@ class OutboxMessage(SQLModel, table=True):
     lease_owner: str | None = None
     lease_expires_at: datetime | None = _tz_column()
     attempts: int = 0
+    next_attempt_at: datetime | None = _tz_column()  # Slack refused it for now: not before this
     sent_ts: str | None = None
     last_error: str | None = None
     created_at: datetime = Field(default_factory=utcnow, sa_column=Column(DateTime(timezone=True), nullable=False))
