@@ -11,10 +11,13 @@ from slack_bolt.async_app import AsyncApp
 import handlers
 from bot.clients.retry import RetryPolicy
 from bot.core.access import AccessPolicy
+from bot.core.advance import KindAdvancer
 from bot.core.approvals import ApprovalService
+from bot.core.lifecycle import LeasedWrites
 from bot.core.orgs import OrgRegistry
 from bot.deploy import messages as deploy_messages
 from bot.deploy.service import DeployService
+from bot.deploy.steps import DeploySteps
 from bot.flexdeploy import messages as fd_messages
 from bot.flexdeploy.service import FlexDeployService
 from bot.poller import KindView, Poller, card_renderer, replica_name
@@ -107,7 +110,7 @@ async def build_runtime(
             completion_text=sfp_messages.completion_text,
         ),
         OpKind.DEPLOY: KindView(
-            advancer=deploy,
+            advancer=KindAdvancer(steps=DeploySteps(deploy), writes=LeasedWrites(db)),
             card=deploy_messages.deploy_card,
             event_reply=deploy_messages.event_reply,
             completion_text=deploy_messages.completion_text,

@@ -22,6 +22,7 @@ from bot.deploy.commands import (
     DeployStart,
     parse_deploy,
 )
+from bot.deploy.payloads import params_of
 from bot.deploy.service import DeployPlan, DeployService, QuickPlan
 from bot.errors import StateError
 from bot.slack.blocks import escape
@@ -81,7 +82,16 @@ def register(app: AsyncApp, deps: HandlerDeps) -> None:
                 )
             await repo.audit(deps.db, actor=user, channel=channel, action="command", detail=detail, outcome="ok")
 
-        await guarded(work, respond=respond, deps=deps, actor=user, channel=channel, action="command", detail=detail)
+        await guarded(
+            work,
+            respond=respond,
+            deps=deps,
+            actor=user,
+            channel=channel,
+            action="command",
+            detail=detail,
+            usage=DEPLOY_USAGE,
+        )
 
     async def scheduled_time(at: str | None, user: str) -> datetime | None:
         if at is None:
@@ -106,7 +116,7 @@ def register(app: AsyncApp, deps: HandlerDeps) -> None:
             actor=user,
             channel=channel,
             operation_ref=operation.ref,
-            action=f"deploy.{operation.params.get('action')}",
+            action=f"deploy.{params_of(operation).action}",
             detail=f"{operation.summary} ({deploy_messages.plan_summary(plan)})"[:500],
             outcome=operation.state,
         )

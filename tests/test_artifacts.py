@@ -146,7 +146,7 @@ async def test_store_resolves_paths_inside_the_directory_only(
 async def test_reload_refuses_an_artifact_that_changed(artifacts_dir: Path, session: aiohttp.ClientSession) -> None:
     store = ArtifactStore(config=ArtifactsConfig(dir=artifacts_dir), session=session)
     summary = (await store.load("good-release")).summary()
-    assert (await store.reload(summary)).sha256 == summary["sha256"]
+    assert (await store.reload(summary)).sha256 == summary.sha256
     (artifacts_dir / "good-release" / "classes" / "InvoiceService.cls").write_text("public class InvoiceService {}")
     with pytest.raises(StateError, match="changed since it was requested"):
         await store.reload(summary)

@@ -7,12 +7,36 @@ here; whether they exist (and the production rules) is the deploy service's busi
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
 
+from bot.clients.salesforce.metadata import TEST_LEVELS
 from bot.core.grammar import DEPLOY_REFS, parse_ref, tokenize
 from bot.core.grammar import split_options as _split
+from bot.deploy.requests import (
+    DeployCommand,
+    DeployFlags,
+    DeployHelp,
+    DeployList,
+    DeployOrgs,
+    DeployQuick,
+    DeployRef,
+    DeployStart,
+)
 from bot.errors import UsageError
 from bot.settings import ALIAS_RE
+
+# The parsed requests live in bot.deploy.requests (the service takes them without this module's usage text).
+__all__ = [
+    "DEPLOY_USAGE",
+    "DeployCommand",
+    "DeployFlags",
+    "DeployHelp",
+    "DeployList",
+    "DeployOrgs",
+    "DeployQuick",
+    "DeployRef",
+    "DeployStart",
+    "parse_deploy",
+]
 
 DEPLOY_USAGE = """*`/deploy` — deploy metadata to an org (Metadata API)*
 • `/deploy start <org> <artifact> [options]` — deploy
@@ -30,7 +54,6 @@ Options (Metadata API `DeployOptions`):
 Production orgs: rollbackOnError always on; never NoTestRun, purge-on-delete, allow-missing-files,
 auto-update-package."""
 
-TEST_LEVELS = ("NoTestRun", "RunSpecifiedTests", "RunLocalTests", "RunAllTestsInOrg")
 # An Apex class, optionally namespaced (ns__Class) and optionally one method (Class.method).
 TEST_NAME_RE = re.compile(
     r"^(?:[A-Za-z][A-Za-z0-9]{0,14}__)?[A-Za-z][A-Za-z0-9_]{0,39}(?:\.[A-Za-z][A-Za-z0-9_]{0,39})?$"
@@ -47,60 +70,6 @@ FLAGS = {
     "--perform-retrieve",
 }
 VALUED = {"--test-level", "--tests", "--at"}
-
-
-@dataclass(frozen=True)
-class DeployFlags:
-    """What the user asked for; ``None`` means "not said" (the service picks the default)."""
-
-    test_level: str | None = None
-    tests: tuple[str, ...] = ()
-    ignore_warnings: bool = False
-    rollback_on_error: bool | None = None
-    purge_on_delete: bool = False
-    allow_missing_files: bool = False
-    auto_update_package: bool = False
-    single_package: bool | None = None
-    perform_retrieve: bool = False
-
-
-@dataclass(frozen=True)
-class DeployStart:
-    check_only: bool  # validate = deploy with checkOnly
-    org: str
-    artifact: str
-    flags: DeployFlags = field(default_factory=DeployFlags)
-    at: str | None = None
-
-
-@dataclass(frozen=True)
-class DeployQuick:
-    ref: str
-    at: str | None = None
-
-
-@dataclass(frozen=True)
-class DeployRef:
-    action: str  # status | cancel
-    ref: str
-
-
-@dataclass(frozen=True)
-class DeployList:
-    pass
-
-
-@dataclass(frozen=True)
-class DeployOrgs:
-    pass
-
-
-@dataclass(frozen=True)
-class DeployHelp:
-    pass
-
-
-DeployCommand = DeployStart | DeployQuick | DeployRef | DeployList | DeployOrgs | DeployHelp
 
 
 def parse_deploy_ref(words: list[str], *, action: str) -> str:

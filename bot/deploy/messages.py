@@ -9,140 +9,126 @@ only when the deployment does.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 from bot.core.operations import OpEvent
 from bot.core.when import slack_date
-from bot.deploy.service import (
+from bot.deploy.failures import failures_text, n, result_text
+from bot.deploy.payloads import (
     ACTION_LABEL,
-    DeployPlan,
-    OrgInfo,
-    QuickPlan,
-    failed_without_reason,
-    percent_text,
+    ArtifactSummary,
+    DeployParams,
+    OptionsData,
+    Outcome,
+    Progress,
+    counts,
+    data_of,
+    params_of,
     validation_usable_until,
 )
+from bot.deploy.service import DeployPlan, OrgInfo, QuickPlan
 from bot.slack import blocks as bk
 from bot.slack.blocks import Block
 from bot.slack.cards import STATE_LABEL, approval_blocks, waiver_blocks
 from bot.store.models import Operation, OpState
 
-MAX_LISTED_FAILURES = 20
-MAX_LISTED_COVERAGE = 10  # on the card; the thread lists up to MAX_LISTED_FAILURES, the report all
-NON_DEFAULT_OPTIONS = {
-    "ignore_warnings": "ignoreWarnings",
-    "purge_on_delete": "purgeOnDelete",
-    "allow_missing_files": "allowMissingFiles",
-    "auto_update_package": "autoUpdatePackage",
-    "perform_retrieve": "performRetrieve",
-}
 
-
-def _n(value: Any) -> str:
-    return f"{int(value or 0):,}"
-
-
-def _size(value: Any) -> str:
-    size = int(value or 0)
-    return f"{size / 1_000_000:,.1f} MB" if size >= 100_000 else f"{max(1, round(size / 1000)):,} KB"
+def _size(value: int) -> str:
+    return f"{value / 1_000_000:,.1f} MB" if value >= 100_000 else f"{max(1, round(value / 1000)):,} KB"
 
 
 def _title(op: Operation) -> str:
-    action = str(op.params.get("action") or "deploy")
-    return f"{ACTION_LABEL.get(action, 'Deploy')} {op.ref} · {op.org}"
+    return f"{ACTION_LABEL.get(params_of(op).action, 'Deploy')} {op.ref} · {op.org}"
 
 
 def _what(op: Operation) -> str:
-    validation = op.params.get("validation") or {}
-    if validation:
-        return f"validation {validation.get('ref')} ({bk.escape(str(validation.get('artifact') or '?'))})"
-    artifact = op.params.get("artifact") or {}
-    return (
-        f"`{bk.escape(str(artifact.get('name') or '?'))}` "
-        f"({_n(artifact.get('files'))} files, {_size(artifact.get('compressed'))})"
-    )
+    params = params_of(op)
+    if params.validation:
+        return f"validation {params.validation.ref} ({bk.escape(params.validation.artifact or '?')})"
+    artifact = params.artifact or ArtifactSummary()
+    return f"`{bk.escape(artifact.name or '?')}` ({n(artifact.files)} files, {_size(artifact.compressed)})"
 
 
-def _tests_text(op: Operation) -> str:
-    if op.params.get("action") == "quick_deploy":
+def _tests_text(params: DeployParams) -> str:
+    if params.action == "quick_deploy":
         return "none (ran in the validation)"
-    options = op.params.get("options") or {}
-    default = "org default (local tests if Apex)" if op.params.get("org_kind") == "production" else "none"
-    level = options.get("test_level") or default
-    tests = options.get("run_tests") or []
+    options = params.options or OptionsData()
+    default = "org default (local tests if Apex)" if params.org_kind == "production" else "none"
+    level = options.test_level or default
+    tests = options.run_tests
     if tests:
-        shown = ", ".join(bk.escape(str(t)) for t in tests[:5]) + (f" +{len(tests) - 5}" if len(tests) > 5 else "")
+        shown = ", ".join(bk.escape(t) for t in tests[:5]) + (f" +{len(tests) - 5}" if len(tests) > 5 else "")
         return f"{level}: {shown}"
-    return str(level)
+    return level
 
 
-def _options_text(op: Operation) -> str:
-    options = op.params.get("options") or {}
-    if not options:
+def _options_text(options: OptionsData | None) -> str:
+    if options is None or not options.model_fields_set:
         return ""
     words = [
-        "checkOnly" if options.get("check_only") else "",
-        f"rollbackOnError={'true' if options.get('rollback_on_error') else 'false'}",
-        "singlePackage" if options.get("single_package") else "",
-        *(label for key, label in NON_DEFAULT_OPTIONS.items() if options.get(key)),
+        "checkOnly" if options.check_only else "",
+        f"rollbackOnError={'true' if options.rollback_on_error else 'false'}",
+        "singlePackage" if options.single_package else "",
+        "ignoreWarnings" if options.ignore_warnings else "",
+        "purgeOnDelete" if options.purge_on_delete else "",
+        "allowMissingFiles" if options.allow_missing_files else "",
+        "autoUpdatePackage" if options.auto_update_package else "",
+        "performRetrieve" if options.perform_retrieve else "",
     ]
     return " · ".join(word for word in words if word)
 
 
-def _bar_line(label: str, counts: Sequence[Any], *, unit: str) -> str:
-    done_ok, total, errors = (int(x or 0) for x in [*counts, 0, 0, 0][:3])
+def _bar_line(label: str, values: list[int], *, unit: str) -> str:
+    done_ok, total, errors = counts(values)
     done = done_ok + errors  # Salesforce counts failures apart from what went through
-    line = f"{label} `{bk.progress_bar(done, total)}` {_n(done)}/{_n(total)}"
+    line = f"{label} `{bk.progress_bar(done, total)}` {n(done)}/{n(total)}"
     if errors:
-        line += f" · ❌ {_n(errors)} {unit}"
+        line += f" · ❌ {n(errors)} {unit}"
     return line
 
 
 def status_label(op: Operation) -> str:
     """The state in words; for a finished deployment Salesforce's own status decides."""
-    state = OpState(op.state)
-    sf_status = (op.data.get("result") or {}).get("status") or (op.data.get("progress") or {}).get("status")
+    state, action, data = OpState(op.state), params_of(op).action, data_of(op)
+    sf_status = (data.result or Outcome()).status or (data.progress or Progress()).status
     if state == OpState.RUNNING and sf_status == "Pending":
         return "⏳ Queued in Salesforce"
     if state == OpState.RUNNING and sf_status == "InProgress":
-        return "🚀 Deploying" if op.params.get("action") != "validate" else "🔎 Validating"
+        return "🚀 Deploying" if action != "validate" else "🔎 Validating"
     if state == OpState.FAILED and sf_status == "SucceededPartial":
         return "⚠️ Partly deployed (SucceededPartial)"
     if state == OpState.FAILED:
-        return "❌ Validation failed" if op.params.get("action") == "validate" else "❌ Failed"
-    if state == OpState.SUCCEEDED and op.params.get("action") == "validate":
+        return "❌ Validation failed" if action == "validate" else "❌ Failed"
+    if state == OpState.SUCCEEDED and action == "validate":
         return "✅ Validated"
     return STATE_LABEL[state]
 
 
 def deploy_card(op: Operation, *, approvals: Sequence[str] = ()) -> tuple[str, list[Block]]:
     """The one status message of a deployment, edited in place as it progresses."""
-    params, data = op.params, op.data
+    params, data = params_of(op), data_of(op)
     state = OpState(op.state)
     title = _title(op)
     fields = [
         f"*Status*\n{status_label(op)}",
-        f"*Org*\n`{op.org}` ({params.get('org_kind')})",
+        f"*Org*\n`{op.org}` ({params.org_kind})",
         f"*Artifact*\n{_what(op)}",
-        f"*Apex tests*\n{_tests_text(op)}",
+        f"*Apex tests*\n{_tests_text(params)}",
         f"*Requested by*\n<@{op.requester}>",
         f"*Starts*\n{slack_date(op.scheduled_for)}"
         if op.scheduled_for
         else f"*Requested*\n{slack_date(op.created_at)}",
     ]
     blocks: list[Block] = [bk.header(title), bk.fields_section(fields)]
-    options = _options_text(op)
+    options = _options_text(params.options)
     if options:
         blocks.append(bk.context(f"Options: {options}"))
-    for note in params.get("notes") or []:
-        blocks.append(bk.context(f"ℹ️ {bk.escape(str(note))}"))
+    for note in params.notes:
+        blocks.append(bk.context(f"ℹ️ {bk.escape(note)}"))
 
-    progress = data.get("progress") or {}
-    result = data.get("result")
-    if result:
-        blocks.append(bk.section(_result_text(op)))
-    elif progress and state in {OpState.RUNNING, OpState.CANCELING}:
-        blocks.append(bk.section(_progress_text(op, progress)))
+    if data.result is not None:
+        blocks.append(bk.section(result_text(op)))
+    elif data.progress and data.progress.model_fields_set and state in {OpState.RUNNING, OpState.CANCELING}:
+        blocks.append(bk.section(_progress_text(op, data.progress)))
 
     until = validation_usable_until(op)
     blocks.extend(waiver_blocks(op))
@@ -159,23 +145,23 @@ def deploy_card(op: Operation, *, approvals: Sequence[str] = ()) -> tuple[str, l
         )
         blocks.append(bk.actions([_quick_button(op)], block_id=f"deploy:{op.id}"))
     if state == OpState.REJECTED:
-        reason = bk.escape(data.get("reject_reason") or "no reason given")
-        blocks.append(bk.section(f"Rejected by <@{data.get('rejected_by')}>: {reason}"))
+        reason = bk.escape(data.reject_reason or "no reason given")
+        blocks.append(bk.section(f"Rejected by <@{data.rejected_by}>: {reason}"))
     if state == OpState.CANCELING:
-        blocks.append(bk.section(f"✋ <@{data.get('cancel_requested_by')}> asked Salesforce to cancel it; canceling…"))
-    if state == OpState.CANCELED and data.get("canceled_by"):
-        blocks.append(bk.section(f"✋ Canceled by <@{data['canceled_by']}>."))
-    if data.get("finished_before_cancel"):
+        blocks.append(bk.section(f"✋ <@{data.cancel_requested_by}> asked Salesforce to cancel it; canceling…"))
+    if state == OpState.CANCELED and data.canceled_by:
+        blocks.append(bk.section(f"✋ Canceled by <@{data.canceled_by}>."))
+    if data.finished_before_cancel:
         blocks.append(bk.context("Salesforce finished it before the cancel took effect."))
-    if state == OpState.ERROR and data.get("error"):
-        blocks.append(bk.section(f"❗ {bk.escape(data['error'])}"))
-    if data.get("last_problem") and not op.is_terminal:
-        blocks.append(bk.context(f"⚠️ Salesforce trouble, retrying automatically: {bk.escape(data['last_problem'])}"))
+    if state == OpState.ERROR and data.error:
+        blocks.append(bk.section(f"❗ {bk.escape(data.error)}"))
+    if data.last_problem and not op.is_terminal:
+        blocks.append(bk.context(f"⚠️ Salesforce trouble, retrying automatically: {bk.escape(data.last_problem)}"))
     context = [f"`{op.ref}`"]
     if op.external_id:
         context.append(_salesforce_id(op))
-    if data.get("approved_by"):
-        context.append("approved by " + ", ".join(f"<@{user}>" for user in data["approved_by"]))
+    if data.approved_by:
+        context.append("approved by " + ", ".join(f"<@{user}>" for user in data.approved_by))
     blocks.append(bk.context(" · ".join(context)))
     return f"{bk.escape(title)}: {status_label(op)}", bk.limit_blocks(blocks)  # mrkdwn, unlike the header
 
@@ -184,92 +170,13 @@ def _salesforce_id(op: Operation) -> str:
     """The deploy id, and a link to the org's Deployment Status page of it when the bot built one
     (from the org's instance URL and the id, never from anything typed in Slack)."""
     text = f"Salesforce id `{op.external_id}`"
-    url = op.data.get("status_url")
+    url = data_of(op).status_url
     return f"{text} · <{url}|Deployment Status>" if url else text
 
 
-def _status_link(op: Operation) -> str:
-    url = op.data.get("status_url")
-    return f"<{url}|its Deployment Status page>" if url else "Setup → Deployment Status"
-
-
-def coverage_text(op: Operation, *, limit: int = MAX_LISTED_COVERAGE) -> str | None:
-    """Why coverage failed it: the org-wide average and threshold, the classes, triggers and flows
-    Salesforce named below it. None when Salesforce sent no coverage warning."""
-    coverage = op.data.get("coverage")
-    if not coverage:
-        return None
-    failed = op.state == OpState.FAILED
-    lines = ["🧪 *Code coverage too low*" if failed else "🧪 *Code coverage warnings*"]
-    if coverage.get("average") is not None:
-        required = coverage.get("required")
-        lines.append(
-            f"Average across all Apex classes and triggers: *{percent_text(coverage['average'])}*"
-            + (f", at least *{percent_text(required)}* required." if required is not None else ".")
-        )
-    if coverage.get("flow_average") is not None:
-        required = coverage.get("flow_required")
-        lines.append(
-            f"Flows and processes: *{percent_text(coverage['flow_average'])}*"
-            + (f", at least *{percent_text(required)}* required." if required is not None else ".")
-        )
-    named = [("Apex", item) for item in coverage.get("classes") or []] + [
-        ("Flow", item) for item in coverage.get("flows") or []
-    ]
-    for kind, item in named[:limit]:
-        label = "Flow" if kind == "Flow" else (item.get("type") or "Apex")
-        if item.get("percent") is not None:
-            figure = percent_text(item["percent"]) + (
-                f" (at least {percent_text(item['required'])})" if item.get("required") is not None else ""
-            )
-        else:
-            figure = bk.escape(bk.clip(str(item.get("message") or ""), 200))
-        lines.append(f"• {label} `{bk.escape(str(item.get('name')))}`: {figure}")
-    if len(named) > limit:
-        lines.append(f"…and {len(named) - limit:,} more in the report file.")
-    lines.extend(f"• {bk.escape(bk.clip(str(message), 300))}" for message in (coverage.get("other") or [])[:3])
-    return "\n".join(lines)
-
-
-def coverage_summary(op: Operation) -> str | None:
-    """One line: the average against the threshold and what is below it, by name."""
-    coverage = op.data.get("coverage")
-    if not coverage:
-        return None
-    parts = []
-    if coverage.get("average") is not None:
-        required = coverage.get("required")
-        parts.append(
-            f"average {percent_text(coverage['average'])}"
-            + (f", at least {percent_text(required)} required" if required is not None else "")
-        )
-    names = [str(item.get("name")) for item in [*(coverage.get("classes") or []), *(coverage.get("flows") or [])]]
-    if names:
-        shown = ", ".join(f"`{bk.escape(name)}`" for name in names[:5])
-        parts.append(f"below it: {shown}" + (f" and {len(names) - 5:,} more" if len(names) > 5 else ""))
-    title = "Code coverage too low" if op.state == OpState.FAILED else "Code coverage warnings"
-    return f"🧪 {title}" + (": " + "; ".join(parts) if parts else " (see the report).")
-
-
-def no_reason_text(op: Operation) -> str:
-    return (
-        f"❗ Salesforce marked it {(op.data.get('result') or {}).get('status') or 'Failed'} and gave no reason: "
-        f"no error, no component or test failure, no coverage warning. See {_status_link(op)} in `{op.org}`."
-    )
-
-
-def _first_own_frame(stack: str) -> str | None:
-    """The stack line that points into the org's code (``Class.…``/``Trigger.…``); real traces
-    often start with ``External entry point`` or ``(System Code)``. Else the first line."""
-    lines = [line.strip() for line in stack.strip().splitlines() if line.strip()]
-    own = next((line for line in lines if line.startswith(("Class.", "Trigger."))), None)
-    return own or (lines[0] if lines else None)
-
-
-def _progress_text(op: Operation, progress: dict[str, Any]) -> str:
-    status = progress.get("status")
-    if status == "Pending":
-        ahead = int(progress.get("queue_ahead") or 0)
+def _progress_text(op: Operation, progress: Progress) -> str:
+    if progress.status == "Pending":
+        ahead = progress.queue_ahead or 0
         if ahead:
             return (
                 f"⏳ Pending in Salesforce: queued behind {ahead} deployment{'s' if ahead > 1 else ''} to "
@@ -278,43 +185,13 @@ def _progress_text(op: Operation, progress: dict[str, Any]) -> str:
             )
         return "⏳ Pending in Salesforce: waiting for it to start (Salesforce runs one deployment per org at a time)."
     lines = [
-        _bar_line("Components", progress.get("components") or [], unit="failed"),
-        _bar_line("Apex tests", progress.get("tests") or [], unit="failed"),
+        _bar_line("Components", progress.components, unit="failed"),
+        _bar_line("Apex tests", progress.tests, unit="failed"),
     ]
-    if progress.get("current_test"):
-        lines.append(f"▶️ Running test `{bk.escape(str(progress['current_test']))}`")
-    elif progress.get("state_detail"):
-        lines.append(f"⚙️ {bk.escape(str(progress['state_detail']))}")
-    return "\n".join(lines)
-
-
-def _result_text(op: Operation, *, compact: bool = False) -> str:
-    """Counts and why it failed; ``compact`` for the completion notice, whose thread (or the card)
-    has the full coverage list."""
-    data = op.data
-    result = data.get("result") or {}
-    deployed, total, errors = (int(x or 0) for x in (result.get("components") or [0, 0, 0])[:3])
-    passed, tests_total, test_errors = (int(x or 0) for x in (result.get("tests") or [0, 0, 0])[:3])
-    lines = [
-        f"Components: ✅ {_n(deployed)} · ❌ {_n(errors)} of {_n(total)}"
-        + (f"   Apex tests: ✅ {_n(passed)} · ❌ {_n(test_errors)} of {_n(tests_total)}" if tests_total else "")
-    ]
-    if result.get("status") == "Canceled" and result.get("canceled_by_name") and not data.get("canceled_by"):
-        lines.append(f"✋ Canceled in Salesforce by {bk.escape(str(result['canceled_by_name']))}.")
-    if result.get("error_message"):
-        code = result.get("error_status_code")
-        lines.append(f"❗ {bk.escape((code + ': ' if code else '') + str(result['error_message']))}")
-    totals = data.get("failure_totals") or {}
-    if totals.get("components") or totals.get("tests"):
-        lines.append(
-            f"{_n(totals.get('components'))} component failure(s) and {_n(totals.get('tests'))} test failure(s): "
-            "listed in the thread, with the full report attached."
-        )
-    coverage = coverage_summary(op) if compact else coverage_text(op)
-    if coverage:
-        lines.append(coverage)
-    if failed_without_reason(op):
-        lines.append(no_reason_text(op))
+    if progress.current_test:
+        lines.append(f"▶️ Running test `{bk.escape(progress.current_test)}`")
+    elif progress.state_detail:
+        lines.append(f"⚙️ {bk.escape(progress.state_detail)}")
     return "\n".join(lines)
 
 
@@ -345,49 +222,6 @@ def _quick_button(op: Operation) -> Block:
     )
 
 
-def failures_text(op: Operation) -> str | None:
-    """Why it failed, for the thread: component failures (file, line, problem type, problem), test
-    failures (Class.method, message, the stack line in the org's code), coverage below the
-    threshold — or that Salesforce gave no reason, with the link to look further."""
-    data = op.data
-    components = data.get("component_failures") or []
-    tests = data.get("test_failures") or []
-    coverage = coverage_text(op, limit=MAX_LISTED_FAILURES)
-    # A failure without any reason gets no list here: the completion notice, in this thread too,
-    # says so with the link.
-    if not components and not tests and not coverage:
-        return None
-    totals = data.get("failure_totals") or {}
-    lines: list[str] = []
-    if components:
-        lines.append(f"*Component failures ({_n(totals.get('components', len(components)))})*")
-        for f in components[:MAX_LISTED_FAILURES]:
-            where = bk.escape(str(f.get("file_name") or f.get("full_name") or "?"))
-            line = f" line {f['line']}" if f.get("line") else ""
-            lines.append(
-                f"• `{where}`{line} — {bk.escape(str(f.get('problem_type') or 'Error'))}: "
-                f"{bk.escape(bk.clip(str(f.get('problem') or ''), 300))}"
-            )
-        more = int(totals.get("components", len(components))) - min(len(components), MAX_LISTED_FAILURES)
-        if more > 0:
-            lines.append(f"…and {more:,} more in the report file.")
-    if tests:
-        lines.append(f"*Apex test failures ({_n(totals.get('tests', len(tests)))})*")
-        for t in tests[:MAX_LISTED_FAILURES]:
-            frame = _first_own_frame(str(t.get("stack_trace") or ""))
-            lines.append(
-                f"• `{bk.escape(str(t.get('qualified') or t.get('class_name')))}` — "
-                f"{bk.escape(bk.clip(str(t.get('message') or ''), 300))}"
-                + (f"\n    `{bk.escape(bk.clip(frame, 200))}`" if frame else "")
-            )
-        more = int(totals.get("tests", len(tests))) - min(len(tests), MAX_LISTED_FAILURES)
-        if more > 0:
-            lines.append(f"…and {more:,} more in the report file.")
-    if coverage:
-        lines.append(coverage)
-    return bk.clip("\n".join(lines), bk.MESSAGE_TEXT_MAX)
-
-
 def event_reply(op: Operation, event: OpEvent) -> str | None:
     """The thread reply for a state change that matters, or None."""
     name, detail = event.name, event.detail
@@ -401,42 +235,41 @@ def event_reply(op: Operation, event: OpEvent) -> str | None:
         )
     if name == "in_progress":
         tests = int(detail.get("tests") or 0)
-        return f"🚀 Its turn came: Salesforce started it ({_n(detail.get('components'))} components" + (
-            f", {_n(tests)} Apex tests)." if tests else ", no Apex tests)."
+        return f"🚀 Its turn came: Salesforce started it ({n(detail.get('components'))} components" + (
+            f", {n(tests)} Apex tests)." if tests else ", no Apex tests)."
         )
     if name == "completed":
         return failures_text(op)
     if name == "expired":
         return "⌛ Nobody approved in time; the request expired and nothing was deployed."
     if name == "error":
-        return f"❗ {bk.escape(op.data.get('error', 'The deployment could not be carried out.'))}"
+        return f"❗ {bk.escape(data_of(op).error or 'The deployment could not be carried out.')}"
     return None
 
 
 def completion_text(op: Operation) -> str:
     """Posted once when a deployment ends: in the thread and in the notifications channel."""
     state = OpState(op.state)
-    action = str(op.params.get("action") or "deploy")
-    verb = {"deploy": "deployment", "validate": "validation", "quick_deploy": "quick deploy"}.get(action, "deployment")
+    data = data_of(op)
+    verb = {"deploy": "deployment", "validate": "validation", "quick_deploy": "quick deploy"}[params_of(op).action]
     base = f"{status_label(op)}: {verb} {op.ref} to `{op.org}` — {_what(op)}"
-    result = op.data.get("result")
-    if result:
+    if data.result is not None:
         # The id first: a long result is clipped at the end, and the id is what people search for.
-        text = f"{base}\n{_salesforce_id(op)}\n{_result_text(op, compact=True)}"
+        text = f"{base}\n{_salesforce_id(op)}\n{result_text(op, compact=True)}"
         until = validation_usable_until(op)
         if until is not None:
             text += f"\n⚡ Quick deploy it with `/deploy quick {op.ref}` until {slack_date(until)}."
-        if state == OpState.CANCELED and op.data.get("canceled_by"):
-            text += f"\nCanceled by <@{op.data['canceled_by']}>."
+        if state == OpState.CANCELED and data.canceled_by:
+            text += f"\nCanceled by <@{data.canceled_by}>."
         return bk.clip(text, bk.MESSAGE_TEXT_MAX)
     if state == OpState.REJECTED:
-        reason = bk.escape(op.data.get("reject_reason") or "no reason")
-        return f"{base} (rejected by <@{op.data.get('rejected_by')}>: {reason})"
+        reason = bk.escape(data.reject_reason or "no reason")
+        return f"{base} (rejected by <@{data.rejected_by}>: {reason})"
     if state == OpState.CANCELED:
-        who = op.data.get("canceled_by")
+        who = data.canceled_by
         return base + (f" (canceled by <@{who}> before Salesforce started it)" if who else "")
     if state == OpState.ERROR:
-        text = f"{base}\n{bk.escape(op.data.get('error', ''))}"
+        text = f"{base}\n{bk.escape(data.error or '')}"
         return bk.clip(text + (f"\n{_salesforce_id(op)}" if op.external_id else ""), bk.MESSAGE_TEXT_MAX)
     return base
 
@@ -474,15 +307,15 @@ def list_message(ops: Sequence[Operation]) -> str:
         )
     lines = ["*Recent deployments* (this channel, and yours elsewhere)"]
     for op in ops:
-        result = op.data.get("result") or {}
+        result = data_of(op).result
         extra = ""
-        if result:
-            _, _, errors = (result.get("components") or [0, 0, 0])[:3]
-            _, _, test_errors = (result.get("tests") or [0, 0, 0])[:3]
+        if result is not None:
+            _, _, errors = counts(result.components)
+            _, _, test_errors = counts(result.tests)
             failed = f" (❌ {errors} components, {test_errors} tests)" if errors or test_errors else ""
-            extra = f" · {result.get('status')}{failed}"
+            extra = f" · {result.status}{failed}"
         lines.append(
-            f"• `{op.ref}` {ACTION_LABEL.get(str(op.params.get('action')), 'Deploy')} {_what(op)} → `{op.org}` · "
+            f"• `{op.ref}` {ACTION_LABEL[params_of(op).action]} {_what(op)} → `{op.org}` · "
             f"{status_label(op)}{extra} · <@{op.requester}> · {slack_date(op.created_at)}"
         )
     return bk.clip("\n".join(lines), bk.SECTION_TEXT_MAX)
