@@ -98,7 +98,7 @@ async def build_runtime(
             completion_text=push_messages.completion_text,
         ),
         OpKind.FD: KindView(
-            advancer=fd,
+            advancer=KindAdvancer(steps=fd.steps, writes=LeasedWrites(db)),
             card=fd_messages.fd_card,
             event_reply=fd_messages.event_reply,
             completion_text=fd_messages.completion_text,

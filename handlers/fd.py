@@ -1,9 +1,9 @@
 """``/fd``: parse, ack, call the FlexDeploy service, render.
 
-``show`` answers only the person who asked. Changes made at once (create, add, replace, status)
-are posted in the channel: a package is shared release state, and the team should see who
-changed it and how, as it would in FlexDeploy's own history. Changes that need approval get a
-status card in the channel instead, which the poller keeps up to date.
+``show`` answers only the person who asked. Every change becomes an operation the poller
+performs, with a card in the channel: a package is shared release state, and the team should
+see who changed it and how, as it would in FlexDeploy's own history. A change that needs no
+approval is made at once and its card tells what changed; one that needs approval waits on it.
 """
 
 from __future__ import annotations
@@ -13,11 +13,14 @@ from typing import Any
 from slack_bolt.async_app import AsyncAck, AsyncApp, AsyncRespond
 
 from bot.core.approvals import audit_waiver
-from bot.core.payloads import ApprovalState, common
+from bot.core.payloads import common
 from bot.errors import UsageError
 from bot.flexdeploy import messages as fd_messages
-from bot.flexdeploy.commands import FdCancel, FdDelete, FdHelp, FdShow, FdStatus, FdWrite, parse_fd
-from bot.flexdeploy.service import NOT_CONFIGURED, FlexDeployService, files_csv
+from bot.flexdeploy.commands import FD_USAGE, parse_fd
+from bot.flexdeploy.plan import files_csv
+from bot.flexdeploy.requests import FdCancel, FdDelete, FdHelp, FdShow, FdStatus, FdWrite
+from bot.flexdeploy.service import FlexDeployService
+from bot.flexdeploy.steps import NOT_CONFIGURED
 from bot.store import repo
 from bot.store.models import REF_PREFIX, OpKind
 from handlers.context import HandlerDeps
@@ -68,7 +71,16 @@ def register(app: AsyncApp, deps: HandlerDeps) -> None:
                 )
             await repo.audit(deps.db, actor=user, channel=channel, action="command", detail=detail, outcome="ok")
 
-        await guarded(work, respond=respond, deps=deps, actor=user, channel=channel, action="command", detail=detail)
+        await guarded(
+            work,
+            respond=respond,
+            deps=deps,
+            actor=user,
+            channel=channel,
+            action="command",
+            detail=detail,
+            usage=FD_USAGE,
+        )
 
     async def change(
         parsed: FdWrite | FdStatus | FdDelete, *, user: str, channel: str, trigger_id: str, respond: AsyncRespond
@@ -76,19 +88,19 @@ def register(app: AsyncApp, deps: HandlerDeps) -> None:
         fd = service()
         planned = await fd.plan(parsed)  # reads the package; refuses bad requests before any write
         outcome = await fd.submit(planned, requester=user, channel=channel, idempotency_key=f"fd:{trigger_id}")
-        call = f"{planned.method} project {planned.project_id} package {planned.package!r}"[:500]
-        if outcome.pending is not None:
-            operation = outcome.pending.operation
-            deps.kick_poller()
-            await repo.audit(
-                deps.db,
-                actor=user,
-                channel=channel,
-                operation_ref=operation.ref,
-                action=f"fd.{planned.action}",
-                detail=call,
-                outcome=operation.state,
-            )
+        operation = outcome.operation
+        if operation is not None:
+            deps.kick_poller()  # the poller makes the call (at once, or after approval) and posts the card
+        await repo.audit(
+            deps.db,
+            actor=user,
+            channel=channel,
+            operation_ref=operation.ref if operation is not None else "",
+            action=f"fd.{planned.action}",
+            detail=planned.call[:500],
+            outcome=operation.state if operation is not None else "absent",
+        )
+        if operation is not None and outcome.created:
             await audit_waiver(
                 deps.db,
                 actor=user,
@@ -96,33 +108,7 @@ def register(app: AsyncApp, deps: HandlerDeps) -> None:
                 operation_ref=operation.ref,
                 approval=common(operation).approval,
             )
-            await reply_ephemeral(respond, fd_messages.pending_ack(outcome.pending, notes=outcome.notes))
-            return
-        applied = outcome.applied
-        assert applied is not None
-        await repo.audit(
-            deps.db,
-            actor=user,
-            channel=channel,
-            action=f"fd.{planned.action}",
-            detail=call,
-            outcome="absent" if applied.absent else "ok",
-        )
-        await audit_waiver(
-            deps.db,
-            actor=user,
-            channel=channel,
-            operation_ref="",
-            approval=ApprovalState.read(applied.waiver) if applied.waiver else None,
-        )
-        if not applied.absent:
-            text, blocks = fd_messages.applied_message(applied, user=user)
-            ts = await deps.poster.post(channel=channel, text=text, blocks=blocks)
-            if applied.after is not None and fd_messages.is_long(applied.after):
-                await deps.poster.upload(
-                    channel=channel, thread_ts=ts, file=files_csv(applied.after, project_id=planned.project_id)
-                )
-        await reply_ephemeral(respond, fd_messages.applied_ack(applied, notes=outcome.notes))
+        await reply_ephemeral(respond, fd_messages.submitted_ack(outcome))
 
     async def on_cancel(ack: AsyncAck, body: dict[str, Any], respond: AsyncRespond) -> None:
         await ack()

@@ -206,8 +206,14 @@ async def test_a_command_from_a_channel_not_listed_is_refused(guarded: Sandbox) 
     rows = await audit_of(sandbox, ALICE)
     assert [(r.action, r.channel) for r in rows] == [("command", OTHER_CHANNEL)]
     assert rows[0].outcome.startswith("refused") and "can only be used" in rows[0].outcome
-    # In the listed channel Alice's same command creates the package.
-    assert "Done: create `Access Test`" in await run(sandbox, ALICE, "fd", text)
+    # In the listed channel Alice's same command creates the package (the poller makes the change
+    # and says so on its card).
+    assert "is being sent to FlexDeploy" in await run(sandbox, ALICE, "fd", text)
+    done = "Done: create `Access Test`"
+    card = await sandbox.slack.wait_for(
+        lambda: next((m for m in sandbox.slack.messages.get(CHANNEL, []) if done in full_text(m)), None), 15
+    )
+    assert card is not None
     assert sandbox.servers["flexdeploy"].package(101, "Access Test") is not None
 
 

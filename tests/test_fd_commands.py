@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from bot.errors import UsageError
-from bot.flexdeploy.commands import FdCancel, FdDelete, FdHelp, FdShow, FdStatus, FdWrite, FileSpec, parse_fd
+from bot.flexdeploy.commands import parse_fd
+from bot.flexdeploy.requests import FdCancel, FdDelete, FdHelp, FdShow, FdStatus, FdWrite, FileSpec
 
 
 def test_show_delete_status_cancel_help() -> None:

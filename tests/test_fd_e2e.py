@@ -45,6 +45,17 @@ async def fd(sandbox: Sandbox, user: str, text: str) -> str:
     return answer.replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&")
 
 
+async def fd_change(sandbox: Sandbox, user: str, text: str) -> str:
+    """Run an ``/fd`` change that needs no approval: the answer says it is on its way, and the
+    poller makes it; returns that answer and the card the change ends with, once both are shown."""
+    answer = await fd(sandbox, user, text)
+    op = await wait_fd(sandbox, ref_in(answer), states=[OpState.SUCCEEDED, OpState.FAILED], announced=True, card=True)
+    await sandbox.slack.wait_quiet()  # the card (and its last edit) is delivered by the outbox
+    card = sandbox.slack.find_message(CHANNEL, op.card_ts or "")
+    assert card is not None, f"no card for {op.ref}"
+    return answer + "\n" + full_text(card).replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&")
+
+
 async def fd_op(sandbox: Sandbox, ref: str) -> Operation:
     assert sandbox.runtime is not None
     op = await repo.get_operation(sandbox.runtime.db, operation_id=int(ref.lstrip("F")))
@@ -152,7 +163,7 @@ async def test_create_add_replace_complete_refuse_delete_and_delete_again(sandbo
     encoded = f"{PACKAGE}/Release%2043"
 
     # create: POST, files numbered 1.., posted in the channel for the team.
-    answer = await fd(
+    answer = await fd_change(
         sandbox,
         ALICE,
         f'create 101 "{name}" --description "Tax rounding" '
@@ -169,7 +180,7 @@ async def test_create_add_replace_complete_refuse_delete_and_delete_again(sandbo
 
     # add: PATCH appends; the sequence numbers continue; the rest stays as it was.
     sim.reset_calls()
-    await fd(sandbox, ALICE, f'add 101 "{name}" --files "/src/triggers/RefundTrigger.trigger"')
+    await fd_change(sandbox, ALICE, f'add 101 "{name}" --files "/src/triggers/RefundTrigger.trigger"')
     assert [m for m, _ in sim.calls] == ["GET", "PATCH"] and sim.calls[-1] == ("PATCH", encoded)
     assert sim.requests[-1].body == {"files": [{"filePath": "/src/triggers/RefundTrigger.trigger"}]}
     assert [seq for seq, _, _ in files_of(sim, name)] == [1, 2, 3]
@@ -179,7 +190,7 @@ async def test_create_add_replace_complete_refuse_delete_and_delete_again(sandbo
 
     # replace: PUT carries the other attributes over and sets exactly these files.
     sim.reset_calls()
-    await fd(
+    await fd_change(
         sandbox,
         ALICE,
         f'replace 101 "{name}" --files "10:/src/classes/RefundService.cls, 20:/src/classes/RefundServiceTest.cls"',
@@ -248,7 +259,6 @@ async def test_create_add_replace_complete_refuse_delete_and_delete_again(sandbo
         (401, None, 'show 101 "Release 42"', "rejected the bot's credentials (HTTP 401)"),
         (403, None, 'show 101 "Release 42"', "not allowed to do that (HTTP 403)"),
         (404, None, 'show 101 "Release 42"', "FlexDeploy has no package `Release 42` in project 101"),
-        (500, "POST", 'create 101 "Brand new"', "unexpected internal error (HTTP 500)"),
     ],
 )
 async def test_each_error_status_has_its_own_message(
@@ -259,10 +269,25 @@ async def test_each_error_status_has_its_own_message(
     answer = await fd(sandbox, ALICE, command)
     assert fragment in answer
     assert "<html" not in answer.lower() and "NullPointer" not in answer and sim.password not in answer
-    if status == 500:
-        assert "may or may not have been applied" in answer and '/fd show 101 "Brand new"' in answer
-        assert [m for m, _ in sim.calls] == ["GET", "POST"]  # a write is never repeated blindly
     assert await ops(sandbox) == []
+
+
+async def test_an_unknown_outcome_of_a_create_is_shown_and_checked_before_it_is_repeated(sandbox: Sandbox) -> None:
+    """A 500 to the POST: the change may or may not have been made. The poller says so on the card,
+    and its next attempt reads the package before sending the POST again (made at once, a create
+    goes through the same start step as an approved change)."""
+    sim = sim_of(sandbox)
+    sim.force(500, method="POST", times=1)
+    answer = await fd(sandbox, ALICE, 'create 101 "Brand new" --files "/src/classes/TaxService.cls"')
+    op = await wait_fd(sandbox, ref_in(answer), card=True)
+    card = await wait_card(sandbox, op, "may or may not have been applied")
+    assert "unexpected internal error (HTTP 500)" in card and "retrying automatically" in card
+    assert "<html" not in card.lower() and "NullPointer" not in card and sim.password not in card
+    op = await wait_fd(sandbox, op.ref, states=[OpState.SUCCEEDED], announced=True)
+    # The plan's GET, the POST answered 500, the check that found nothing, the POST that went through.
+    assert [m for m, _ in sim.calls] == ["GET", "POST", "GET", "POST"]
+    assert sim.package(SF, "Brand new") is not None
+    await wait_card(sandbox, op, "created `Brand new`")
 
 
 async def test_a_forbidden_project_is_a_real_403(sandbox: Sandbox) -> None:
@@ -284,13 +309,13 @@ async def test_a_wrong_password_is_a_real_401(tmp_path: Path) -> None:
 async def test_names_with_spaces_slashes_and_unicode_are_url_encoded(sandbox: Sandbox, name: str) -> None:
     sim = sim_of(sandbox)
     encoded = f"{PACKAGE}/{quote(name, safe='')}"
-    await fd(sandbox, ALICE, f'create 101 "{name}" --files "/src/classes/TaxService.cls"')
+    await fd_change(sandbox, ALICE, f'create 101 "{name}" --files "/src/classes/TaxService.cls"')
     assert sim.package(SF, name) is not None
     assert ("GET", encoded) in sim.calls and ("POST", PACKAGE) in sim.calls
     assert sim.requests[-1].body["name"] == name  # type: ignore[index]
     shown = await fd(sandbox, ALICE, f'show 101 "{name}"')
     assert name in shown and "TaxService.cls" in shown
-    await fd(sandbox, ALICE, f'add 101 "{name}" --files "/src/classes/TaxServiceTest.cls"')
+    await fd_change(sandbox, ALICE, f'add 101 "{name}" --files "/src/classes/TaxServiceTest.cls"')
     assert ("PATCH", encoded) in sim.calls and len(files_of(sim, name)) == 2
     assert all("/package/" not in path.split("/package/", 1)[1] for _, path in sim.calls if "/package/" in path)
 
@@ -347,7 +372,7 @@ async def test_a_long_file_list_comes_as_a_file(sandbox: Sandbox) -> None:
 async def test_dynamic_package_shows_its_expressions_and_matching_files(sandbox: Sandbox) -> None:
     answer = await fd(sandbox, ALICE, 'show 101 "All Profiles"')
     assert "Dynamic" in answer and ".*\\.profile" in answer and "/src/profiles/Admin.profile" in answer
-    await fd(sandbox, ALICE, 'add 101 "All Profiles" --exclude ".*Admin.*"')
+    await fd_change(sandbox, ALICE, 'add 101 "All Profiles" --exclude ".*Admin.*"')
     package = sim_of(sandbox).package(SF, "All Profiles")
     assert package is not None and package["excludePath"] == ".*Admin.*"
     assert [f["filePath"] for f in package["files"]] == [
@@ -458,11 +483,14 @@ async def test_finding_1_a_rule_for_one_fd_package_keeps_the_minimum_for_every_o
 async def test_finding_1_a_waiver_is_shown_in_the_channel_and_audited(ruled_sandbox: Sandbox) -> None:
     sandbox = ruled_sandbox
     sim = sim_of(sandbox)
-    answer = await fd(sandbox, ALICE, 'delete 101 "Big Bang"')
+    answer = await fd_change(sandbox, ALICE, 'delete 101 "Big Bang"')
     assert "Done: delete `Big Bang`" in answer and sim.package(SF, "Big Bang") is None
     post = await wait_post(sandbox, "deleted `Big Bang`")
     assert "Waiver (rule #4 for fd_delete): no approval needed, because kept only for reference" in post
-    assert await ops(sandbox) == []
+    # Made at once like every unapproved change: an operation that never waited for approval.
+    [op] = await ops(sandbox)
+    assert op.state == OpState.SUCCEEDED and op.data["approval"]["waiver"] == "kept only for reference"
+    assert sim.writes() == [("DELETE", f"{PACKAGE}/Big%20Bang")]
     rows = [row for row in await audit_rows(sandbox) if row.action == "approval.waived"]
     assert [(r.actor, r.detail, r.outcome) for r in rows] == [
         (ALICE, "rule #4 for fd_delete: kept only for reference", "no approval")

@@ -34,7 +34,7 @@ from bot.sandbox.soql import _Lexer
 from bot.settings import ArtifactsConfig
 from bot.store import repo
 from bot.store.models import AuditEvent
-from tests.helpers import CHANNEL, ephemerals, next_ephemeral, writes
+from tests.helpers import CHANNEL, ephemerals, full_text, next_ephemeral, writes
 
 ALICE = "U0ALICE"
 FD_PACKAGE = "/flexdeploy/rest/v1/project/101/package"
@@ -265,7 +265,15 @@ async def test_flexdeploy_package_names_are_one_percent_encoded_segment(sandbox:
     sim.reset_calls()
     name = "../102/package/x?y=1#z"
     answer = await run(sandbox, "fd", f'create 101 "{name}" --files "/src/classes/A.cls"')
-    assert f"Done: create `{name}`" in answer, answer
+    assert "is being sent to FlexDeploy" in answer, answer
+    # The poller makes the change and says so on its card.
+    card = await sandbox.slack.wait_for(
+        lambda: next(
+            (m for m in sandbox.slack.messages.get(CHANNEL, []) if f"Done: create `{name}`" in full_text(m)), None
+        ),
+        15,
+    )
+    assert card is not None
     assert sim.writes() == [("POST", FD_PACKAGE)]
     assert sim.package(101, name) is not None and sim.requests[-1].body["name"] == name  # type: ignore[index]
     assert sim.package(102, "x") is None and all(path.startswith(FD_PACKAGE) for _, path in sim.calls)

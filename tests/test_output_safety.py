@@ -253,7 +253,9 @@ async def test_finding_9c_audit_rows_keep_no_secrets_typed_into_sfp_data(sandbox
 
 async def test_finding_12_flexdeploy_notification_text_escapes_the_package_name(sandbox: Sandbox) -> None:
     name = "<!channel> <https://evil.example|login>"
-    await command(sandbox, "/fd", f'create 101 "{name}" --files "/src/classes/A.cls"')
+    created = await command(sandbox, "/fd", f'create 101 "{name}" --files "/src/classes/A.cls"')
+    # Made by the poller, like every change: wait for it before looking at the package.
+    await settled(sandbox, int(created[1 : created.index(" ")]), OpState.SUCCEEDED)
     await command(sandbox, "/fd", f'show 101 "{name}"')
     answer = await command(sandbox, "/fd", f'status 101 "{name}" COMPLETED')
     ref = answer[answer.index("F") :].split()[0].strip("()")

@@ -8,11 +8,24 @@ has it (its type, status, files) are made by the service after a GET.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, replace
-from typing import Literal
+from dataclasses import replace
 
+from bot.clients.salesforce.metadata import TEST_LEVELS
 from bot.core.grammar import FD_REFS, parse_ref, split_options, tokenize
 from bot.errors import UsageError
+from bot.flexdeploy.requests import (
+    FdCancel,
+    FdCommand,
+    FdDelete,
+    FdHelp,
+    FdShow,
+    FdStatus,
+    FdWrite,
+    FileSpec,
+    PackageFields,
+    check_sequence_numbers,
+    check_type_rules,
+)
 
 FD_USAGE = """*`/fd` — FlexDeploy packages*
 `<projectId>` is the project's number; package names are case-sensitive (quote names with spaces).
@@ -30,7 +43,6 @@ Example: `/fd add 101 "Release 42" --files "/src/classes/TaxService.cls, /src/cl
 
 PACKAGE_TYPES = ("USER_MANAGED", "DYNAMIC")
 PACKAGE_STATUSES = ("ACTIVE", "INACTIVE", "COMPLETED")
-TEST_LEVELS = ("NoTestRun", "RunSpecifiedTests", "RunLocalTests", "RunAllTestsInOrg")
 PROJECT_ID_RE = re.compile(r"^\d{1,18}$")
 TEST_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,79}(?:\.[A-Za-z][A-Za-z0-9_]{0,79})?$")
 OBJECT_TYPE_RE = re.compile(r"^[\w .()/-]{1,80}$")
@@ -56,74 +68,6 @@ WRITE_OPTIONS = {
     "--status",
 }
 MULTIWORD = {"--files", "--add-file-filter", "--include", "--exclude", "--description", "--tests", "--version-syntax"}
-
-
-@dataclass(frozen=True)
-class FileSpec:
-    path: str
-    sequence: int | None = None
-    object_type: str | None = None
-
-
-@dataclass(frozen=True)
-class PackageFields:
-    """Attributes given as flags; ``None`` means "not given"."""
-
-    description: str | None = None
-    package_type: str | None = None
-    files: tuple[FileSpec, ...] | None = None
-    sort_all: bool | None = None
-    add_file_filter: str | None = None
-    include_path: str | None = None
-    exclude_path: str | None = None
-    tests: str | None = None
-    test_level: str | None = None
-    version_syntax: str | None = None
-    package_status: str | None = None
-
-    @property
-    def empty(self) -> bool:
-        return self == PackageFields()
-
-
-@dataclass(frozen=True)
-class FdShow:
-    project_id: int
-    package: str
-
-
-@dataclass(frozen=True)
-class FdWrite:
-    action: Literal["create", "add", "replace"]
-    project_id: int
-    package: str
-    fields: PackageFields
-
-
-@dataclass(frozen=True)
-class FdStatus:
-    project_id: int
-    package: str
-    status: str
-
-
-@dataclass(frozen=True)
-class FdDelete:
-    project_id: int
-    package: str
-
-
-@dataclass(frozen=True)
-class FdCancel:
-    ref: str
-
-
-@dataclass(frozen=True)
-class FdHelp:
-    pass
-
-
-FdCommand = FdShow | FdWrite | FdStatus | FdDelete | FdCancel | FdHelp
 
 
 def keep_backslashes(text: str) -> str:
@@ -152,6 +96,15 @@ def keep_backslashes(text: str) -> str:
 
 
 def parse_fd(text: str) -> FdCommand:
+    try:
+        return _parse(text)
+    except UsageError as error:
+        # The checks shared with the service (``bot.flexdeploy.requests``) carry no usage text.
+        error.usage = error.usage or FD_USAGE
+        raise
+
+
+def _parse(text: str) -> FdCommand:
     # Slack sends &, < and > in command text as HTML entities; names and regexes need the characters.
     text = text.replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&")
     tokens = tokenize(keep_backslashes(text), usage=FD_USAGE)
@@ -275,26 +228,6 @@ def parse_files(text: str) -> tuple[FileSpec, ...]:
     return tuple(specs)
 
 
-def check_sequence_numbers(specs: list[FileSpec] | tuple[FileSpec, ...]) -> None:
-    """FlexDeploy: sequence numbers are given for all files in a request or for none."""
-    numbered = [spec for spec in specs if spec.sequence is not None]
-    if numbered and len(numbered) != len(specs):
-        missing = [spec.path for spec in specs if spec.sequence is None]
-        shown = ", ".join(f"`{path[:60]}`" for path in missing[:3]) + (" …" if len(missing) > 3 else "")
-        raise UsageError(
-            f"Sequence numbers are given for all files or for none: {len(numbered)} of {len(specs)} files have one "
-            f"(missing on {shown}). Write each file as `<seq>:<path>`, or drop the numbers.",
-            usage=FD_USAGE,
-        )
-    counts: dict[int, int] = {}
-    for spec in numbered:
-        assert spec.sequence is not None
-        counts[spec.sequence] = counts.get(spec.sequence, 0) + 1
-    twice = sorted(number for number, count in counts.items() if count > 1)
-    if twice:
-        raise UsageError(f"Sequence number {twice[0]} is given to more than one file.", usage=FD_USAGE)
-
-
 def parse_regex_list(text: str, *, option: str) -> str:
     """A comma-separated list of regular expressions, each checked to compile.
 
@@ -410,22 +343,3 @@ def check_write(action: str, fields: PackageFields) -> PackageFields:
             "Nothing to add: give `--files`, `--add-file-filter` or an attribute to change.", usage=FD_USAGE
         )
     return fields
-
-
-def check_type_rules(fields: PackageFields, *, package_type: str | None) -> None:
-    """USER_MANAGED packages take files; DYNAMIC ones take include/exclude expressions."""
-    if package_type == "USER_MANAGED" and (fields.include_path is not None or fields.exclude_path is not None):
-        which = " and ".join(
-            name for name, value in (("--include", fields.include_path), ("--exclude", fields.exclude_path)) if value
-        )
-        raise UsageError(
-            f"{which} only apply to DYNAMIC packages, and this one is USER_MANAGED. "
-            "Add `--type DYNAMIC` to make it dynamic, or list its files with `--files`.",
-            usage=FD_USAGE,
-        )
-    if package_type == "DYNAMIC" and (fields.files or fields.add_file_filter or fields.sort_all):
-        raise UsageError(
-            "A DYNAMIC package's files come from its `--include`/`--exclude` expressions; "
-            "`--files`, `--add-file-filter` and `--sort-all` are for USER_MANAGED packages.",
-            usage=FD_USAGE,
-        )

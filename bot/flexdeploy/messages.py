@@ -7,17 +7,17 @@ paths and server messages come from users or FlexDeploy, so they all go through 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 from bot.clients.flexdeploy import Package
 from bot.core.operations import OpEvent
-from bot.core.payloads import ApprovalState
 from bot.core.when import slack_date
 from bot.flexdeploy.commands import FD_USAGE
-from bot.flexdeploy.service import LONG_LIST, Applied, Pending
+from bot.flexdeploy.payloads import FdData, FdParams, PackageSummary
+from bot.flexdeploy.plan import LONG_LIST
+from bot.flexdeploy.service import Outcome
 from bot.slack import blocks as bk
 from bot.slack.blocks import Block
-from bot.slack.cards import STATE_LABEL, approval_blocks, waiver_blocks, waiver_text
+from bot.slack.cards import STATE_LABEL, approval_blocks, waiver_blocks
 from bot.store.models import Operation, OpState
 
 SHOWN_WHEN_LONG = 15  # files listed in the message when the full list goes into a file
@@ -139,36 +139,31 @@ def file_comment(package: Package, *, project_id: int, user: str) -> str:
     return f"All {len(package.files):,} files of {_name(package.name)} (project {project_id}), for <@{user}>."
 
 
-# -- changes made at once ---------------------------------------------------------------------------
+# -- changes made without approval -----------------------------------------------------------------
 
 
-def applied_headline(applied: Applied, *, user: str) -> str:
-    change, before, after = applied.change, applied.change.before, applied.after
-    where = f"{_name(change.package)} in FlexDeploy project {change.project_id}"
-    if change.action == "create" and after is not None:
-        return f"🆕 <@{user}> created {where} ({after.package_type}, {len(after.files):,} file(s))."
-    if change.action == "add" and after is not None and before is not None:
-        added = len(after.files) - len(before.files)
-        text = f"➕ <@{user}> added {added:,} file(s) to {where}; it now has {len(after.files):,}."
-        changed = _changed_attributes(before, after)
-        if changed:
-            text += f" Changed: {', '.join(changed)}."
-        return text
-    if change.action == "replace" and after is not None and before is not None:
-        text = f"♻️ <@{user}> replaced the files of {where}: {len(before.files):,} → {len(after.files):,} file(s)."
-        changed = _changed_attributes(before, after)
-        if changed:
-            text += f" Changed: {', '.join(changed)}."
-        return text
-    if change.action in {"status", "complete"} and after is not None:
+def applied_headline(op: Operation) -> str:
+    """What changed, in one line naming who asked: a change made without approval is news for the team."""
+    params, data = FdParams.read(op.params), FdData.read(op.data)
+    user, before, after = op.requester, data.before, data.after
+    where = f"{_name(params.package)} in FlexDeploy project {params.project_id}"
+    if params.action == "create" and after is not None:
+        return f"🆕 <@{user}> created {where} ({after.package_type}, {after.files:,} file(s))."
+    if params.action == "add" and after is not None and before is not None:
+        text = f"➕ <@{user}> added {after.files - before.files:,} file(s) to {where}; it now has {after.files:,}."
+        return text + _changed_text(before, after)
+    if params.action == "replace" and after is not None and before is not None:
+        text = f"♻️ <@{user}> replaced the files of {where}: {before.files:,} → {after.files:,} file(s)."
+        return text + _changed_text(before, after)
+    if params.action in {"status", "complete"} and after is not None:
         was = f" (was {before.package_status})" if before else ""
         return f"🔁 <@{user}> set {where} to {_status(after.package_status)}{was}."
-    if change.action == "delete":
+    if params.action == "delete":
         return f"🗑️ <@{user}> deleted {where}."
-    return f"<@{user}>: {bk.escape(change.describe())} done."
+    return f"<@{user}>: {bk.escape(op.summary)} done."
 
 
-def _changed_attributes(before: Package, after: Package) -> list[str]:
+def _changed_text(before: PackageSummary, after: PackageSummary) -> str:
     names = {
         "description": "description",
         "package_type": "type",
@@ -179,41 +174,41 @@ def _changed_attributes(before: Package, after: Package) -> list[str]:
         "test_level": "test level",
         "version_syntax": "version syntax",
     }
-    return [label for attr, label in names.items() if getattr(before, attr) != getattr(after, attr)]
+    changed = [label for attr, label in names.items() if getattr(before, attr) != getattr(after, attr)]
+    return f" Changed: {', '.join(changed)}." if changed else ""
 
 
-def applied_message(applied: Applied, *, user: str) -> tuple[str, list[Block]]:
-    """Posted in the channel: a change to a shared release artefact is news for the whole team."""
-    headline = applied_headline(applied, user=user)
-    blocks: list[Block] = [bk.section(headline)]
-    waiver = waiver_text(ApprovalState.read(applied.waiver) if applied.waiver else None)
-    if waiver:
-        blocks.append(bk.context(waiver))
-    if applied.after is not None:
-        blocks.extend(package_blocks(applied.after, project_id=applied.change.project_id))
-    return bk.clip(headline, bk.MESSAGE_TEXT_MAX), bk.limit_blocks(blocks)
+def applied_blocks(op: Operation) -> list[Block]:
+    """The card of a change made without approval, once made: what changed, and the package now."""
+    data = FdData.read(op.data)
+    blocks: list[Block] = [bk.section(applied_headline(op))]
+    blocks.extend(waiver_blocks(op))
+    after = data.after_package()
+    if after is not None:
+        blocks.extend(package_blocks(after, project_id=FdParams.read(op.params).project_id))
+    blocks.append(bk.context(f"`{op.ref}` · ✅ Done: {bk.escape(op.summary)}."))
+    return bk.limit_blocks(blocks)
 
 
-def applied_ack(applied: Applied, *, notes: Sequence[str] = ()) -> str:
-    change = applied.change
-    if applied.absent:
+def submitted_ack(outcome: Outcome) -> str:
+    """The requester's answer: the change is on its way, waits for approval, or needs nothing."""
+    change, op = outcome.change, outcome.operation
+    if op is None:
         text = (
             f"{_name(change.package)} is not in FlexDeploy project {change.project_id} (any more); nothing to delete."
         )
-    else:
-        text = f"Done: {bk.escape(change.describe())}. It is posted in the channel for the team."
-    return _with_notes(text, notes)
-
-
-def pending_ack(pending: Pending, *, notes: Sequence[str] = ()) -> str:
-    op = pending.operation
-    if not pending.created:
+    elif not outcome.created:
         return f"That request was already received as {op.ref}."
-    return _with_notes(
-        f"{op.ref} ({bk.escape(op.summary)}) is waiting for approval; the card is in the channel. "
-        f"`/fd cancel {op.ref}` withdraws it.",
-        notes,
-    )
+    elif op.state == OpState.AWAITING_APPROVAL:
+        text = (
+            f"{op.ref} ({bk.escape(op.summary)}) is waiting for approval; the card is in the channel. "
+            f"`/fd cancel {op.ref}` withdraws it."
+        )
+    else:
+        text = (
+            f"{op.ref} ({bk.escape(op.summary)}) is being sent to FlexDeploy; it is posted in the channel for the team."
+        )
+    return _with_notes(text, outcome.notes)
 
 
 def _with_notes(text: str, notes: Sequence[str]) -> str:
@@ -223,54 +218,55 @@ def _with_notes(text: str, notes: Sequence[str]) -> str:
 # -- operations waiting for approval ----------------------------------------------------------------
 
 
-def _before_text(summary: dict[str, Any] | None) -> str:
-    if not summary:
+def _before_text(summary: PackageSummary | None) -> str:
+    if summary is None:
         return "not in FlexDeploy"
-    kind, status = bk.escape(str(summary.get("type"))), _status(str(summary.get("status")))
-    return f"{kind} · {status} · {summary.get('files')} file(s)"
+    kind, status = bk.escape(summary.package_type), _status(summary.package_status)
+    return f"{kind} · {status} · {summary.files} file(s)"
 
 
 def fd_card(op: Operation, *, approvals: Sequence[str] = ()) -> tuple[str, list[Block]]:
     """The one status message of a FlexDeploy request, edited in place."""
-    params, data = op.params, op.data
+    params, data = FdParams.read(op.params), FdData.read(op.data)
     state = OpState(op.state)
-    action = str(params.get("action"))
-    title = f"FlexDeploy {op.ref} · {ACTION_TITLE.get(action, action)} {params.get('package')}"  # plain text
+    title = f"FlexDeploy {op.ref} · {ACTION_TITLE.get(params.action, params.action)} {params.package}"  # plain text
+    # The header is plain text; the message ``text`` is mrkdwn, so the title is escaped there.
+    text = bk.clip(f"{bk.escape(title)}: {FD_STATE_LABEL[state]}", bk.MESSAGE_TEXT_MAX)
+    if state == OpState.SUCCEEDED and not data.waited_for_approval:
+        # Made at once: the card becomes the news for the team that the change used to be posted as.
+        return bk.clip(applied_headline(op), bk.MESSAGE_TEXT_MAX), applied_blocks(op)
     fields = [
         f"*Status*\n{FD_STATE_LABEL[state]}",
-        f"*Package*\n{_name(str(params.get('package')))}",
-        f"*Project*\n{params.get('project_id')}",
+        f"*Package*\n{_name(params.package)}",
+        f"*Project*\n{params.project_id}",
         f"*Requested by*\n<@{op.requester}>",
-        f"*Before*\n{_before_text(data.get('before'))}",
+        f"*Before*\n{_before_text(data.before)}",
         f"*Requested*\n{slack_date(op.created_at)}",
     ]
-    after = data.get("after")
-    if after and state == OpState.SUCCEEDED:
-        fields.append(f"*Now*\n{_before_text(after)}")
+    if data.after is not None and state == OpState.SUCCEEDED:
+        fields.append(f"*Now*\n{_before_text(data.after)}")
     blocks: list[Block] = [bk.header(title), bk.fields_section(fields)]
-    if action in WHAT_IT_MEANS and not op.is_terminal:
-        blocks.append(bk.context(WHAT_IT_MEANS[action]))
+    if params.action in WHAT_IT_MEANS and not op.is_terminal:
+        blocks.append(bk.context(WHAT_IT_MEANS[params.action]))
     blocks.extend(waiver_blocks(op))
     if state == OpState.AWAITING_APPROVAL:
         blocks.extend(approval_blocks(op, approvals, extra=[_cancel_button(op)]))
     if state == OpState.SUCCEEDED:
         blocks.append(bk.section(_done_text(op)))
     if state == OpState.REJECTED:
-        reason = bk.escape(data.get("reject_reason") or "no reason given")
-        blocks.append(bk.section(f"Rejected by <@{data.get('rejected_by')}>: {reason}. Nothing was changed."))
-    if state == OpState.CANCELED and data.get("canceled_by"):
-        blocks.append(bk.section(f"Withdrawn by <@{data['canceled_by']}>. Nothing was changed."))
-    if state in {OpState.FAILED, OpState.ERROR} and data.get("error"):
-        blocks.append(bk.section(f"❗ {bk.escape(data['error'])}"))
-    if data.get("last_problem") and not op.is_terminal:
-        blocks.append(bk.context(f"⚠️ FlexDeploy trouble, retrying automatically: {bk.escape(data['last_problem'])}"))
+        reason = bk.escape(data.reject_reason or "no reason given")
+        blocks.append(bk.section(f"Rejected by <@{data.rejected_by}>: {reason}. Nothing was changed."))
+    if state == OpState.CANCELED and data.canceled_by:
+        blocks.append(bk.section(f"Withdrawn by <@{data.canceled_by}>. Nothing was changed."))
+    if state in {OpState.FAILED, OpState.ERROR} and data.error:
+        blocks.append(bk.section(f"❗ {bk.escape(data.error)}"))
+    if data.last_problem and not op.is_terminal:
+        blocks.append(bk.context(f"⚠️ FlexDeploy trouble, retrying automatically: {bk.escape(data.last_problem)}"))
     context = [f"`{op.ref}`"]
-    if data.get("approved_by"):
-        context.append("approved by " + ", ".join(f"<@{user}>" for user in data["approved_by"]))
+    if data.approved_by:
+        context.append("approved by " + ", ".join(f"<@{user}>" for user in data.approved_by))
     blocks.append(bk.context(" · ".join(context)))
-    # The header is plain text; the message ``text`` is mrkdwn, so the title is escaped there.
-    text = f"{bk.escape(title)}: {FD_STATE_LABEL[state]}"
-    return bk.clip(text, bk.MESSAGE_TEXT_MAX), bk.limit_blocks(blocks)
+    return text, bk.limit_blocks(blocks)
 
 
 def _cancel_button(op: Operation) -> Block:
@@ -283,12 +279,11 @@ def _cancel_button(op: Operation) -> Block:
 
 
 def _done_text(op: Operation) -> str:
-    action = str(op.params.get("action"))
-    name = _name(str(op.params.get("package")))
-    project = op.params.get("project_id")
-    if action == "delete":
+    params = FdParams.read(op.params)
+    name, project = _name(params.package), params.project_id
+    if params.action == "delete":
         return f"🗑️ {name} is deleted from FlexDeploy project {project}."
-    if action == "complete":
+    if params.action == "complete":
         return f"🏁 {name} is COMPLETED in project {project}; it can no longer be modified."
     return f"✅ Done: {bk.escape(op.summary)}."
 
@@ -297,23 +292,23 @@ def event_reply(op: Operation, event: OpEvent) -> str | None:
     if event.name == "expired":
         return "⌛ Nobody approved in time; the request expired and nothing was changed in FlexDeploy."
     if event.name == "error":
-        return f"❗ {bk.escape(op.data.get('error', 'FlexDeploy did not make the change.'))}"
+        return f"❗ {bk.escape(FdData.read(op.data).error or 'FlexDeploy did not make the change.')}"
     return None  # success is announced by the completion notice
 
 
 def completion_text(op: Operation) -> str:
-    state = OpState(op.state)
+    state, data = OpState(op.state), FdData.read(op.data)
     base = f"{FD_STATE_LABEL[state]}: FlexDeploy {op.ref} — {bk.escape(op.summary)}"
     if state == OpState.SUCCEEDED:
         return f"{base}\n{_done_text(op)}"
     if state == OpState.REJECTED:
-        reason = bk.escape(op.data.get("reject_reason") or "no reason")
-        return f"{base} (rejected by <@{op.data.get('rejected_by')}>: {reason}); nothing was changed."
+        reason = bk.escape(data.reject_reason or "no reason")
+        return f"{base} (rejected by <@{data.rejected_by}>: {reason}); nothing was changed."
     if state == OpState.CANCELED:
-        who = op.data.get("canceled_by")
+        who = data.canceled_by
         return base + (f" (withdrawn by <@{who}>)" if who else "") + "; nothing was changed."
     if state == OpState.EXPIRED:
         return f"{base}; nobody approved in time, nothing was changed."
     if state in {OpState.FAILED, OpState.ERROR}:
-        return f"{base}\n{bk.escape(op.data.get('error', ''))}"
+        return f"{base}\n{bk.escape(data.error or '')}"
     return base
