@@ -11,7 +11,9 @@ from slack_bolt.async_app import AsyncApp
 import handlers
 from bot.clients.retry import RetryPolicy
 from bot.core.access import AccessPolicy
+from bot.core.advance import KindAdvancer
 from bot.core.approvals import ApprovalService
+from bot.core.lifecycle import LeasedWrites
 from bot.core.orgs import OrgRegistry
 from bot.deploy import messages as deploy_messages
 from bot.deploy.service import DeployService
@@ -93,7 +95,7 @@ async def build_runtime(
             completion_text=fd_messages.completion_text,
         ),
         OpKind.SFP: KindView(
-            advancer=sfp,
+            advancer=KindAdvancer(steps=sfp.steps, writes=LeasedWrites(db)),
             card=sfp_messages.sfp_card,
             event_reply=sfp_messages.event_reply,
             completion_text=sfp_messages.completion_text,

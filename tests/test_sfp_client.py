@@ -18,9 +18,10 @@ from pydantic import SecretStr
 from bot.clients.retry import RetryPolicy
 from bot.clients.sfp import SfpClient, TaskSpec
 from bot.errors import AmbiguousWriteError, ApiError, AuthError, TaskNotFoundError, TransientError
+from bot.redaction import redact
 from bot.sandbox.sfp_server import SfpServerSim
 from bot.sfp.commands import SfpRef, SfpSubmit, parse_sfp
-from bot.sfp.service import is_long_result, redact
+from bot.sfp.payloads import is_long_result
 
 FAST = RetryPolicy(attempts=3, base_delay=0.01, max_delay=0.02)
 CHECK = TaskSpec(type="checkReviewEnvironment", data={"env": "rev1"})
@@ -160,7 +161,8 @@ def test_key_value_pairs_become_typed_task_data() -> None:
     assert isinstance(parsed, SfpSubmit)
     assert parsed.data == {"env": "rev1", "note": "two words", "wait": 300, "flags": [1, 2], "on": True}
     assert parse_sfp("status s12") == SfpRef(action="status", ref="S12")
-    assert parse_sfp("runs 7") == SfpRef(action="runs", ref="S7")
+    # Bare digits stay as typed: task S7, or an operationId made of digits (the service tries both).
+    assert parse_sfp("runs 7") == SfpRef(action="runs", ref="7")
     assert parse_sfp("stop op:abc-1:2") == SfpRef(action="stop", operation_id="abc-1:2")
 
 
