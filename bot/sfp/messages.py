@@ -14,7 +14,7 @@ from typing import Any
 from bot.clients.sfp import Recurrence, TaskStatus, parse_time
 from bot.core.operations import OpEvent
 from bot.core.when import slack_date
-from bot.redaction import REDACTED, redact, redact_text
+from bot.redaction import redact, redact_text
 from bot.sfp.payloads import (
     RunRecord,
     SfpData,
@@ -22,10 +22,9 @@ from bot.sfp.payloads import (
     duration_text,
     params_of,
     parse_iso,
-    result_json,
 )
 from bot.sfp.requests import CancelOutcome, StopOutcome, Target
-from bot.sfp.results import render_result, result_block_text, result_file_name, result_text, scalar
+from bot.sfp.results import result_block_text, result_file_name, result_text, scalar
 from bot.slack import blocks as bk
 from bot.slack.blocks import Block
 from bot.slack.cards import STATE_LABEL, approval_blocks, waiver_blocks
@@ -401,15 +400,12 @@ def cancel_text(outcome: CancelOutcome) -> str:
 
 
 __all__ = [
-    "REDACTED",
     "cancel_text",
     "completion_text",
     "created_message",
     "event_reply",
     "foreign_status_text",
     "list_message",
-    "render_result",
-    "result_json",
     "result_text",
     "runs_text",
     "sfp_card",
