@@ -104,7 +104,7 @@ async def build_runtime(
             completion_text=fd_messages.completion_text,
         ),
         OpKind.SFP: KindView(
-            advancer=sfp,
+            advancer=KindAdvancer(steps=sfp.steps, writes=LeasedWrites(db)),
             card=sfp_messages.sfp_card,
             event_reply=sfp_messages.event_reply,
             completion_text=sfp_messages.completion_text,

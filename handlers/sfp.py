@@ -13,7 +13,8 @@ from bot.core.when import parse_when
 from bot.errors import StateError, UsageError
 from bot.sfp import messages as sfp_messages
 from bot.sfp.commands import SFP_USAGE, SfpHelp, SfpList, SfpRef, SfpSubmit, parse_sfp
-from bot.sfp.service import NOT_CONFIGURED, SfpService, Target, TaskRequest
+from bot.sfp.requests import Target, TaskRequest
+from bot.sfp.service import NOT_CONFIGURED, SfpService
 from bot.slack.blocks import escape
 from bot.store import repo
 from bot.store.models import REF_PREFIX, OpKind
@@ -62,7 +63,16 @@ def register(app: AsyncApp, deps: HandlerDeps) -> None:
                 await on_ref(parsed, user=user, channel=channel, respond=respond)
             await repo.audit(deps.db, actor=user, channel=channel, action="command", detail=detail, outcome="ok")
 
-        await guarded(work, respond=respond, deps=deps, actor=user, channel=channel, action="command", detail=detail)
+        await guarded(
+            work,
+            respond=respond,
+            deps=deps,
+            actor=user,
+            channel=channel,
+            action="command",
+            detail=detail,
+            usage=SFP_USAGE,
+        )
 
     async def submit(parsed: SfpSubmit, *, user: str, channel: str, trigger_id: str, respond: AsyncRespond) -> None:
         sfp = service()

@@ -18,9 +18,10 @@ from pydantic import SecretStr
 from bot.clients.retry import RetryPolicy
 from bot.clients.sfp import SfpClient, TaskSpec
 from bot.errors import AmbiguousWriteError, ApiError, AuthError, TaskNotFoundError, TransientError
+from bot.redaction import redact
 from bot.sandbox.sfp_server import SfpServerSim
 from bot.sfp.commands import SfpRef, SfpSubmit, parse_sfp
-from bot.sfp.service import is_long_result, redact
+from bot.sfp.payloads import is_long_result
 
 FAST = RetryPolicy(attempts=3, base_delay=0.01, max_delay=0.02)
 CHECK = TaskSpec(type="checkReviewEnvironment", data={"env": "rev1"})

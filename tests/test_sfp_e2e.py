@@ -23,6 +23,7 @@ from bot.sandbox.embedded import NOTIFY_CHANNEL, Sandbox, running_sandbox
 from bot.sandbox.fake_slack import Message
 from bot.sandbox.sfp_server import SfpServerSim
 from bot.settings import ApprovalRule
+from bot.sfp.payloads import SfpData
 from bot.store import repo
 from bot.store.models import AuditEvent, Operation, OpKind, OpState
 from tests.helpers import CHANNEL, eventually, full_text, outbox_drained
@@ -313,7 +314,7 @@ async def test_recurring_tasks_runs_stop_second_stop_and_end_date(sandbox: Sandb
 
     async def stopped_by_the_button() -> None:
         ref = ref_in(await sfp(sandbox, "submit checkReviewEnvironment env=rev1 --every 1m --until +2h"))
-        op = await wait_for(sandbox, ref, lambda o: int((o.data.get("run_counts") or {}).get("completed", 0)) >= 2)
+        op = await wait_for(sandbox, ref, lambda o: (SfpData.of(o).run_counts or {}).get("completed", 0) >= 2)
         body = next(b for b in sim.bodies if b["data"] == {"env": "rev1"})
         assert body["scheduleType"] == "recurring" and body["recurrenceConfig"]["every"] == 60_000
         assert "endDate" in body["recurrenceConfig"]
@@ -362,7 +363,7 @@ async def test_cancel_of_an_active_task_shows_cancelled(sandbox: Sandbox) -> Non
     sim = sfp_sim(sandbox)
     sim.durations["checkReviewEnvironment"] = 60.0
     ref = ref_in(await sfp(sandbox, "submit checkReviewEnvironment env=rev1"))
-    op = await wait_for(sandbox, ref, lambda o: o.data.get("status") == "active" and o.card_ts is not None)
+    op = await wait_for(sandbox, ref, lambda o: SfpData.of(o).status == "active" and o.card_ts is not None)
     assert await shows(sandbox, op, "Running")
 
     answer = await sfp(sandbox, f"cancel {ref}")
@@ -444,7 +445,7 @@ async def test_wrong_token_names_the_sfp_configuration_and_recovers(sandbox: San
 
     ref = ref_in(await sfp(sandbox, "submit checkReviewEnvironment env=rev2"))
     op = await wait_for(
-        sandbox, ref, lambda o: "refused the bot's token" in str(o.data.get("last_problem")) and bool(o.card_ts)
+        sandbox, ref, lambda o: "refused the bot's token" in str(SfpData.of(o).last_problem) and bool(o.card_ts)
     )
     assert op.state == OpState.STARTING and op.external_id is None and sim.tasks == {}
     assert await shows(sandbox, op, "refused the bot's token")
@@ -552,7 +553,7 @@ async def test_a_submit_the_bot_died_in_is_not_sent_again(sandbox: Sandbox) -> N
         ),
     )
     op = await done(sandbox, op.ref, OpState.ERROR)
-    assert "may or may not exist" in str(op.data.get("error")) and posts(sim) == []
+    assert "may or may not exist" in str(SfpData.of(op).error) and posts(sim) == []
     assert await shows(sandbox, op, "not sent again automatically")
 
 
@@ -573,7 +574,7 @@ async def test_a_full_run_never_logs_the_token(sandbox: Sandbox, no_token_in_log
     async def recurring_stopped() -> None:
         channel = new_channel(sandbox, "recurring")
         ref = ref_in(await sfp(sandbox, "submit checkReviewEnvironment env=rev1 --every 1m", channel=channel))
-        await wait_for(sandbox, ref, lambda o: bool((o.data.get("run_counts") or {}).get("completed")))
+        await wait_for(sandbox, ref, lambda o: bool((SfpData.of(o).run_counts or {}).get("completed")))
         assert "is stopped" in await sfp(sandbox, f"stop {ref}", channel=channel)
         assert "already stopped" in await sfp(sandbox, f"stop {ref}", channel=channel)
         await done(sandbox, ref, OpState.SUCCEEDED, OpState.FAILED)
@@ -581,7 +582,7 @@ async def test_a_full_run_never_logs_the_token(sandbox: Sandbox, no_token_in_log
     async def cancelled() -> None:
         channel = new_channel(sandbox, "cancel")
         ref = ref_in(await sfp(sandbox, "submit extendReviewEnvironment env=rev2", channel=channel))
-        await wait_for(sandbox, ref, lambda o: o.data.get("status") == "active")
+        await wait_for(sandbox, ref, lambda o: SfpData.of(o).status == "active")
         await sfp(sandbox, f"cancel {ref}", channel=channel)
         await done(sandbox, ref, OpState.CANCELED)
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
@@ -16,6 +15,7 @@ from bot.clients.sfp import OPERATION_ID_RE, PRIORITIES
 from bot.core.grammar import SFP_REFS, parse_ref, split_options, tokenize
 from bot.errors import UsageError
 from bot.settings import parse_duration
+from bot.sfp.requests import SfpCommand, SfpHelp, SfpList, SfpRef, SfpSubmit
 
 SFP_USAGE = "\n".join(
     [
@@ -55,36 +55,6 @@ MAX_LEASE = timedelta(hours=24)  # a review environment stays assigned 24 h at m
 DEFAULT_LEASE = timedelta(hours=1)
 
 
-@dataclass(frozen=True)
-class SfpSubmit:
-    task_type: str
-    data: dict[str, Any] = field(default_factory=dict)
-    priority: str = "low"
-    at: str | None = None  # raw text; resolved in the requester's time zone later
-    every: timedelta | None = None
-    until: str | None = None
-    retries: int | None = None
-    shortcut: str | None = None  # "review-env fetch" when it came from a shortcut
-
-
-@dataclass(frozen=True)
-class SfpRef:
-    action: str  # status | result | cancel | stop | runs
-    ref: str | None = None  # "S12", "12" or the operationId of a task the bot submitted
-    operation_id: str | None = None  # a task the bot did not submit (op:<id>)
-
-
-@dataclass(frozen=True)
-class SfpList:
-    pass
-
-
-@dataclass(frozen=True)
-class SfpHelp:
-    pass
-
-
-SfpCommand = SfpSubmit | SfpRef | SfpList | SfpHelp
 REF_ACTIONS = ("status", "result", "cancel", "stop", "runs")
 
 

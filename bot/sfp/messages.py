@@ -7,8 +7,6 @@ straight from the sfp server (live status, errors); stored results were already 
 
 from __future__ import annotations
 
-import json
-import re
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
@@ -16,17 +14,17 @@ from typing import Any
 from bot.clients.sfp import Recurrence, TaskStatus, parse_time
 from bot.core.operations import OpEvent
 from bot.core.when import slack_date
-from bot.redaction import REDACTED, redact, redact_text
-from bot.sfp.service import (
-    CancelOutcome,
-    StopOutcome,
-    Target,
+from bot.redaction import redact, redact_text
+from bot.sfp.payloads import (
+    RunRecord,
+    SfpData,
+    SfpParams,
     duration_text,
-    is_long_result,
-    is_recurring,
-    result_json,
-    stored_result,
+    params_of,
+    parse_iso,
 )
+from bot.sfp.requests import CancelOutcome, StopOutcome, Target
+from bot.sfp.results import result_block_text, result_file_name, result_text, scalar
 from bot.slack import blocks as bk
 from bot.slack.blocks import Block
 from bot.slack.cards import STATE_LABEL, approval_blocks, waiver_blocks
@@ -34,9 +32,7 @@ from bot.store.models import Operation, OpState
 
 STOP_ACTION = "sfp_stop"
 CANCEL_ACTION = "sfp_cancel"
-PREVIEW_LINES = 12
 MAX_RUNS_LISTED = 30
-_TIMESTAMP = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}")
 RUN_ICON = {"completed": "✅", "failed": "❌", "cancelled": "✋", "active": "🚀", "pending": "⏳"}
 
 
@@ -51,16 +47,16 @@ def _when(value: Any) -> str | None:
 
 def state_label(op: Operation) -> str:
     state = OpState(op.state)
-    data = op.data
-    recurring = is_recurring(op)
+    data = SfpData.of(op)
+    recurring = params_of(op).recurring
     if state == OpState.STARTING:
         return "⚙️ Submitting to the sfp server"
     if state == OpState.RUNNING:
         if recurring:
             return "🔁 Recurring"
-        return "⏳ Queued on the sfp server" if data.get("status") == "pending" else "🚀 Running"
+        return "⏳ Queued on the sfp server" if data.status == "pending" else "🚀 Running"
     if state == OpState.CANCELING:
-        if data.get("stop") and not data.get("cancel_requested_by"):
+        if data.stop and not data.cancel_requested_by:
             return "✋ Stopping: no further runs"
         return "✋ Cancelling"
     if state == OpState.SUCCEEDED:
@@ -73,13 +69,12 @@ def state_label(op: Operation) -> str:
 
 
 def schedule_text(op: Operation) -> str:
-    params = op.params
-    start = _when(params.get("scheduled_for"))
-    every = params.get("every_seconds")
-    if every:
-        text = f"every {duration_text(timedelta(seconds=int(every)))}"
+    params = params_of(op)
+    start = _when(params.scheduled_for)
+    if params.every:
+        text = f"every {duration_text(params.every)}"
         text += f" from {start}" if start else ""
-        until = _when(params.get("until"))
+        until = _when(params.until)
         return text + (f" until {until}" if until else "")
     return f"at {start}" if start else "now"
 
@@ -88,82 +83,8 @@ def data_text(data: dict[str, Any], *, limit: int = 600) -> str:
     if not data:
         return "_(no data)_"
     shown = redact(data)
-    parts = [f"`{_e(key)}`={_e(_scalar(value))}" for key, value in shown.items()]
+    parts = [f"`{_e(key)}`={_e(scalar(value))}" for key, value in shown.items()]
     return bk.clip(" · ".join(parts), limit)
-
-
-def _scalar(value: Any) -> str:
-    if isinstance(value, str):
-        return value
-    return json.dumps(value, ensure_ascii=False, default=str)
-
-
-# -- results ----------------------------------------------------------------------------------------
-
-
-def render_result(result: Any) -> str:
-    """A result as readable lines: keys in bold, nesting as indented bullets, lists counted."""
-    if result is None:
-        return "_(the task returned no result)_"
-    if isinstance(result, str):
-        return f"```{_e(result)}```" if result else "_(empty)_"
-    lines: list[str] = []
-    _render_value(result, lines, depth=0, key=None)
-    return "\n".join(lines) if lines else "_(empty)_"
-
-
-def _render_value(value: Any, lines: list[str], *, depth: int, key: str | None) -> None:
-    indent = "    " * depth
-    bullet = "•" if depth == 0 else "◦"
-    label = f"*{_e(key)}*: " if key is not None else ""
-    if isinstance(value, dict):
-        if key is not None:
-            lines.append(f"{indent}{bullet} *{_e(key)}*:" if value else f"{indent}{bullet} {label}_(none)_")
-            depth += 1
-        if depth > 3:
-            lines.append(f"{'    ' * depth}◦ `{_e(bk.clip(json.dumps(value, default=str), 300))}`")
-            return
-        for sub_key, sub in value.items():
-            _render_value(sub, lines, depth=depth, key=str(sub_key))
-    elif isinstance(value, list):
-        if all(not isinstance(item, dict | list) for item in value):
-            shown = ", ".join(_e(_scalar(item)) for item in value[:20])
-            more = f" … (+{len(value) - 20})" if len(value) > 20 else ""
-            lines.append(f"{indent}{bullet} {label}{shown or '_(none)_'}{more}")
-            return
-        lines.append(f"{indent}{bullet} {label}{len(value)} item(s)")
-        for item in value[:10]:
-            if isinstance(item, dict):
-                compact = ", ".join(f"{_e(k)}={_e(_scalar(v))}" for k, v in list(item.items())[:6])
-                lines.append(f"{indent}    ◦ {bk.clip(compact, 300)}")
-            else:
-                lines.append(f"{indent}    ◦ `{_e(bk.clip(json.dumps(item, default=str), 300))}`")
-        if len(value) > 10:
-            lines.append(f"{indent}    ◦ … {len(value) - 10} more")
-    else:
-        lines.append(f"{indent}{bullet} {label}{_leaf(value)}")
-
-
-def _leaf(value: Any) -> str:
-    if value is None:
-        return "_(none)_"
-    if isinstance(value, str) and _TIMESTAMP.match(value) and (moment := parse_time(value)) is not None:
-        return slack_date(moment)  # each reader sees it in their own time zone
-    return _e(bk.clip(_scalar(value), 500))
-
-
-def result_block_text(result: Any, *, file_name: str | None) -> str:
-    """Short results in full; long ones as a preview pointing at the attached file."""
-    rendered = render_result(result)
-    if not is_long_result(result):
-        return bk.clip(rendered, 2800)
-    preview = "\n".join(rendered.split("\n")[:PREVIEW_LINES])
-    where = f"the full result is attached as `{file_name}`" if file_name else "the full result is in the card's thread"
-    return bk.clip(preview, 2500) + f"\n_…{where}._"
-
-
-def result_file_name(op: Operation) -> str:
-    return f"sfp-{op.ref}-result.json"
 
 
 # -- the card ---------------------------------------------------------------------------------------
@@ -171,102 +92,94 @@ def result_file_name(op: Operation) -> str:
 
 def sfp_card(op: Operation, *, approvals: Sequence[str] = ()) -> tuple[str, list[Block]]:
     """The one status message of a task, edited in place as it progresses."""
-    params, data = op.params, op.data
+    params, data = params_of(op), SfpData.of(op)
     state = OpState(op.state)
     label = state_label(op)
-    title = f"sfp task {op.ref} · {params.get('type')}"
+    title = f"sfp task {op.ref} · {params.type}"
     fields = [
         f"*Status*\n{label}",
         f"*Requested by*\n<@{op.requester}>",
         f"*Schedule*\n{schedule_text(op)}",
-        f"*Priority*\n{_e(params.get('priority') or 'low')}",
+        f"*Priority*\n{_e(params.priority or 'low')}",
     ]
-    if params.get("retries") is not None:
-        fields.append(f"*Retries*\n{int(params['retries'])}")
-    if params.get("shortcut"):
-        fields.append(f"*Via*\n`{_e(params['shortcut'])}`")
+    if params.retries is not None:
+        fields.append(f"*Retries*\n{params.retries}")
+    if params.shortcut:
+        fields.append(f"*Via*\n`{_e(params.shortcut)}`")
     blocks: list[Block] = [
         bk.header(title),
         bk.fields_section(fields),
-        bk.context(f"Data: {data_text(params.get('data') or {})}"),
+        bk.context(f"Data: {data_text(params.data)}"),
     ]
 
-    if is_recurring(op):
-        blocks.append(bk.section(_runs_summary(op)))
+    if params.recurring:
+        blocks.append(bk.section(_runs_summary(op, params, data)))
     elif state in {OpState.RUNNING, OpState.CANCELING, OpState.SCHEDULED} and op.external_id:
-        blocks.append(bk.section(_progress_text(op)))
-    if state == OpState.SUCCEEDED and not is_recurring(op):
-        result = stored_result(data)
-        blocks.append(bk.section("*Result*\n" + result_block_text(result, file_name=result_file_name(op))))
-    if state == OpState.FAILED and data.get("task_error"):
-        blocks.append(bk.section(f"❌ {_e((data['task_error'] or {}).get('message') or 'The task failed.')}"))
-    if state == OpState.ERROR and data.get("error"):
-        blocks.append(bk.section(f"❗ {_e(data['error'])}"))
+        blocks.append(bk.section(_progress_text(params, data)))
+    if state == OpState.SUCCEEDED and not params.recurring:
+        file_name = result_file_name(op)
+        blocks.append(bk.section("*Result*\n" + result_block_text(data.stored_result, file_name=file_name)))
+    if state == OpState.FAILED and data.task_error:
+        blocks.append(bk.section(f"❌ {_e(data.task_error.message or 'The task failed.')}"))
+    if state == OpState.ERROR and data.error:
+        blocks.append(bk.section(f"❗ {_e(data.error)}"))
     if state == OpState.REJECTED:
-        reason = _e(data.get("reject_reason") or "no reason given")
-        blocks.append(bk.section(f"Rejected by <@{data.get('rejected_by')}>: {reason}"))
-    if data.get("cancel_requested_by") and state in {OpState.CANCELING, OpState.CANCELED}:
-        blocks.append(bk.context(f"Cancelled by <@{data['cancel_requested_by']}>."))
-    elif data.get("stop"):
-        stop = data["stop"]
-        blocks.append(
-            bk.context(f"✋ Stopped by <@{stop.get('by')}> {_when(stop.get('stopped_at') or stop.get('at'))}.")
-        )
-    if data.get("last_problem") and not op.is_terminal:
-        blocks.append(bk.context(f"⚠️ sfp server trouble, retrying automatically: {_e(data['last_problem'])}"))
+        reason = _e(data.reject_reason or "no reason given")
+        blocks.append(bk.section(f"Rejected by <@{data.rejected_by}>: {reason}"))
+    if data.cancel_requested_by and state in {OpState.CANCELING, OpState.CANCELED}:
+        blocks.append(bk.context(f"Cancelled by <@{data.cancel_requested_by}>."))
+    elif data.stop:
+        blocks.append(bk.context(f"✋ Stopped by <@{data.stop.by}> {_when(data.stop.stopped_at or data.stop.at)}."))
+    if data.last_problem and not op.is_terminal:
+        blocks.append(bk.context(f"⚠️ sfp server trouble, retrying automatically: {_e(data.last_problem)}"))
 
     blocks.extend(waiver_blocks(op))
     if state == OpState.AWAITING_APPROVAL:
         blocks.extend(approval_blocks(op, approvals, extra=[_cancel_button(op)]))
     elif state in {OpState.SCHEDULED, OpState.RUNNING}:
-        buttons = [_stop_button(op)] if is_recurring(op) else [_cancel_button(op)]
+        buttons = [_stop_button(op)] if params.recurring else [_cancel_button(op)]
         blocks.append(bk.actions(buttons, block_id=f"sfp:{op.id}"))
 
     context = [f"`{op.ref}`"]
     if op.external_id:
         context.append(f"operation `{_e(op.external_id)}`")
-    if data.get("approved_by"):
-        context.append("approved by " + ", ".join(f"<@{user}>" for user in data["approved_by"]))
+    if data.approved_by:
+        context.append("approved by " + ", ".join(f"<@{user}>" for user in data.approved_by))
     blocks.append(bk.context(" · ".join(context)))
     return f"{_e(title)}: {label}", bk.limit_blocks(blocks)  # the message text is mrkdwn, unlike the header
 
 
-def _progress_text(op: Operation) -> str:
-    data = op.data
-    status = str(data.get("status") or "pending")
+def _progress_text(params: SfpParams, data: SfpData) -> str:
+    status = data.status or "pending"
     # In steps of 5 %: the card is edited when it changes, and Slack limits edits.
-    progress = 5 * round(int(data.get("progress") or 0) / 5)
+    progress = 5 * round((data.progress or 0) / 5)
     text = f"`{bk.progress_bar(progress, 100)}` {progress}% · {_e(status)}"
-    if data.get("current_step"):
-        text += f" · {_e(data['current_step'])}"
-    attempts = data.get("attempts_made")
-    retries = op.params.get("retries")
+    if data.current_step:
+        text += f" · {_e(data.current_step)}"
+    attempts, retries = data.attempts_made, params.retries
     if attempts and retries is not None:
-        text += f" · attempt {min(int(attempts) + 1, int(retries) + 1)} of {int(retries) + 1}"
+        text += f" · attempt {min(attempts + 1, retries + 1)} of {retries + 1}"
     return text
 
 
-def _runs_summary(op: Operation) -> str:
-    data = op.data
-    counts = data.get("run_counts") or {}
-    done = sum(int(n) for n in counts.values())
-    parts = [f"*Runs so far:* {done}"]
-    for status in ("completed", "failed", "cancelled"):
-        if counts.get(status):
-            parts.append(f"{RUN_ICON[status]} {counts[status]} {status}")
-    lines = [" · ".join(parts)]
-    current = data.get("current_run")
+def _counts_text(counts: dict[str, int]) -> list[str]:
+    return [f"{RUN_ICON[s]} {counts[s]} {s}" for s in ("completed", "failed", "cancelled") if counts.get(s)]
+
+
+def _runs_summary(op: Operation, params: SfpParams, data: SfpData) -> str:
+    lines = [" · ".join([f"*Runs so far:* {data.total_done}", *_counts_text(data.run_counts or {})])]
+    current = data.current_run
     if current and not op.is_terminal:
         lines.append(
-            f"Run #{current.get('number')} is {_e(current.get('status'))}"
-            + (f" ({int(current.get('progress') or 0)}%)" if current.get("status") == "active" else "")
+            f"Run #{current.number} is {_e(current.status)}"
+            + (f" ({current.progress}%)" if current.status == "active" else "")
         )
-    if not op.is_terminal and data.get("active", True) and op.state != OpState.CANCELING:
-        nxt = _when(data.get("next_run_at"))
+    if not op.is_terminal and data.active is not False and op.state != OpState.CANCELING:
+        nxt = _when(data.next_run_at)
         if nxt:
             lines.append(f"Next run {nxt}")
-    end = _when(data.get("end_date") or op.params.get("until"))
-    if end and not data.get("stop"):
+    end = _when(data.end_date or params.until)
+    if end and not data.stop:
         lines.append(f"Ends {end}")
     return "\n".join(lines)
 
@@ -298,17 +211,17 @@ def event_reply(op: Operation, event: OpEvent) -> str | None:
     if name == "scheduled":
         return (
             f"🗓️ Accepted by the sfp server as operation `{_e(op.external_id)}`; "
-            f"it starts {_when(op.params.get('scheduled_for'))}."
+            f"it starts {_when(params_of(op).scheduled_for)}."
         )
     if name == "started":
         return "🚀 The sfp server started the task."
     if name == "retrying":
         attempt = int(detail.get("attempt") or 2)
-        total = int(op.params.get("retries") or 0) + 1
+        total = (params_of(op).retries or 0) + 1
         message = _e(detail.get("message") or "no message")
         return f"🔁 Attempt {attempt - 1} failed: {message}. The sfp server tries again (attempt {attempt} of {total})."
     if name == "run":
-        return run_line(detail)
+        return run_line(RunRecord.model_validate(detail))
     if name == "runs_backlog":
         return f"…and {int(detail.get('more') or 0)} more runs finished; `/sfp runs {op.ref}` lists them."
     if name == "ended":
@@ -322,17 +235,16 @@ def event_reply(op: Operation, event: OpEvent) -> str | None:
     return None
 
 
-def run_line(detail: dict[str, Any]) -> str:
-    status = str(detail.get("status") or "")
-    icon = RUN_ICON.get(status, "•")
-    text = f"{icon} Run #{detail.get('number')} {_e(status)}"
-    started, finished = parse_time(detail.get("started_at")), parse_time(detail.get("finished_at"))
+def run_line(run: RunRecord) -> str:
+    icon = RUN_ICON.get(run.status, "•")
+    text = f"{icon} Run #{run.number} {_e(run.status)}"
+    started, finished = parse_iso(run.started_at), parse_iso(run.finished_at)
     if started and finished:
         text += f" in {_elapsed(finished - started)}"
     if finished:
         text += f" ({slack_date(finished, style='{time_secs}')})"
-    if detail.get("message"):
-        text += f": {_e(bk.clip(str(detail['message']), 300))}"
+    if run.message:
+        text += f": {_e(bk.clip(run.message, 300))}"
     return text
 
 
@@ -348,42 +260,39 @@ def _elapsed(delta: timedelta) -> str:
 def completion_text(op: Operation) -> str:
     """Posted once when a task ends: in the thread and in the notifications channel."""
     state = OpState(op.state)
-    data = op.data
+    params, data = params_of(op), SfpData.of(op)
     operation = f", operation `{_e(op.external_id)}`" if op.external_id else ""
-    base = f"{state_label(op)}: sfp task {op.ref} ({_e(op.params.get('type'))}{operation})"
-    if is_recurring(op) and state in {OpState.SUCCEEDED, OpState.FAILED, OpState.CANCELED} and "run_counts" in data:
-        counts = data.get("run_counts") or {}
-        total = sum(int(n) for n in counts.values())
-        text = f"{base}: {total} run(s)"
-        parts = [f"{RUN_ICON[s]} {counts[s]} {s}" for s in ("completed", "failed", "cancelled") if counts.get(s)]
+    base = f"{state_label(op)}: sfp task {op.ref} ({_e(params.type)}{operation})"
+    ended = state in {OpState.SUCCEEDED, OpState.FAILED, OpState.CANCELED}
+    if params.recurring and ended and data.run_counts is not None:
+        text = f"{base}: {data.total_done} run(s)"
+        parts = _counts_text(data.run_counts)
         if parts:
             text += " — " + " · ".join(parts)
-        if data.get("stop"):
-            text += f"\nStopped by <@{data['stop'].get('by')}>."
-        elif data.get("cancel_requested_by"):
-            text += f"\nCancelled by <@{data['cancel_requested_by']}>."
-        if total:
+        if data.stop:
+            text += f"\nStopped by <@{data.stop.by}>."
+        elif data.cancel_requested_by:
+            text += f"\nCancelled by <@{data.cancel_requested_by}>."
+        if data.total_done:
             text += f"\nEvery run is listed in `sfp-{op.ref}-runs.csv`."
         return bk.clip(text, bk.MESSAGE_TEXT_MAX)
     if state == OpState.SUCCEEDED:
-        result = stored_result(data)
-        return bk.clip(
-            f"{base}\n*Result*\n{result_block_text(result, file_name=result_file_name(op))}", bk.MESSAGE_TEXT_MAX
-        )
+        result = result_block_text(data.stored_result, file_name=result_file_name(op))
+        return bk.clip(f"{base}\n*Result*\n{result}", bk.MESSAGE_TEXT_MAX)
     if state == OpState.FAILED:
-        error = data.get("task_error") or {}
-        text = f"{base}: {_e(error.get('message') or 'no error message')}"
-        if error.get("stack"):
+        error = data.task_error
+        text = f"{base}: {_e((error.message if error else '') or 'no error message')}"
+        if error and error.stack:
             text += f"\nThe stack trace is attached as `sfp-{op.ref}-error.txt`."
         return bk.clip(text, bk.MESSAGE_TEXT_MAX)
     if state == OpState.CANCELED:
-        who = data.get("cancel_requested_by") or (data.get("stop") or {}).get("by")
+        who = data.ended_by
         return base + (f" (by <@{who}>)" if who else "")
     if state == OpState.REJECTED:
-        reason = _e(data.get("reject_reason") or "no reason")
-        return f"{base} (rejected by <@{data.get('rejected_by')}>: {reason})"
+        reason = _e(data.reject_reason or "no reason")
+        return f"{base} (rejected by <@{data.rejected_by}>: {reason})"
     if state == OpState.ERROR:
-        return bk.clip(f"{base}\n{_e(data.get('error', ''))}", bk.MESSAGE_TEXT_MAX)
+        return bk.clip(f"{base}\n{_e(data.error or '')}", bk.MESSAGE_TEXT_MAX)
     return base
 
 
@@ -406,14 +315,14 @@ def list_message(ops: Sequence[Operation]) -> str:
         )
     lines = ["*Recent sfp tasks* (this channel, and yours elsewhere)"]
     for op in ops:
+        params, data = params_of(op), SfpData.of(op)
         extra = ""
-        if is_recurring(op):
-            counts = op.data.get("run_counts") or {}
-            extra = f" · {sum(int(n) for n in counts.values())} run(s)"
+        if params.recurring:
+            extra = f" · {data.total_done} run(s)"
         elif op.state in {OpState.RUNNING, OpState.CANCELING}:
-            extra = f" · {int(op.data.get('progress') or 0)}%"
+            extra = f" · {data.progress or 0}%"
         lines.append(
-            f"• `{op.ref}` {_e(op.params.get('type'))} · {state_label(op)}{extra} · {schedule_text(op)}"
+            f"• `{op.ref}` {_e(params.type)} · {state_label(op)}{extra} · {schedule_text(op)}"
             f" · <@{op.requester}> · {slack_date(op.created_at)}"
         )
     return bk.clip("\n".join(lines), bk.SECTION_TEXT_MAX)
@@ -424,7 +333,7 @@ def status_blocks(op: Operation, live: TaskStatus | None) -> list[Block]:
     # An ephemeral copy must not carry live buttons: they belong to the channel card.
     blocks = [block for block in blocks if block.get("type") != "actions"]
     if live is not None:
-        blocks.append(bk.context("Live from the sfp server: " + _live_text(live, recurring=is_recurring(op))))
+        blocks.append(bk.context("Live from the sfp server: " + _live_text(live, recurring=params_of(op).recurring)))
     return blocks
 
 
@@ -441,30 +350,6 @@ def _live_text(status: TaskStatus, *, recurring: bool) -> str:
 
 def foreign_status_text(target: Target, status: TaskStatus) -> str:
     return f"*Status of {target.label}* (not submitted by this bot)\n" + _live_text(status, recurring=False)
-
-
-def result_text(target: Target, status: TaskStatus) -> str:
-    if status.status == "completed":
-        op = target.operation
-        file_name = result_file_name(op) if op is not None and op.state == OpState.SUCCEEDED else None
-        result = redact(status.result)
-        if file_name is None and is_long_result(result):
-            rendered = render_result(result).split("\n")
-            shown = "\n".join(rendered[:PREVIEW_LINES])
-            return bk.clip(
-                f"*Result of {target.label}*\n{shown}\n_…{len(rendered) - PREVIEW_LINES} more line(s); "
-                "the sfp server has the rest._",
-                bk.MESSAGE_TEXT_MAX,
-            )
-        return bk.clip(
-            f"*Result of {target.label}*\n{result_block_text(result, file_name=file_name)}", bk.MESSAGE_TEXT_MAX
-        )
-    if status.status == "failed":
-        message = redact_text(status.error.message) if status.error else "no error message"
-        return f"❌ {target.label} failed: {_e(bk.clip(message, 500))}"
-    if status.status == "cancelled":
-        return f"✋ {target.label} was cancelled; there is no result."
-    return f"{target.label} has no result yet: it is {_e(status.status)} ({status.progress}%)."
 
 
 def runs_text(target: Target, rec: Recurrence) -> str:
@@ -515,15 +400,12 @@ def cancel_text(outcome: CancelOutcome) -> str:
 
 
 __all__ = [
-    "REDACTED",
     "cancel_text",
     "completion_text",
     "created_message",
     "event_reply",
     "foreign_status_text",
     "list_message",
-    "render_result",
-    "result_json",
     "result_text",
     "runs_text",
     "sfp_card",
