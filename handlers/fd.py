@@ -10,145 +10,151 @@ from __future__ import annotations
 
 from typing import Any
 
-from slack_bolt.async_app import AsyncAck, AsyncApp, AsyncRespond
+from slack_bolt.async_app import AsyncAck, AsyncApp, AsyncBoltContext, AsyncRespond
 
-from bot.core.approvals import audit_waiver
 from bot.core.payloads import ApprovalState, common
 from bot.errors import UsageError
 from bot.flexdeploy import messages as fd_messages
 from bot.flexdeploy.commands import FdCancel, FdDelete, FdHelp, FdShow, FdStatus, FdWrite, parse_fd
 from bot.flexdeploy.service import NOT_CONFIGURED, FlexDeployService, files_csv
-from bot.store import repo
 from bot.store.models import REF_PREFIX, OpKind
-from handlers.context import HandlerDeps
+from handlers.context import HandlerDeps, deps_of
 from handlers.errors import guarded, parse_or_refuse, reply_ephemeral
 
 
-def register(app: AsyncApp, deps: HandlerDeps) -> None:
-    def service() -> FlexDeployService:
-        if deps.fd is None:
-            raise UsageError(NOT_CONFIGURED)
-        return deps.fd
+def service(deps: HandlerDeps) -> FlexDeployService:
+    if deps.fd is None:
+        raise UsageError(NOT_CONFIGURED)
+    return deps.fd
 
-    async def fd_command(ack: AsyncAck, command: dict[str, Any], respond: AsyncRespond) -> None:
-        user, channel, text = command["user_id"], command["channel_id"], command.get("text", "").strip()
-        detail = f"/fd {text}"[:500]
-        parsed = await parse_or_refuse(ack, parse_fd, text, deps=deps, actor=user, channel=channel, detail=detail)
-        if parsed is None:
-            return
-        await ack()
 
-        async def work() -> None:
-            await deps.access.check(command="fd", user=user, channel=channel)
-            if isinstance(parsed, FdHelp):
-                await reply_ephemeral(respond, fd_messages.help_text())
-            elif isinstance(parsed, FdShow):
-                package = await service().show(parsed.project_id, parsed.package)
-                text, blocks = fd_messages.show_message(package, project_id=parsed.project_id)
-                await reply_ephemeral(respond, text, blocks)
-                if fd_messages.is_long(package):
-                    # Files cannot be ephemeral in Slack; the full list is shared in the channel.
-                    await deps.poster.upload(
-                        channel=channel,
-                        thread_ts=None,
-                        file=files_csv(package, project_id=parsed.project_id),
-                        comment=fd_messages.file_comment(package, project_id=parsed.project_id, user=user),
-                    )
-            elif isinstance(parsed, FdCancel):
-                await deps.access.check_cancel(await service().get(parsed.ref), user=user)
-                operation = await service().cancel(parsed.ref, user=user)
-                deps.kick_poller()
-                await repo.audit(
-                    deps.db, actor=user, channel=channel, operation_ref=operation.ref, action="fd.cancel", outcome="ok"
+async def fd_command(ack: AsyncAck, command: dict[str, Any], respond: AsyncRespond, context: AsyncBoltContext) -> None:
+    deps = deps_of(context)
+    user, channel, text = command["user_id"], command["channel_id"], command.get("text", "").strip()
+    detail = f"/fd {text}"[:500]
+    parsed = await parse_or_refuse(ack, parse_fd, text, deps=deps, actor=user, channel=channel, detail=detail)
+    if parsed is None:
+        return
+    await ack()
+
+    async def work() -> None:
+        await deps.access.check(command="fd", user=user, channel=channel)
+        if isinstance(parsed, FdHelp):
+            await reply_ephemeral(respond, fd_messages.help_text())
+        elif isinstance(parsed, FdShow):
+            package = await service(deps).show(parsed.project_id, parsed.package)
+            text, blocks = fd_messages.show_message(package, project_id=parsed.project_id)
+            await reply_ephemeral(respond, text, blocks)
+            if fd_messages.is_long(package):
+                # Files cannot be ephemeral in Slack; the full list is shared in the channel.
+                await deps.poster.upload(
+                    channel=channel,
+                    thread_ts=None,
+                    file=files_csv(package, project_id=parsed.project_id),
+                    comment=fd_messages.file_comment(package, project_id=parsed.project_id, user=user),
                 )
-                await reply_ephemeral(respond, f"✋ {operation.ref} is withdrawn; nothing was changed in FlexDeploy.")
-            else:
-                await change(
-                    parsed, user=user, channel=channel, trigger_id=command.get("trigger_id", ""), respond=respond
-                )
-            await repo.audit(deps.db, actor=user, channel=channel, action="command", detail=detail, outcome="ok")
-
-        await guarded(work, respond=respond, deps=deps, actor=user, channel=channel, action="command", detail=detail)
-
-    async def change(
-        parsed: FdWrite | FdStatus | FdDelete, *, user: str, channel: str, trigger_id: str, respond: AsyncRespond
-    ) -> None:
-        fd = service()
-        planned = await fd.plan(parsed)  # reads the package; refuses bad requests before any write
-        outcome = await fd.submit(planned, requester=user, channel=channel, idempotency_key=f"fd:{trigger_id}")
-        call = f"{planned.method} project {planned.project_id} package {planned.package!r}"[:500]
-        if outcome.pending is not None:
-            operation = outcome.pending.operation
+        elif isinstance(parsed, FdCancel):
+            await deps.access.check_cancel(await service(deps).get(parsed.ref), user=user)
+            operation = await service(deps).cancel(parsed.ref, user=user)
             deps.kick_poller()
-            await repo.audit(
-                deps.db,
-                actor=user,
-                channel=channel,
-                operation_ref=operation.ref,
-                action=f"fd.{planned.action}",
-                detail=call,
-                outcome=operation.state,
+            await deps.audit.record(
+                actor=user, channel=channel, operation_ref=operation.ref, action="fd.cancel", outcome="ok"
             )
-            await audit_waiver(
-                deps.db,
-                actor=user,
-                channel=channel,
-                operation_ref=operation.ref,
-                approval=common(operation).approval,
+            await reply_ephemeral(respond, f"✋ {operation.ref} is withdrawn; nothing was changed in FlexDeploy.")
+        else:
+            await change(
+                deps, parsed, user=user, channel=channel, trigger_id=command.get("trigger_id", ""), respond=respond
             )
-            await reply_ephemeral(respond, fd_messages.pending_ack(outcome.pending, notes=outcome.notes))
-            return
-        applied = outcome.applied
-        assert applied is not None
-        await repo.audit(
-            deps.db,
+        await deps.audit.record(actor=user, channel=channel, action="command", detail=detail, outcome="ok")
+
+    await guarded(work, respond=respond, deps=deps, actor=user, channel=channel, action="command", detail=detail)
+
+
+async def change(
+    deps: HandlerDeps,
+    parsed: FdWrite | FdStatus | FdDelete,
+    *,
+    user: str,
+    channel: str,
+    trigger_id: str,
+    respond: AsyncRespond,
+) -> None:
+    fd = service(deps)
+    planned = await fd.plan(parsed)  # reads the package; refuses bad requests before any write
+    outcome = await fd.submit(planned, requester=user, channel=channel, idempotency_key=f"fd:{trigger_id}")
+    call = f"{planned.method} project {planned.project_id} package {planned.package!r}"[:500]
+    if outcome.pending is not None:
+        operation = outcome.pending.operation
+        deps.kick_poller()
+        await deps.audit.record(
             actor=user,
             channel=channel,
+            operation_ref=operation.ref,
             action=f"fd.{planned.action}",
             detail=call,
-            outcome="absent" if applied.absent else "ok",
+            outcome=operation.state,
         )
-        await audit_waiver(
-            deps.db,
+        await deps.audit.waiver(
             actor=user,
             channel=channel,
-            operation_ref="",
-            approval=ApprovalState.read(applied.waiver) if applied.waiver else None,
+            operation_ref=operation.ref,
+            approval=common(operation).approval,
         )
-        if not applied.absent:
-            text, blocks = fd_messages.applied_message(applied, user=user)
-            ts = await deps.poster.post(channel=channel, text=text, blocks=blocks)
-            if applied.after is not None and fd_messages.is_long(applied.after):
-                await deps.poster.upload(
-                    channel=channel, thread_ts=ts, file=files_csv(applied.after, project_id=planned.project_id)
-                )
-        await reply_ephemeral(respond, fd_messages.applied_ack(applied, notes=outcome.notes))
-
-    async def on_cancel(ack: AsyncAck, body: dict[str, Any], respond: AsyncRespond) -> None:
-        await ack()
-        user, channel = body["user"]["id"], (body.get("channel") or {}).get("id", "")
-        value = str((body.get("actions") or [{}])[0].get("value") or "")
-
-        async def work() -> None:
-            await deps.access.check(command="fd", user=user, channel=channel)
-            ref = f"{REF_PREFIX[OpKind.FD]}{value}"
-            await deps.access.check_cancel(await service().get(ref), user=user)
-            operation = await service().cancel(ref, user=user)
-            await repo.audit(
-                deps.db, actor=user, channel=channel, operation_ref=operation.ref, action="fd.cancel", outcome="ok"
+        await reply_ephemeral(respond, fd_messages.pending_ack(outcome.pending, notes=outcome.notes))
+        return
+    applied = outcome.applied
+    assert applied is not None
+    await deps.audit.record(
+        actor=user,
+        channel=channel,
+        action=f"fd.{planned.action}",
+        detail=call,
+        outcome="absent" if applied.absent else "ok",
+    )
+    await deps.audit.waiver(
+        actor=user,
+        channel=channel,
+        operation_ref="",
+        approval=ApprovalState.read(applied.waiver) if applied.waiver else None,
+    )
+    if not applied.absent:
+        text, blocks = fd_messages.applied_message(applied, user=user)
+        ts = await deps.poster.post(channel=channel, text=text, blocks=blocks)
+        if applied.after is not None and fd_messages.is_long(applied.after):
+            await deps.poster.upload(
+                channel=channel, thread_ts=ts, file=files_csv(applied.after, project_id=planned.project_id)
             )
-            deps.kick_poller()
-            await reply_ephemeral(respond, f"✋ {operation.ref} is withdrawn; nothing was changed in FlexDeploy.")
+    await reply_ephemeral(respond, fd_messages.applied_ack(applied, notes=outcome.notes))
 
-        await guarded(
-            work,
-            respond=respond,
-            deps=deps,
-            actor=user,
-            channel=channel,
-            action="fd.cancel",
-            detail=f"operation {value}",
+
+async def on_cancel(ack: AsyncAck, body: dict[str, Any], respond: AsyncRespond, context: AsyncBoltContext) -> None:
+    deps = deps_of(context)
+    await ack()
+    user, channel = body["user"]["id"], (body.get("channel") or {}).get("id", "")
+    value = str((body.get("actions") or [{}])[0].get("value") or "")
+
+    async def work() -> None:
+        await deps.access.check(command="fd", user=user, channel=channel)
+        ref = f"{REF_PREFIX[OpKind.FD]}{value}"
+        await deps.access.check_cancel(await service(deps).get(ref), user=user)
+        operation = await service(deps).cancel(ref, user=user)
+        await deps.audit.record(
+            actor=user, channel=channel, operation_ref=operation.ref, action="fd.cancel", outcome="ok"
         )
+        deps.kick_poller()
+        await reply_ephemeral(respond, f"✋ {operation.ref} is withdrawn; nothing was changed in FlexDeploy.")
 
+    await guarded(
+        work,
+        respond=respond,
+        deps=deps,
+        actor=user,
+        channel=channel,
+        action="fd.cancel",
+        detail=f"operation {value}",
+    )
+
+
+def register(app: AsyncApp) -> None:
     app.command("/fd")(fd_command)
     app.action("fd_cancel")(on_cancel)
