@@ -13,7 +13,10 @@ from bot.clients.retry import RetryPolicy
 from bot.core.access import AccessPolicy
 from bot.core.advance import KindAdvancer
 from bot.core.approvals import ApprovalService
+from bot.core.audit import AuditLog
+from bot.core.deliveries import Deliveries
 from bot.core.lifecycle import LeasedWrites
+from bot.core.lookup import OperationLookup
 from bot.core.orgs import OrgRegistry
 from bot.deploy import messages as deploy_messages
 from bot.deploy.service import DeployService
@@ -146,10 +149,12 @@ async def build_runtime(
     deps = HandlerDeps(
         settings=settings,
         team_id=team_id,
-        db=db,
         push=push,
         approvals=approvals,
         access=access,
+        audit=AuditLog(db=db),
+        deliveries=Deliveries(db=db),
+        operations=OperationLookup(db=db),
         poster=poster,
         directory=directory,
         kick_poller=poller.kick,

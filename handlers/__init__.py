@@ -1,19 +1,23 @@
-"""Slack listeners, registered explicitly by ``register`` (never by import side effects)."""
+"""Slack listeners, registered explicitly by ``register`` (never by import side effects).
+
+Each module's listeners are module-level functions; their dependencies reach them through Bolt's
+``context``, put there by the one middleware registered first (``handlers.context.provide``).
+"""
 
 from __future__ import annotations
 
 from slack_bolt.async_app import AsyncApp
 
-from handlers import approvals, dedupe, deploy, fd, placeholders, push, sfp, workspace
-from handlers.context import HandlerDeps
+from handlers import approvals, dedupe, deploy, fd, push, sfp, workspace
+from handlers.context import HandlerDeps, provide
 
 
 def register(app: AsyncApp, deps: HandlerDeps) -> None:
-    workspace.register(app, deps)  # first: nothing from another workspace reaches the rest
-    dedupe.register(app, deps)
-    push.register(app, deps)
-    fd.register(app, deps)
-    sfp.register(app, deps)
-    deploy.register(app, deps)
-    approvals.register(app, deps)
-    placeholders.register(app)
+    app.middleware(provide(deps))  # first: every middleware and listener below reads it
+    workspace.register(app)  # next: nothing from another workspace reaches the rest
+    dedupe.register(app)
+    push.register(app)
+    fd.register(app)
+    sfp.register(app)
+    deploy.register(app)
+    approvals.register(app)

@@ -18,8 +18,7 @@ from slack_bolt.async_app import AsyncApp
 from slack_bolt.request.async_request import AsyncBoltRequest
 from slack_bolt.response import BoltResponse
 
-from bot.store import repo
-from handlers.context import HandlerDeps
+from handlers.context import deps_of
 
 log = logging.getLogger(__name__)
 
@@ -32,17 +31,18 @@ def delivery_key(body: dict[str, Any]) -> str | None:
     return None
 
 
-def register(app: AsyncApp, deps: HandlerDeps) -> None:
-    async def skip_redeliveries(
-        req: AsyncBoltRequest, resp: BoltResponse, next: Callable[[], Awaitable[BoltResponse]]
-    ) -> BoltResponse:
-        retry = (req.headers.get("x-slack-retry-num") or [""])[0]
-        key = delivery_key(req.body)
-        if key is None or not (retry or key.startswith("event:")):
-            return await next()
-        if not await repo.claim_delivery(deps.db, key=f"{key}:retry" if retry else key):
-            log.info("dropping redelivered request", extra={"key": key, "retry": retry})
-            return BoltResponse(status=200, body="")
+async def skip_redeliveries(
+    req: AsyncBoltRequest, resp: BoltResponse, next: Callable[[], Awaitable[BoltResponse]]
+) -> BoltResponse:
+    retry = (req.headers.get("x-slack-retry-num") or [""])[0]
+    key = delivery_key(req.body)
+    if key is None or not (retry or key.startswith("event:")):
         return await next()
+    if not await deps_of(req.context).deliveries.claim(f"{key}:retry" if retry else key):
+        log.info("dropping redelivered request", extra={"key": key, "retry": retry})
+        return BoltResponse(status=200, body="")
+    return await next()
 
+
+def register(app: AsyncApp) -> None:
     app.middleware(skip_redeliveries)

@@ -13,7 +13,6 @@ from bot.errors import ChatOpsError, UsageError, UserError
 from bot.redaction import redact_text
 from bot.slack.messages import error_text, unexpected_error_text
 from bot.slack.web import redacted_blocks
-from bot.store import repo
 from handlers.context import HandlerDeps
 
 log = logging.getLogger(__name__)
@@ -54,8 +53,7 @@ async def guarded(
             outcome = "refused" if isinstance(error, UserError) else "upstream-error"
             if not isinstance(error, UserError):
                 log.warning("%s failed upstream: %s", action, error.message)
-            await repo.audit(
-                deps.db,
+            await deps.audit.record(
                 actor=actor,
                 channel=channel,
                 action=action,
@@ -65,7 +63,7 @@ async def guarded(
             await reply_ephemeral(respond, error_text(error))
         except Exception:
             log.exception("%s failed", action)
-            await repo.audit(deps.db, actor=actor, channel=channel, action=action, detail=detail, outcome="bot-error")
+            await deps.audit.record(actor=actor, channel=channel, action=action, detail=detail, outcome="bot-error")
             await reply_ephemeral(respond, unexpected_error_text())
 
     deps.ack_first.spawn(run(), promptly=promptly)
@@ -89,6 +87,6 @@ async def parse_or_refuse(
         await ack(text=redact_text(error_text(error)))
         outcome = f"refused: {error.message[:150]}"
         deps.ack_first.spawn(
-            repo.audit(deps.db, actor=actor, channel=channel, action="command", detail=detail, outcome=outcome)
+            deps.audit.record(actor=actor, channel=channel, action="command", detail=detail, outcome=outcome)
         )
         return None

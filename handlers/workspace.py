@@ -23,8 +23,7 @@ from slack_bolt.request.async_request import AsyncBoltRequest
 from slack_bolt.response import BoltResponse
 
 from bot.slack.messages import foreign_workspace_text
-from bot.store import repo
-from handlers.context import HandlerDeps
+from handlers.context import deps_of
 
 log = logging.getLogger(__name__)
 
@@ -66,29 +65,30 @@ def _describe(body: dict[str, Any]) -> tuple[str, str, str, str]:
     return actor, channel_id, str(body.get("type") or "request"), ""
 
 
-def register(app: AsyncApp, deps: HandlerDeps) -> None:
-    async def only_own_workspace(
-        req: AsyncBoltRequest, resp: BoltResponse, next: Callable[[], Awaitable[BoltResponse]]
-    ) -> BoltResponse:
-        teams = team_ids(req.body, context_team_id=req.context.team_id)
-        if teams == {deps.team_id}:
-            return await next()
-        actor, channel, action, detail = _describe(req.body)
-        others = ",".join(sorted(teams - {deps.team_id})) or "none"
-        log.warning("refused a request from another workspace", extra={"teams": others, "action": action})
-        deps.ack_first.spawn(
-            repo.audit(
-                deps.db,
-                actor=actor,
-                channel=channel,
-                action=action,
-                detail=f"{detail[:150]} (team {others})".strip(),
-                outcome="refused: another workspace",
-            )
+async def only_own_workspace(
+    req: AsyncBoltRequest, resp: BoltResponse, next: Callable[[], Awaitable[BoltResponse]]
+) -> BoltResponse:
+    deps = deps_of(req.context)
+    teams = team_ids(req.body, context_team_id=req.context.team_id)
+    if teams == {deps.team_id}:
+        return await next()
+    actor, channel, action, detail = _describe(req.body)
+    others = ",".join(sorted(teams - {deps.team_id})) or "none"
+    log.warning("refused a request from another workspace", extra={"teams": others, "action": action})
+    deps.ack_first.spawn(
+        deps.audit.record(
+            actor=actor,
+            channel=channel,
+            action=action,
+            detail=f"{detail[:150]} (team {others})".strip(),
+            outcome="refused: another workspace",
         )
-        if req.body.get("command"):
-            refusal = json.dumps({"response_type": "ephemeral", "text": foreign_workspace_text()})
-            return BoltResponse(status=200, body=refusal, headers={"content-type": "application/json"})
-        return BoltResponse(status=200, body="")
+    )
+    if req.body.get("command"):
+        refusal = json.dumps({"response_type": "ephemeral", "text": foreign_workspace_text()})
+        return BoltResponse(status=200, body=refusal, headers={"content-type": "application/json"})
+    return BoltResponse(status=200, body="")
 
+
+def register(app: AsyncApp) -> None:
     app.middleware(only_own_workspace)

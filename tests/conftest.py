@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import AsyncIterator, Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,25 @@ def clean_environment(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         if handler not in root.handlers:
             root.addHandler(handler)
     root.setLevel(level)
+
+
+# Tests wait on conditions, never on the clock, and most of what they wait for is Slack's
+# one-message-per-second-per-channel pace: shortened here (no test asserts the one second itself;
+# the pacing logic still runs, at a tenth of the interval). The poller's tick stays at a second:
+# at 0.2 s it settles a double-clicked approval between the two clicks often enough that
+# test_push_e2e's double click sees "decided a moment ago", an answer that test does not accept.
+TEST_POLL_SECONDS = 1.0
+TEST_POST_SPACING = 0.1
+
+
+@pytest.fixture(autouse=True)
+def quick_ticks(monkeypatch: pytest.MonkeyPatch) -> None:
+    from bot.sandbox import embedded
+    from bot.slack import outbox, web
+
+    monkeypatch.setattr(embedded, "POLL_SECONDS", TEST_POLL_SECONDS)
+    monkeypatch.setattr(outbox, "POST_INTERVAL", timedelta(seconds=TEST_POST_SPACING))
+    monkeypatch.setattr(web, "POST_SPACING_SECONDS", TEST_POST_SPACING)
 
 
 @pytest.fixture

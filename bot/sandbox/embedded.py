@@ -47,6 +47,9 @@ SANDBOX_APPROVERS = ["U0BOB", "U0DAVE"]
 # Every type the simulated sfp server knows: the tours use the review-environment ones.
 SANDBOX_SFP_TASK_TYPES = list(TASK_TYPES)
 SANDBOX_ADMINS = ["U0DAVE"]  # may cancel anything and read sfp tasks the bot did not submit
+# The poller's interval: a second, at the pace a person following a tour reads; tests/conftest.py
+# shortens it, since end-to-end tests otherwise spend most of their time waiting for a tick.
+POLL_SECONDS = 1.0
 
 
 @dataclass
@@ -93,7 +96,7 @@ def sandbox_settings(
             ApprovalRule(action="push", org_kind="production", approvers=SANDBOX_APPROVERS, count=1),
             ApprovalRule(action="deploy", org_kind="production", approvers=SANDBOX_APPROVERS, count=1),
         ],
-        "poller": PollerConfig(interval_seconds=1.0, lease_seconds=30.0),
+        "poller": PollerConfig(interval_seconds=POLL_SECONDS, lease_seconds=30.0),
     }
     values.update(overrides)
     return Settings.model_validate(values)
