@@ -127,15 +127,16 @@ async def test_a_command_leaves_an_audit_row_and_answers_only_the_user(bot: Bot)
     ]
 
 
-async def test_a_change_made_at_once_is_posted_in_the_channel_and_acknowledged_to_the_user(bot: Bot) -> None:
+async def test_a_change_is_acknowledged_to_the_user_and_left_to_the_poller(bot: Bot) -> None:
+    """Every /fd change is an operation: the listener records it and says where it will be posted;
+    the card in the channel is the poller's (off here), so nothing is posted by the listener."""
     await bot.command(ALICE, "/fd", 'create 101 "Listener Test" --files "/src/classes/ListenerTest.cls"')
 
-    [posted] = bot.in_channel()
-    assert "<@U0ALICE> created" in full_text(posted)  # the team sees who changed the package
     [ack] = bot.seen_by(ALICE)
-    assert "Done: create `Listener Test`" in full_text(ack)
-    actions = [(row.action, row.outcome) for row in await bot.audit()]
-    assert actions == [("fd.create", "ok"), ("command", "ok")]
+    assert "F1 (" in full_text(ack) and "is being sent to FlexDeploy" in full_text(ack)
+    assert bot.in_channel() == []
+    actions = [(row.action, row.operation_ref, row.outcome) for row in await bot.audit()]
+    assert actions == [("fd.create", "F1", "starting"), ("command", "", "ok")]
 
 
 async def test_slack_retries_of_a_command_create_nothing_twice(bot: Bot) -> None:
