@@ -53,7 +53,16 @@ def register(app: AsyncApp, deps: HandlerDeps) -> None:
                 )
             await repo.audit(deps.db, actor=user, channel=channel, action="command", detail=detail, outcome="ok")
 
-        await guarded(work, respond=respond, deps=deps, actor=user, channel=channel, action="command", detail=detail)
+        await guarded(
+            work,
+            respond=respond,
+            deps=deps,
+            actor=user,
+            channel=channel,
+            action="command",
+            detail=detail,
+            usage=PUSH_USAGE,
+        )
 
     async def scheduled_time(at: str | None, user: str) -> Any:
         if at is None:
