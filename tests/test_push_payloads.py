@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from bot.push.payloads import PushData, PushParams
+from bot.push.requests import OrgSelection, VersionSpec
+from bot.sandbox.embedded import Sandbox
+from bot.store import repo
+from bot.store.models import Operation, OpState
+from tests.helpers import wait_for_op
 
 ROWS = json.loads((Path(__file__).parent / "fixtures" / "operations_r2_push.json").read_text())
 
@@ -46,3 +52,51 @@ def test_a_captured_row_validates_and_round_trips(row: dict[str, Any]) -> None:
     # Read again from what this release writes: the same values.
     assert PushParams.read(params.dump()) == params
     assert PushData.read(data.dump()) == data
+
+
+async def test_a_row_written_by_the_previous_release_is_advanced_to_completion(sandbox: Sandbox) -> None:
+    """Upgrade safety: a push the previous release created (approved, about to start) is carried to the end."""
+    row = next(
+        r
+        for r in ROWS
+        if r["state"] == "starting" and r["step"] == "create_request" and r["params"]["orgs"] == "sandbox"
+    )
+    assert sandbox.runtime is not None
+    runtime = sandbox.runtime
+    plan = await runtime.push.plan(VersionSpec(version_id=row["params"]["version_id"]), OrgSelection(scope="sandbox"))
+    assert plan.targets
+    operation = Operation(
+        kind=row["kind"],
+        state=row["state"],
+        step=row["step"],
+        org=row["org"],
+        summary=row["summary"],
+        params=row["params"],
+        data=row["data"],
+        requester=row["requester"],
+        channel=row["channel"],
+        idempotency_key="from-the-previous-release",
+        next_poll_at=datetime.now(UTC),
+    )
+    operation, _ = await repo.insert_operation(runtime.db, operation=operation)
+    assert operation.id is not None
+    await repo.add_push_targets(
+        runtime.db,
+        operation_id=operation.id,
+        targets=[
+            {
+                "org_key": t.org_key,
+                "org_name": t.org_name,
+                "org_type": t.org_type,
+                "org_status": t.org_status,
+                "from_version": t.from_version,
+            }
+            for t in plan.targets
+        ],
+    )
+    runtime.poller.kick()
+    op = await wait_for_op(sandbox, operation.ref, states=[OpState.SUCCEEDED, OpState.FAILED], announced=True)
+    data = PushData.of(op)
+    assert op.external_id and data.request_url and data.jobs is not None
+    assert data.summary is not None and data.summary.total == data.jobs.created == len(plan.targets) - data.jobs.refused
+    assert data.plan.total == row["data"]["plan"]["total"]
