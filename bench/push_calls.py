@@ -21,9 +21,13 @@ import aiohttp
 from bench.common import packaging_settings
 from bot.clients.salesforce.auth import TokenCache, parse_sfdx_auth_url
 from bot.clients.salesforce.rest import SalesforceClient
+from bot.core.advance import KindAdvancer
+from bot.core.lifecycle import LeasedWrites
 from bot.core.orgs import OrgRegistry
-from bot.push.commands import OrgSelection, VersionSpec
+from bot.push.payloads import PushData
+from bot.push.requests import OrgSelection, VersionSpec
 from bot.push.service import PushService
+from bot.push.steps import PushSteps
 from bot.sandbox.salesforce_org import SalesforceOrgSim, build_auth_url
 from bot.store import repo
 from bot.store.db import Database, migrate
@@ -41,7 +45,10 @@ async def _bot_path(sim: SalesforceOrgSim, session: aiohttp.ClientSession, workd
     await migrate(settings.database_url)
     db = Database(settings.database_url)
     try:
-        service = PushService(db=db, orgs=OrgRegistry(settings=settings, session=session), settings=settings)
+        orgs = OrgRegistry(settings=settings, session=session)
+        service = PushService(db=db, orgs=orgs, settings=settings)
+        writes = LeasedWrites(db)
+        advancer = KindAdvancer(steps=PushSteps(db=db, orgs=orgs, writes=writes), writes=writes)
         plan = await service.plan(SPEC, OrgSelection())
         op, _ = await service.create(
             plan, requester="UBENCH", channel="CBENCH", idempotency_key=f"bench-{time.time()}", scheduled_for=LATER
@@ -50,7 +57,7 @@ async def _bot_path(sim: SalesforceOrgSim, session: aiohttp.ClientSession, workd
             claimed = await repo.claim_due(
                 db, owner="bench", now=datetime.now(UTC) + timedelta(hours=1), lease=timedelta(seconds=60), limit=10
             )
-            await service.advance(claimed, lease_token=claimed[0].lease_owner or "")
+            await advancer.advance(claimed, lease_token=claimed[0].lease_owner or "")
             fresh = await repo.get_operation(db, operation_id=op.id or 0)
             assert fresh is not None
             if fresh.state in {OpState.RUNNING, OpState.SCHEDULED}:
@@ -58,7 +65,7 @@ async def _bot_path(sim: SalesforceOrgSim, session: aiohttp.ClientSession, workd
             await repo.release_lease(
                 db, operation_id=fresh.id or 0, lease_token=claimed[0].lease_owner or "", next_poll_at=datetime.now(UTC)
             )
-        raise RuntimeError(f"push did not start: {fresh.state} {fresh.data.get('error')}")
+        raise RuntimeError(f"push did not start: {fresh.state} {PushData.of(fresh).error}")
     finally:
         await db.close()
 

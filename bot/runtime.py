@@ -26,6 +26,7 @@ from bot.flexdeploy.service import FlexDeployService
 from bot.poller import KindView, Poller, card_renderer, replica_name
 from bot.push import messages as push_messages
 from bot.push.service import PushService
+from bot.push.steps import PushSteps
 from bot.settings import Settings
 from bot.sfp import messages as sfp_messages
 from bot.sfp.service import SfpService
@@ -95,7 +96,7 @@ async def build_runtime(
     # One KindView per kind of operation: how the poller advances it and how its card looks.
     views: dict[str, KindView] = {
         OpKind.PUSH: KindView(
-            advancer=push,
+            advancer=KindAdvancer(steps=PushSteps(db=db, orgs=orgs, writes=LeasedWrites(db)), writes=LeasedWrites(db)),
             card=push_messages.push_card,
             event_reply=push_messages.event_reply,
             completion_text=push_messages.completion_text,

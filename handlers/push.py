@@ -53,7 +53,16 @@ async def push_command(
             )
         await deps.audit.record(actor=user, channel=channel, action="command", detail=detail, outcome="ok")
 
-    await guarded(work, respond=respond, deps=deps, actor=user, channel=channel, action="command", detail=detail)
+    await guarded(
+        work,
+        respond=respond,
+        deps=deps,
+        actor=user,
+        channel=channel,
+        action="command",
+        detail=detail,
+        usage=PUSH_USAGE,
+    )
 
 
 async def scheduled_time(deps: HandlerDeps, at: str | None, user: str) -> Any:

@@ -6,10 +6,24 @@ Pure functions with no Slack or database types, so handlers stay thin and tests 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
 
 from bot.core.grammar import Help, parse_ref, split_options, tokenize
 from bot.errors import UsageError
+from bot.push.requests import OrgSelection, PushCommand, PushCreate, PushList, PushRef, PushRetry, VersionSpec
+
+__all__ = [
+    "PUSH_USAGE",
+    "OrgSelection",
+    "PushCommand",
+    "PushCreate",
+    "PushList",
+    "PushRef",
+    "PushRetry",
+    "VersionSpec",
+    "parse_org_selection",
+    "parse_push",
+    "parse_version_spec",
+]
 
 PUSH_USAGE = """*`/push` — push upgrades to subscriber orgs*
 • `/push create <version> [--orgs all|production|sandbox|<orgId,…>] [--at <when>] [--dry-run]`
@@ -23,57 +37,6 @@ ORG_ID_RE = re.compile(r"^00D[a-zA-Z0-9]{12}(?:[a-zA-Z0-9]{3})?$")
 PACKAGE_VERSION_RE = re.compile(r"^(?P<name>[^@]{1,80})@(?P<major>\d{1,4})\.(?P<minor>\d{1,4})\.(?P<patch>\d{1,4})$")
 PACKAGE_NAME_RE = re.compile(r"^[\w .&'()+,:-]{1,80}$")
 ORG_SCOPES = ("all", "production", "sandbox")
-
-
-@dataclass(frozen=True)
-class VersionSpec:
-    version_id: str | None = None
-    package_name: str | None = None
-    number: tuple[int, int, int] | None = None
-
-    def __str__(self) -> str:
-        if self.version_id:
-            return self.version_id
-        assert self.number is not None
-        return f"{self.package_name}@{'.'.join(map(str, self.number))}"
-
-
-@dataclass(frozen=True)
-class OrgSelection:
-    scope: str = "all"  # all | production | sandbox | ids
-    org_ids: tuple[str, ...] = ()
-
-    def __str__(self) -> str:
-        return self.scope if self.scope != "ids" else f"{len(self.org_ids)} listed org(s)"
-
-
-@dataclass(frozen=True)
-class PushCreate:
-    version: VersionSpec
-    orgs: OrgSelection = field(default_factory=OrgSelection)
-    at: str | None = None  # raw text; resolved in the requester's time zone later
-    dry_run: bool = False
-
-
-@dataclass(frozen=True)
-class PushRetry:
-    ref: str
-    at: str | None = None
-    dry_run: bool = False
-
-
-@dataclass(frozen=True)
-class PushRef:
-    action: str  # status | cancel
-    ref: str
-
-
-@dataclass(frozen=True)
-class PushList:
-    pass
-
-
-PushCommand = PushCreate | PushRetry | PushRef | PushList | Help
 
 
 def parse_version_spec(text: str) -> VersionSpec:

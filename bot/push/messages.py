@@ -6,12 +6,12 @@ Pure functions from plain data to ``(text, blocks)``; no I/O.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime
 from typing import Any
 
 from bot.core.operations import OpEvent
 from bot.core.when import slack_date
-from bot.push.service import PushPlan, RetryPlan
+from bot.push.payloads import JobStatusCounts, PushData, PushParams, PushSummary
+from bot.push.plans import PushPlan, RetryPlan
 from bot.slack import blocks as bk
 from bot.slack.blocks import Block
 from bot.slack.cards import STATE_LABEL, approval_blocks, waiver_blocks
@@ -26,34 +26,29 @@ def _n(value: Any) -> str:
 
 def push_card(op: Operation, *, approvals: Sequence[str] = ()) -> tuple[str, list[Block]]:
     """The one status message of a push, edited in place as it progresses."""
-    params, data = op.params, op.data
+    params, data = PushParams.read(op.params), PushData.of(op)
     state = OpState(op.state)
-    title = f"Push {op.ref} · {params.get('package')} {params.get('version')}"  # header: plain text
-    plan = data.get("plan") or {}
-    total = int(plan.get("total") or 0)
+    title = f"Push {op.ref} · {params.package} {params.version}"  # header: plain text
     fields = [
         f"*Status*\n{STATE_LABEL[state]}",
-        f"*Orgs*\n{_n(total)} ({params.get('orgs')})",
+        f"*Orgs*\n{_n(data.plan.total)} ({params.orgs})",
         f"*Requested by*\n<@{op.requester}>",
     ]
     if op.scheduled_for:
         fields.append(f"*Starts*\n{slack_date(op.scheduled_for)}")
     else:
         fields.append(f"*Requested*\n{slack_date(op.created_at)}")
-    if params.get("retry_of"):
-        fields.append(f"*Retry of*\n{params['retry_of']}")
+    if params.retry_of:
+        fields.append(f"*Retry of*\n{params.retry_of}")
     blocks: list[Block] = [bk.header(title), bk.fields_section(fields)]
 
-    counts = data.get("counts") or {}
-    summary = data.get("summary")
-    if summary:
-        blocks.append(bk.section(_summary_text(summary)))
-    elif counts:
-        blocks.append(bk.section(_progress_text(counts)))
-    jobs = data.get("jobs") or {}
-    if jobs.get("refused"):
+    if data.summary:
+        blocks.append(bk.section(_summary_text(data.summary)))
+    elif data.counts:
+        blocks.append(bk.section(_progress_text(data.counts)))
+    if data.jobs and data.jobs.refused:
         blocks.append(
-            bk.context(f"Salesforce refused {_n(jobs['refused'])} org(s) when creating jobs — see the thread.")
+            bk.context(f"Salesforce refused {_n(data.jobs.refused)} org(s) when creating jobs — see the thread.")
         )
 
     blocks.extend(waiver_blocks(op))
@@ -62,60 +57,54 @@ def push_card(op: Operation, *, approvals: Sequence[str] = ()) -> tuple[str, lis
     elif state == OpState.SCHEDULED:
         blocks.append(bk.actions([_cancel_button(op)], block_id=f"push:{op.id}"))
     if state == OpState.REJECTED:
-        reason = bk.escape(data.get("reject_reason") or "no reason given")
-        blocks.append(bk.section(f"Rejected by <@{data.get('rejected_by')}>: {reason}"))
-    if state == OpState.CANCELED and data.get("canceled_by"):
-        blocks.append(bk.section(f"Canceled by <@{data['canceled_by']}>."))
-    if state == OpState.ERROR and data.get("error"):
-        blocks.append(bk.section(f"❗ {bk.escape(data['error'])}"))
-    if data.get("last_problem") and int(data.get("transient_failures", 0)) >= 3 and not op.is_terminal:
+        reason = bk.escape(data.reject_reason or "no reason given")
+        blocks.append(bk.section(f"Rejected by <@{data.rejected_by}>: {reason}"))
+    if state == OpState.CANCELED and data.canceled_by:
+        blocks.append(bk.section(f"Canceled by <@{data.canceled_by}>."))
+    if state == OpState.ERROR and data.error:
+        blocks.append(bk.section(f"❗ {bk.escape(data.error)}"))
+    if data.last_problem and data.transient_failures >= 3 and not op.is_terminal:
         # One failed call is retried quietly; say something only when it keeps failing.
-        blocks.append(bk.context(f"⚠️ Salesforce trouble, retrying automatically: {bk.escape(data['last_problem'])}"))
+        blocks.append(bk.context(f"⚠️ Salesforce trouble, retrying automatically: {bk.escape(data.last_problem)}"))
     context = [f"`{op.ref}`"]
     if op.external_id:
         context.append(f"request {_request_link(op)}")
-    if data.get("approved_by"):
-        context.append("approved by " + ", ".join(f"<@{user}>" for user in data["approved_by"]))
+    if data.approved_by:
+        context.append("approved by " + ", ".join(f"<@{user}>" for user in data.approved_by))
     blocks.append(bk.context(" · ".join(context)))
     text = f"{bk.escape(title)}: {STATE_LABEL[state]}"  # the message text is mrkdwn, unlike the header
     return text, bk.limit_blocks(blocks)
 
 
-def _progress_text(counts: dict[str, int]) -> str:
-    total = sum(int(v) for v in counts.values())
-    succeeded, failed = int(counts.get("Succeeded", 0)), int(counts.get("Failed", 0))
-    canceled = int(counts.get("Canceled", 0))
-    done = succeeded + failed + canceled
+def _progress_text(counts: JobStatusCounts) -> str:
+    total, done = counts.total, counts.done
     percent = round(100 * done / total) if total else 0
-    waiting = int(counts.get("Pending", 0)) + int(counts.get("Created", 0))
     return (
         f"`{bk.progress_bar(done, total)}` {percent}% · {_n(done)}/{_n(total)} done\n"
-        f"✅ {_n(succeeded)} succeeded · ❌ {_n(failed)} failed · 🔄 {_n(counts.get('In Progress'))} in progress"
-        f" · ⏳ {_n(waiting)} waiting"
+        f"✅ {_n(counts.succeeded)} succeeded · ❌ {_n(counts.failed)} failed"
+        f" · 🔄 {_n(counts.in_progress)} in progress · ⏳ {_n(counts.pending + counts.created)} waiting"
     )
 
 
-def _summary_text(summary: dict[str, Any]) -> str:
+def _summary_text(summary: PushSummary) -> str:
     lines = [
-        f"✅ {_n(summary.get('succeeded'))} succeeded · ❌ {_n(summary.get('failed'))} failed"
-        + (f" · ✋ {_n(summary.get('canceled'))} canceled" if summary.get("canceled") else "")
-        + f" · {_n(summary.get('total'))} jobs"
+        f"✅ {_n(summary.succeeded)} succeeded · ❌ {_n(summary.failed)} failed"
+        + (f" · ✋ {_n(summary.canceled)} canceled" if summary.canceled else "")
+        + f" · {_n(summary.total)} jobs"
     ]
-    groups = summary.get("groups") or []
-    if groups:
+    if summary.groups:
         lines.append("*Failures by error:*")
-        for group in groups:
-            message = bk.escape(bk.clip(str(group.get("message") or ""), 160))
-            varies = " _(the numbers differ from org to org; each is in the CSV)_" if group.get("numbers_vary") else ""
+        for group in summary.groups:
+            message = bk.escape(bk.clip(group.message, 160))
+            varies = " _(the numbers differ from org to org; each is in the CSV)_" if group.numbers_vary else ""
             lines.append(
-                f"• {_n(group['count'])} × *{bk.escape(str(group['type']))}* — "
-                f"{bk.escape(str(group['title']))}: {message}{varies}"
+                f"• {_n(group.count)} × *{bk.escape(group.type)}* — {bk.escape(group.title)}: {message}{varies}"
             )
-        more = int(summary.get("group_count", 0)) - len(groups)
+        more = summary.group_count - len(summary.groups)
         if more > 0:
             lines.append(f"…and {more} other error kinds (all in the CSV)")
-    if summary.get("without_error_record"):
-        lines.append(f"{_n(summary['without_error_record'])} failed job(s) had no error record in Salesforce.")
+    if summary.without_error_record:
+        lines.append(f"{_n(summary.without_error_record)} failed job(s) had no error record in Salesforce.")
     return "\n".join(lines)
 
 
@@ -160,7 +149,7 @@ def event_reply(op: Operation, event: OpEvent) -> str | None:
     if name == "expired":
         return "⌛ Nobody approved in time; the request expired and nothing was pushed."
     if name == "error":
-        return f"❗ {bk.escape(op.data.get('error', 'The push could not be carried out.'))}"
+        return f"❗ {bk.escape(PushData.of(op).error or 'The push could not be carried out.')}"
     if name == "canceled":
         return "✋ The push request was canceled in Salesforce."
     return None
@@ -168,7 +157,7 @@ def event_reply(op: Operation, event: OpEvent) -> str | None:
 
 def _request_link(op: Operation) -> str:
     """The push request id, linked to its page in the packaging org when the bot recorded one."""
-    url = str(op.data.get("request_url") or "")
+    url = PushData.of(op).request_url or ""
     if url.startswith(("https://", "http://")) and "|" not in url and ">" not in url:
         return f"<{url}|{op.external_id}>"
     return f"`{op.external_id}`"
@@ -177,22 +166,19 @@ def _request_link(op: Operation) -> str:
 def completion_text(op: Operation) -> str:
     """Posted once when a push ends: in the thread and in the notifications channel."""
     state = OpState(op.state)
-    base = (
-        f"{STATE_LABEL[state]}: push {op.ref} of {bk.escape(str(op.params.get('package')))} {op.params.get('version')}"
-    )
+    params, data = PushParams.read(op.params), PushData.of(op)
+    base = f"{STATE_LABEL[state]}: push {op.ref} of {bk.escape(params.package)} {params.version}"
     if op.external_id:
         base += f" · request {_request_link(op)}"
-    summary = op.data.get("summary")
-    if summary:
-        return f"{base}\n{_summary_text(summary)}"
+    if data.summary:
+        return f"{base}\n{_summary_text(data.summary)}"
     if state == OpState.REJECTED:
-        reason = bk.escape(op.data.get("reject_reason") or "no reason")
-        return f"{base} (rejected by <@{op.data.get('rejected_by')}>: {reason})"
+        reason = bk.escape(data.reject_reason or "no reason")
+        return f"{base} (rejected by <@{data.rejected_by}>: {reason})"
     if state == OpState.CANCELED:
-        who = op.data.get("canceled_by")
-        return base + (f" (canceled by <@{who}>)" if who else "")
+        return base + (f" (canceled by <@{data.canceled_by}>)" if data.canceled_by else "")
     if state == OpState.ERROR:
-        return f"{base}\n{bk.escape(op.data.get('error', ''))}"
+        return f"{base}\n{bk.escape(data.error or '')}"
     return base
 
 
@@ -241,16 +227,15 @@ def list_message(ops: Sequence[Operation]) -> str:
         return "No pushes yet in this channel (nor yours elsewhere). Start one with `/push create <version>`."
     lines = ["*Recent pushes* (this channel, and yours elsewhere)"]
     for op in ops:
-        counts = op.data.get("summary") or op.data.get("counts") or {}
+        params, data = PushParams.read(op.params), PushData.of(op)
         extra = ""
-        if "succeeded" in counts:
-            extra = f" · ✅ {_n(counts.get('succeeded'))} ❌ {_n(counts.get('failed'))}"
-        elif counts:
-            done = sum(int(counts.get(s, 0)) for s in ("Succeeded", "Failed", "Canceled"))
-            extra = f" · {done:,}/{sum(int(v) for v in counts.values()):,} done"
+        if data.summary:
+            extra = f" · ✅ {_n(data.summary.succeeded)} ❌ {_n(data.summary.failed)}"
+        elif data.counts:
+            extra = f" · {data.counts.done:,}/{data.counts.total:,} done"
         lines.append(
-            f"• `{op.ref}` {bk.escape(str(op.params.get('package')))} {op.params.get('version')} → "
-            f"{_n((op.data.get('plan') or {}).get('total'))} orgs · {STATE_LABEL[OpState(op.state)]}{extra}"
+            f"• `{op.ref}` {bk.escape(params.package)} {params.version} → "
+            f"{_n(data.plan.total)} orgs · {STATE_LABEL[OpState(op.state)]}{extra}"
             f" · <@{op.requester}> · {slack_date(op.created_at)}"
         )
     return bk.clip("\n".join(lines), bk.SECTION_TEXT_MAX)
@@ -260,7 +245,3 @@ def status_blocks(op: Operation) -> list[Block]:
     _, blocks = push_card(op)
     # An ephemeral copy must not carry live buttons: they belong to the channel card.
     return [block for block in blocks if block.get("type") != "actions"]
-
-
-def when_text(moment: datetime | None) -> str:
-    return slack_date(moment) if moment else "now"
