@@ -59,7 +59,8 @@ class Runtime:
         await self.ack_first.drain(timeout=10.0)  # commands already acked get their answers
         await self.poller.stop()
         with contextlib.suppress(Exception):
-            await self.app.client.session.close() if self.app.client.session else None  # type: ignore[func-returns-value]
+            if self.app.client.session is not None:
+                await self.app.client.session.close()
         await self.http.close()
         await self.db.close()
 

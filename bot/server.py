@@ -125,10 +125,10 @@ async def serve_forever(runtime: Runtime, *, host: str = "0.0.0.0", stop: asynci
 
         assert settings.slack_app_token is not None
         handler = AsyncSocketModeHandler(runtime.app, settings.slack_app_token.get_secret_value())
-        await handler.connect_async()
+        await handler.connect_async()  # type: ignore[no-untyped-call]  # slack_bolt leaves it unannotated
         log.info("connected to Slack in Socket Mode")
         try:
             await stop.wait()
         finally:
-            await handler.close_async()
+            await handler.close_async()  # type: ignore[no-untyped-call]
     await runtime.close()

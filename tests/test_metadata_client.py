@@ -15,17 +15,19 @@ from defusedxml import ElementTree
 
 from bot.clients.retry import RetryPolicy
 from bot.clients.salesforce.auth import TokenCache, parse_sfdx_auth_url
-from bot.clients.salesforce.metadata import (
+from bot.clients.salesforce.deploy_result import (
     DEPLOY_STATUS_PATH,
     CodeCoverageWarning,
-    DeployOptions,
     DeployResult,
     FlowCoverageWarning,
+    deploy_status_url,
+    parse_deploy_result,
+)
+from bot.clients.salesforce.metadata import (
+    DeployOptions,
     MetadataClient,
     _fault_of,
     _result_of,
-    deploy_status_url,
-    parse_deploy_result,
     xml_text,
 )
 from bot.clients.salesforce.rest import SalesforceClient

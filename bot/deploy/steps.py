@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from bot.clients.salesforce.metadata import DeployResult
+from bot.clients.salesforce.deploy_result import DeployResult
 from bot.core.lifecycle import LeasedWrites
 from bot.core.operations import Advance, OpEvent, OpFile
 from bot.core.when import aware

@@ -781,7 +781,7 @@ class FakeSlack:
     def _fill_ids(self, blocks: list[JSON]) -> list[JSON]:
         # Slack gives every block and interactive element an id when the app did not, and
         # returns them; interaction payloads then carry those ids.
-        filled = json.loads(json.dumps(blocks))
+        filled: list[JSON] = json.loads(json.dumps(blocks))
         for block in filled:
             block.setdefault("block_id", secrets.token_urlsafe(3)[:4])
             elements = list(block.get("elements") or []) if block.get("type") == "actions" else []

@@ -360,7 +360,8 @@ class MetadataApiSim:
 
     def _parse(self, body: bytes) -> Element:
         try:
-            return SafeElementTree.fromstring(body, forbid_dtd=True)
+            root: Element = SafeElementTree.fromstring(body, forbid_dtd=True)
+            return root
         except (SafeElementTree.ParseError, DefusedXmlException, ValueError):
             raise SoapFault("Client", "Unable to parse the SOAP request: malformed XML", prefix="soapenv") from None
 

@@ -793,9 +793,9 @@ def _compare(op: str, left: Any, right: Any) -> bool:
     if isinstance(right, tuple):  # a date range
         return _compare_range(op, left, right)
     if op == "=":
-        return left == right
+        return bool(left == right)
     if op == "!=":
-        return left != right
+        return bool(left != right)
     if left is None or right is None:
         return False
     comparisons: dict[str, Callable[[Any, Any], bool]] = {
@@ -804,7 +804,7 @@ def _compare(op: str, left: Any, right: Any) -> bool:
         ">": lambda a, b: a > b,
         ">=": lambda a, b: a >= b,
     }
-    return comparisons[op](left, right)
+    return bool(comparisons[op](left, right))
 
 
 def _compare_range(op: str, left: Any, bounds: tuple[datetime, datetime]) -> bool:
@@ -813,7 +813,7 @@ def _compare_range(op: str, left: Any, bounds: tuple[datetime, datetime]) -> boo
     start, end = bounds
     inside = start <= left < end
     checks = {"=": inside, "!=": not inside, "<": left < start, "<=": left < end, ">": left >= end, ">=": left >= start}
-    return checks[op]
+    return bool(checks[op])
 
 
 class _ConditionCompiler:

@@ -34,7 +34,8 @@ class AccessToken:
 class AuthFlow(Protocol):
     """One way of getting an access token for one org."""
 
-    description: str
+    @property
+    def description(self) -> str: ...
 
     async def fetch(self, session: aiohttp.ClientSession, *, timeout: aiohttp.ClientTimeout) -> AccessToken: ...
 

@@ -35,10 +35,8 @@ import base64
 import logging
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
-from datetime import UTC, datetime
+from dataclasses import dataclass, fields
 from typing import Any
-from urllib.parse import urlsplit
 from xml.etree.ElementTree import Element
 
 import aiohttp
@@ -47,6 +45,18 @@ from defusedxml.common import DefusedXmlException
 
 from bot.clients.retry import RetryPolicy, parse_retry_after
 from bot.clients.salesforce.auth import AccessToken
+from bot.clients.salesforce.deploy_result import (
+    CancelDeployResult as CancelDeployResult,
+)
+from bot.clients.salesforce.deploy_result import (
+    DeployResult as DeployResult,
+)
+from bot.clients.salesforce.deploy_result import (
+    deploy_status_url,
+    local_name,
+    parse_deploy_result,
+    text_of,
+)
 from bot.clients.salesforce.rest import SalesforceClient, checked_id
 from bot.clients.transport import OK, Ambiguous, Fail, Refresh, Request, Response, Retry, Transport, Verdict
 from bot.errors import AmbiguousWriteError, ApiError, AuthError, TransientError
@@ -56,20 +66,9 @@ log = logging.getLogger(__name__)
 SYSTEM = "salesforce"
 SOAP_NS = "http://schemas.xmlsoap.org/soap/envelope/"
 MD_NS = "http://soap.sforce.com/2006/04/metadata"
-XSI_NS = "http://www.w3.org/2001/XMLSchema-instance"
 TEST_LEVELS = ("NoTestRun", "RunSpecifiedTests", "RunLocalTests", "RunAllTestsInOrg")
-DONE_STATUSES = frozenset({"Succeeded", "SucceededPartial", "Failed", "Canceled"})
 TRANSIENT_FAULTS = frozenset({"REQUEST_LIMIT_EXCEEDED", "SERVER_UNAVAILABLE"})
 MAX_RESPONSE_BYTES = 64 * 1024 * 1024  # a DeployResult with thousands of failures is a few MB
-# "… is 68%, at least 75% test coverage is required": the first figure is the coverage, the one
-# after "at least" the threshold. The docs give no grammar for these messages; this is the
-# wording real orgs answer with.
-_PERCENT = re.compile(r"(\d+(?:\.\d+)?)\s*%")
-_REQUIRED = re.compile(r"at least\s+(\d+(?:\.\d+)?)\s*%", re.IGNORECASE)
-# Setup → Deployment Status, one deployment (the page sf CLI links to after a deploy).
-DEPLOY_STATUS_PATH = (
-    "/lightning/setup/DeployStatus/page?address=%2Fchangemgmt%2FmonitorDeploymentsDetails.apexp%3FasyncId%3D"
-)
 # XML 1.0 forbids most control characters even when escaped; nothing legitimate carries them.
 _XML_INVALID = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
 
@@ -133,150 +132,6 @@ class DeployOptions:
 
 
 @dataclass(frozen=True)
-class ComponentFailure:
-    """A ``DeployMessage`` from ``details/componentFailures``."""
-
-    file_name: str
-    full_name: str
-    component_type: str
-    problem_type: str
-    problem: str
-    line: int | None = None
-    column: int | None = None
-
-
-@dataclass(frozen=True)
-class TestFailure:
-    """A ``RunTestFailure`` from ``details/runTestResult/failures``."""
-
-    class_name: str
-    method: str
-    message: str
-    stack_trace: str
-    namespace: str = ""
-
-    @property
-    def qualified(self) -> str:
-        prefix = f"{self.namespace}__" if self.namespace and "__" not in self.class_name else ""
-        return f"{prefix}{self.class_name}.{self.method}" if self.method else f"{prefix}{self.class_name}"
-
-
-def coverage_figures(message: str) -> tuple[float | None, float | None]:
-    """(coverage, required) percentages read from a coverage warning's text; None where absent."""
-    required_match = _REQUIRED.search(message)
-    required = float(required_match.group(1)) if required_match else None
-    head = message[: required_match.start()] if required_match else message
-    found = _PERCENT.search(head)
-    return (float(found.group(1)) if found else None), required
-
-
-@dataclass(frozen=True)
-class CodeCoverageWarning:
-    """A ``CodeCoverageWarning`` from ``details/runTestResult/codeCoverageWarnings``. ``name`` is
-    empty for the org-wide average; otherwise it names the class or trigger below the threshold.
-    ``type`` (Class/Trigger) is not in the documented type but some results carry it."""
-
-    message: str
-    name: str = ""
-    namespace: str = ""
-    id: str = ""
-    type: str = ""
-
-    @property
-    def percent(self) -> float | None:
-        return coverage_figures(self.message)[0]
-
-    @property
-    def required(self) -> float | None:
-        return coverage_figures(self.message)[1]
-
-    @property
-    def qualified(self) -> str:
-        prefix = f"{self.namespace}__" if self.namespace and "__" not in self.name else ""
-        return f"{prefix}{self.name}" if self.name else ""
-
-    @property
-    def kind(self) -> str:
-        """ "Apex Class" or "Apex Trigger": from ``type`` when sent, else from the message's wording."""
-        if self.type in {"Class", "Trigger"}:
-            return f"Apex {self.type}"
-        return next((kind for kind in ("Apex Trigger", "Apex Class") if kind.lower() in self.message.lower()), "Apex")
-
-
-@dataclass(frozen=True)
-class FlowCoverageWarning:
-    """A ``FlowCoverageWarning`` from ``details/runTestResult/flowCoverageWarnings`` (API 44.0+).
-    ``flow_name`` is empty when the warning is about the org's overall flow coverage."""
-
-    message: str
-    flow_name: str = ""
-    flow_namespace: str = ""
-    flow_id: str = ""
-
-    @property
-    def percent(self) -> float | None:
-        return coverage_figures(self.message)[0]
-
-    @property
-    def required(self) -> float | None:
-        return coverage_figures(self.message)[1]
-
-    @property
-    def qualified(self) -> str:
-        prefix = f"{self.flow_namespace}__" if self.flow_namespace and "__" not in self.flow_name else ""
-        return f"{prefix}{self.flow_name}" if self.flow_name else ""
-
-
-def deploy_status_url(instance_url: str, deploy_id: str) -> str:
-    """The org's Setup → Deployment Status page of one deployment. Built only from the org's
-    instance URL (scheme and host) and a checked Salesforce id, never from anything a user typed."""
-    parts = urlsplit(instance_url)
-    if parts.scheme not in {"https", "http"} or not parts.hostname:
-        raise ValueError("not an instance URL")
-    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
-    port = f":{parts.port}" if parts.port else ""  # never any user:password@ the URL might carry
-    return f"{parts.scheme}://{host}{port}{DEPLOY_STATUS_PATH}{checked_id(deploy_id)}"
-
-
-@dataclass(frozen=True)
-class DeployResult:
-    """``DeployResult`` as returned by ``checkDeployStatus`` (API 29.0+ fields)."""
-
-    id: str
-    done: bool
-    status: str
-    success: bool = False
-    check_only: bool = False
-    state_detail: str = ""
-    components_deployed: int = 0
-    components_total: int = 0
-    component_errors: int = 0
-    tests_completed: int = 0
-    tests_total: int = 0
-    test_errors: int = 0
-    run_tests_enabled: bool = False
-    rollback_on_error: bool = False
-    ignore_warnings: bool = False
-    created_date: datetime | None = None
-    start_date: datetime | None = None
-    completed_date: datetime | None = None
-    error_message: str = ""
-    error_status_code: str = ""
-    canceled_by_name: str = ""
-    component_failures: tuple[ComponentFailure, ...] = field(default_factory=tuple)
-    test_failures: tuple[TestFailure, ...] = field(default_factory=tuple)
-    tests_run: int = 0
-    code_coverage_warnings: tuple[CodeCoverageWarning, ...] = field(default_factory=tuple)
-    flow_coverage_warnings: tuple[FlowCoverageWarning, ...] = field(default_factory=tuple)
-
-
-@dataclass(frozen=True)
-class CancelDeployResult:
-    id: str
-    done: bool  # True: canceled at once (it was queued); False: Canceling, follow checkDeployStatus
-
-
-@dataclass(frozen=True)
 class _Fault:
     code: str
     message: str
@@ -326,7 +181,7 @@ class MetadataClient:
             ]
         )
         result = await self._call("deploy", body, idempotent=False)
-        return _accepted_id(_text(result, "id"), "deploy")
+        return _accepted_id(text_of(result, "id"), "deploy")
 
     async def check_deploy_status(self, deploy_id: str, *, include_details: bool = True) -> DeployResult:
         body = (
@@ -339,7 +194,7 @@ class MetadataClient:
         body = f"<met:cancelDeploy><met:String>{checked_id(deploy_id)}</met:String></met:cancelDeploy>".encode()
         # Asking twice to cancel the same deployment is harmless, so it may be retried.
         result = await self._call("cancelDeploy", body, idempotent=True)
-        return CancelDeployResult(id=_text(result, "id") or deploy_id, done=_text(result, "done") == "true")
+        return CancelDeployResult(id=text_of(result, "id") or deploy_id, done=text_of(result, "done") == "true")
 
     async def deploy_recent_validation(self, validation_id: str) -> str:
         """Quick-deploy a validation; returns the id of the new deployment."""
@@ -452,13 +307,10 @@ def _envelope(session_id: str, body: bytes) -> bytes:
 
 def _parse(payload: bytes) -> Element | None:
     try:
-        return SafeElementTree.fromstring(payload, forbid_dtd=True)
+        root: Element = SafeElementTree.fromstring(payload, forbid_dtd=True)
+        return root
     except (SafeElementTree.ParseError, DefusedXmlException, ValueError):
         return None
-
-
-def _local(tag: str) -> str:
-    return tag.rsplit("}", 1)[-1]
 
 
 def _fault_of(payload: bytes) -> _Fault | None:
@@ -467,11 +319,11 @@ def _fault_of(payload: bytes) -> _Fault | None:
     if root is None:
         return None
     for element in root.iter():
-        if _local(element.tag) != "Fault":
+        if local_name(element.tag) != "Fault":
             continue
         code = message = ""
         for child in element.iter():
-            name = _local(child.tag)
+            name = local_name(child.tag)
             if name == "faultcode" and child.text:
                 code = child.text.strip().rsplit(":", 1)[-1]
             elif name == "faultstring" and child.text:
@@ -487,123 +339,8 @@ def _result_of(payload: bytes, operation: str) -> Element:
     if root is None:
         raise TransientError(f"Salesforce sent an unreadable {operation} response", system=SYSTEM)
     for element in root.iter():
-        if _local(element.tag) == f"{operation}Response":
+        if local_name(element.tag) == f"{operation}Response":
             for child in element:
-                if _local(child.tag) == "result":
+                if local_name(child.tag) == "result":
                     return child
     raise ApiError(f"no result in the {operation} response", system=SYSTEM, code="UNEXPECTED_RESPONSE")
-
-
-def _children(element: Element, name: str) -> list[Element]:
-    return [child for child in element if _local(child.tag) == name]
-
-
-def _child(element: Element | None, name: str) -> Element | None:
-    if element is None:
-        return None
-    found = _children(element, name)
-    return found[0] if found else None
-
-
-def _text(element: Element | None, name: str) -> str:
-    child = _child(element, name)
-    if child is None or child.get(f"{{{XSI_NS}}}nil") == "true":
-        return ""
-    return (child.text or "").strip()
-
-
-def _int(element: Element | None, name: str) -> int:
-    try:
-        return int(_text(element, name) or 0)
-    except ValueError:
-        return 0
-
-
-def _opt_int(element: Element | None, name: str) -> int | None:
-    text = _text(element, name)
-    return int(text) if text.lstrip("-").isdigit() else None
-
-
-def parse_sf_datetime(text: str) -> datetime | None:
-    """``2026-05-01T10:00:00.000Z`` (SOAP dateTime) → aware UTC datetime."""
-    if not text:
-        return None
-    try:
-        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
-
-
-def parse_deploy_result(result: Element) -> DeployResult:
-    details = _child(result, "details")
-    components = tuple(
-        ComponentFailure(
-            file_name=_text(item, "fileName"),
-            full_name=_text(item, "fullName"),
-            component_type=_text(item, "componentType"),
-            problem_type=_text(item, "problemType") or "Error",
-            problem=_text(item, "problem"),
-            line=_opt_int(item, "lineNumber"),
-            column=_opt_int(item, "columnNumber"),
-        )
-        for item in (_children(details, "componentFailures") if details is not None else [])
-    )
-    run = _child(details, "runTestResult")
-    tests = tuple(
-        TestFailure(
-            class_name=_text(item, "name"),
-            method=_text(item, "methodName"),
-            message=_text(item, "message"),
-            stack_trace=_text(item, "stackTrace"),
-            namespace=_text(item, "namespace"),
-        )
-        for item in (_children(run, "failures") if run is not None else [])
-    )
-    code_warnings = tuple(
-        CodeCoverageWarning(
-            message=_text(item, "message"),
-            name=_text(item, "name"),
-            namespace=_text(item, "namespace"),
-            id=_text(item, "id"),
-            type=_text(item, "type"),
-        )
-        for item in (_children(run, "codeCoverageWarnings") if run is not None else [])
-    )
-    flow_warnings = tuple(
-        FlowCoverageWarning(
-            message=_text(item, "message"),
-            flow_name=_text(item, "flowName"),
-            flow_namespace=_text(item, "flowNamespace"),
-            flow_id=_text(item, "flowId"),
-        )
-        for item in (_children(run, "flowCoverageWarnings") if run is not None else [])
-    )
-    return DeployResult(
-        id=_text(result, "id"),
-        done=_text(result, "done") == "true",
-        status=_text(result, "status"),
-        success=_text(result, "success") == "true",
-        check_only=_text(result, "checkOnly") == "true",
-        state_detail=_text(result, "stateDetail"),
-        components_deployed=_int(result, "numberComponentsDeployed"),
-        components_total=_int(result, "numberComponentsTotal"),
-        component_errors=_int(result, "numberComponentErrors"),
-        tests_completed=_int(result, "numberTestsCompleted"),
-        tests_total=_int(result, "numberTestsTotal"),
-        test_errors=_int(result, "numberTestErrors"),
-        run_tests_enabled=_text(result, "runTestsEnabled") == "true",
-        rollback_on_error=_text(result, "rollbackOnError") == "true",
-        ignore_warnings=_text(result, "ignoreWarnings") == "true",
-        created_date=parse_sf_datetime(_text(result, "createdDate")),
-        start_date=parse_sf_datetime(_text(result, "startDate")),
-        completed_date=parse_sf_datetime(_text(result, "completedDate")),
-        error_message=_text(result, "errorMessage"),
-        error_status_code=_text(result, "errorStatusCode"),
-        canceled_by_name=_text(result, "canceledByName"),
-        component_failures=components,
-        test_failures=tests,
-        tests_run=_int(run, "numTestsRun"),
-        code_coverage_warnings=code_warnings,
-        flow_coverage_warnings=flow_warnings,
-    )
