@@ -1,4 +1,4 @@
-"""Approve / Reject / Cancel buttons on status cards, and the reject-reason modal."""
+"""Approve / Reject buttons on status cards, and the reject-reason modal."""
 
 from __future__ import annotations
 
@@ -9,14 +9,9 @@ from slack_sdk.web.async_client import AsyncWebClient
 
 from bot.slack.messages import approval_ack, approval_thread_text, reject_modal
 from bot.slack.outbox import reply_row
-from bot.store.models import REF_PREFIX, OpKind
 from handlers.context import HandlerDeps, deps_of
 from handlers.errors import guarded, reply_ephemeral
-
-
-def _operation_id(body: dict[str, Any]) -> int:
-    value = str((body.get("actions") or [{}])[0].get("value") or "")
-    return int(value) if value.isdigit() else 0
+from handlers.frame import Invocation, run_button
 
 
 async def decide(
@@ -50,46 +45,32 @@ async def decide(
 
 
 async def on_approve(ack: AsyncAck, body: dict[str, Any], respond: AsyncRespond, context: AsyncBoltContext) -> None:
-    deps = deps_of(context)
-    await ack()
-    user, channel = body["user"]["id"], (body.get("channel") or {}).get("id", "")
-    operation_id = _operation_id(body)
-    await guarded(
-        lambda: decide(
-            deps, operation_id=operation_id, user=user, channel=channel, approve=True, reason="", respond=respond
-        ),
-        respond=respond,
-        deps=deps,
-        actor=user,
-        channel=channel,
-        action="approve",
-        detail=f"operation {operation_id}",
+    # No access check by command: the approval service decides who may approve.
+    await run_button(ack, body, respond, context, command=None, action="approve", handle=handle_approve)
+
+
+async def handle_approve(who: Invocation, operation_id: int) -> None:
+    await decide(
+        who.deps,
+        operation_id=operation_id,
+        user=who.user,
+        channel=who.channel,
+        approve=True,
+        reason="",
+        respond=who.respond,
     )
 
 
 async def on_reject(
     ack: AsyncAck, body: dict[str, Any], client: AsyncWebClient, respond: AsyncRespond, context: AsyncBoltContext
 ) -> None:
-    deps = deps_of(context)
-    await ack()
-    user, channel = body["user"]["id"], (body.get("channel") or {}).get("id", "")
-    operation_id = _operation_id(body)
-
-    async def work() -> None:
-        op = await deps.operations.by_id(operation_id)
+    async def open_modal(who: Invocation, operation_id: int) -> None:
+        op = await who.deps.operations.by_id(operation_id)
         ref = op.ref if op else f"#{operation_id}"
         await client.views_open(trigger_id=body["trigger_id"], view=reject_modal(operation_id, ref))
 
-    await guarded(
-        work,
-        respond=respond,
-        deps=deps,
-        actor=user,
-        channel=channel,
-        action="reject",
-        detail=f"operation {operation_id}",
-        promptly=True,  # the trigger_id is good for 3 s only
-    )
+    # promptly: the trigger_id is good for 3 s only
+    await run_button(ack, body, respond, context, command=None, action="reject", handle=open_modal, promptly=True)
 
 
 async def on_reject_submit(
@@ -128,40 +109,7 @@ async def on_reject_submit(
     )
 
 
-async def on_push_cancel(ack: AsyncAck, body: dict[str, Any], respond: AsyncRespond, context: AsyncBoltContext) -> None:
-    deps = deps_of(context)
-    await ack()
-    user, channel = body["user"]["id"], (body.get("channel") or {}).get("id", "")
-    operation_id = _operation_id(body)
-
-    async def work() -> None:
-        await deps.access.check(command="push", user=user, channel=channel)
-        ref = f"{REF_PREFIX[OpKind.PUSH]}{operation_id}"
-        await deps.access.check_cancel(await deps.push.get(ref), user=user)
-        operation = await deps.push.cancel(ref, user=user)
-        await deps.audit.record(
-            actor=user,
-            channel=channel,
-            operation_ref=operation.ref,
-            action="push.cancel",
-            outcome=operation.state,
-        )
-        deps.kick_poller()
-        await reply_ephemeral(respond, f"✋ {operation.ref} is canceled.")
-
-    await guarded(
-        work,
-        respond=respond,
-        deps=deps,
-        actor=user,
-        channel=channel,
-        action="push.cancel",
-        detail=f"operation {operation_id}",
-    )
-
-
 def register(app: AsyncApp) -> None:
     app.action("op_approve")(on_approve)
     app.action("op_reject")(on_reject)
     app.view("reject_reason")(on_reject_submit)
-    app.action("push_cancel")(on_push_cancel)

@@ -22,18 +22,14 @@ from bot.deploy.commands import (
     parse_deploy,
 )
 from bot.deploy.payloads import params_of
+from bot.deploy.requests import DeployCommand
 from bot.deploy.service import DeployPlan, DeployService, QuickPlan
 from bot.errors import StateError
 from bot.slack.blocks import escape
 from bot.slack.outbox import reply_row
 from bot.store.models import REF_PREFIX, OpKind
-from handlers.context import HandlerDeps, deps_of
-from handlers.errors import guarded, parse_or_refuse, reply_ephemeral
-
-
-def _operation_id(body: dict[str, Any]) -> int:
-    value = str((body.get("actions") or [{}])[0].get("value") or "")
-    return int(value) if value.isdigit() else 0
+from handlers.context import HandlerDeps
+from handlers.frame import Invocation, run_button, run_command
 
 
 def service(deps: HandlerDeps) -> DeployService:
@@ -45,72 +41,46 @@ def service(deps: HandlerDeps) -> DeployService:
 async def deploy_command(
     ack: AsyncAck, command: dict[str, Any], respond: AsyncRespond, context: AsyncBoltContext
 ) -> None:
-    deps = deps_of(context)
-    user, channel, text = command["user_id"], command["channel_id"], command.get("text", "").strip()
-    detail = f"/deploy {text}"[:500]
-    parsed = await parse_or_refuse(ack, parse_deploy, text, deps=deps, actor=user, channel=channel, detail=detail)
-    if parsed is None:
-        return
-    await ack()
-    trigger = command.get("trigger_id", "")
-
-    async def work() -> None:
-        await deps.access.check(command="deploy", user=user, channel=channel)
-        if isinstance(parsed, DeployHelp):
-            await reply_ephemeral(respond, escape(DEPLOY_USAGE))
-        elif isinstance(parsed, DeployList):
-            recent = await service(deps).recent(channel=channel, user=user)
-            await reply_ephemeral(respond, deploy_messages.list_message(recent))
-        elif isinstance(parsed, DeployOrgs):
-            await reply_ephemeral(respond, deploy_messages.orgs_message(await service(deps).orgs_overview()))
-        elif isinstance(parsed, DeployRef) and parsed.action == "status":
-            operation = await service(deps).get(parsed.ref)
-            await deps.access.check_read(operation, user=user, channel=channel)
-            await reply_ephemeral(respond, f"Status of {operation.ref}", deploy_messages.status_blocks(operation))
-        elif isinstance(parsed, DeployRef):
-            await cancel(deps, parsed.ref, user=user, channel=channel, respond=respond)
-        elif isinstance(parsed, DeployStart):
-            scheduled_for = await scheduled_time(deps, parsed.at, user)  # checked before the artifact is read
-            plan = await service(deps).plan(parsed)
-            await create(
-                deps, plan, user=user, channel=channel, key=f"deploy:{trigger}", at=scheduled_for, respond=respond
-            )
-        elif isinstance(parsed, DeployQuick):
-            scheduled_for = await scheduled_time(deps, parsed.at, user)
-            quick = await service(deps).plan_quick(parsed.ref, scheduled_for=scheduled_for)
-            await create(
-                deps, quick, user=user, channel=channel, key=quick.idempotency_key, at=scheduled_for, respond=respond
-            )
-        await deps.audit.record(actor=user, channel=channel, action="command", detail=detail, outcome="ok")
-
-    await guarded(
-        work,
-        respond=respond,
-        deps=deps,
-        actor=user,
-        channel=channel,
-        action="command",
-        detail=detail,
-        usage=DEPLOY_USAGE,
+    await run_command(
+        ack, command, respond, context, name="deploy", parse=parse_deploy, usage=DEPLOY_USAGE, handle=handle_deploy
     )
 
 
-async def scheduled_time(deps: HandlerDeps, at: str | None, user: str) -> datetime | None:
+async def handle_deploy(who: Invocation, parsed: DeployCommand) -> None:
+    deps, user, channel = who.deps, who.user, who.channel
+    if isinstance(parsed, DeployHelp):
+        await who.reply(escape(DEPLOY_USAGE))
+    elif isinstance(parsed, DeployList):
+        await who.reply(deploy_messages.list_message(await service(deps).recent(channel=channel, user=user)))
+    elif isinstance(parsed, DeployOrgs):
+        await who.reply(deploy_messages.orgs_message(await service(deps).orgs_overview()))
+    elif isinstance(parsed, DeployRef) and parsed.action == "status":
+        operation = await service(deps).get(parsed.ref)
+        await deps.access.check_read(operation, user=user, channel=channel)
+        await who.reply(f"Status of {operation.ref}", deploy_messages.status_blocks(operation))
+    elif isinstance(parsed, DeployRef):
+        await cancel(who, parsed.ref)
+    elif isinstance(parsed, DeployStart):
+        scheduled_for = await scheduled_time(who, parsed.at)  # checked before the artifact is read
+        plan = await service(deps).plan(parsed)
+        await create(who, plan, key=f"deploy:{who.trigger_id}", at=scheduled_for)
+    elif isinstance(parsed, DeployQuick):
+        scheduled_for = await scheduled_time(who, parsed.at)
+        quick = await service(deps).plan_quick(parsed.ref, scheduled_for=scheduled_for)
+        await create(who, quick, key=quick.idempotency_key, at=scheduled_for)
+
+
+async def scheduled_time(who: Invocation, at: str | None) -> datetime | None:
     if at is None:
         return None
-    return parse_when(at, tz_name=await deps.directory.time_zone(user))
+    return parse_when(at, tz_name=await who.deps.directory.time_zone(who.user))
 
 
 async def create(
-    deps: HandlerDeps,
-    plan: DeployPlan | QuickPlan,
-    *,
-    user: str,
-    channel: str,
-    key: str,
-    at: datetime | None,
-    respond: AsyncRespond,
+    who: Invocation, plan: DeployPlan | QuickPlan, *, key: str, at: datetime | None, fallback_channel: str = ""
 ) -> None:
+    """``fallback_channel``: where the deployment's card goes when the request came from no channel."""
+    deps, user, channel = who.deps, who.user, who.channel or fallback_channel
     operation, created = await service(deps).create(
         plan, requester=user, channel=channel, idempotency_key=key, scheduled_for=at
     )
@@ -127,73 +97,44 @@ async def create(
         actor=user, channel=channel, operation_ref=operation.ref, approval=common(operation).approval
     )
     notes = plan.notes if created else []
-    await reply_ephemeral(respond, deploy_messages.created_message(operation, created=created, notes=notes))
+    await who.reply(deploy_messages.created_message(operation, created=created, notes=notes))
 
 
-async def cancel(deps: HandlerDeps, ref: str, *, user: str, channel: str, respond: AsyncRespond) -> None:
-    await deps.access.check_cancel(await service(deps).get(ref), user=user)
-    operation = await service(deps).cancel(ref, user=user)
+async def cancel(who: Invocation, ref: str) -> None:
+    deps = who.deps
+    await deps.access.check_cancel(await service(deps).get(ref), user=who.user)
+    operation = await service(deps).cancel(ref, user=who.user)
     deps.kick_poller()
     await deps.audit.record(
-        actor=user,
-        channel=channel,
+        actor=who.user,
+        channel=who.channel,
         operation_ref=operation.ref,
         action="deploy.cancel",
         outcome=operation.state,
     )
-    await deps.outbox.enqueue(reply_row(operation=operation, text=deploy_messages.cancel_thread_text(operation, user)))
-    await reply_ephemeral(respond, deploy_messages.cancel_ack(operation))
+    await deps.outbox.enqueue(
+        reply_row(operation=operation, text=deploy_messages.cancel_thread_text(operation, who.user))
+    )
+    await who.reply(deploy_messages.cancel_ack(operation))
 
 
 async def on_cancel(ack: AsyncAck, body: dict[str, Any], respond: AsyncRespond, context: AsyncBoltContext) -> None:
-    deps = deps_of(context)
-    await ack()
-    user, channel = body["user"]["id"], (body.get("channel") or {}).get("id", "")
-    operation_id = _operation_id(body)
+    await run_button(ack, body, respond, context, command="deploy", action="deploy.cancel", handle=handle_cancel_button)
 
-    async def work() -> None:
-        await deps.access.check(command="deploy", user=user, channel=channel)
-        await cancel(deps, f"{REF_PREFIX[OpKind.DEPLOY]}{operation_id}", user=user, channel=channel, respond=respond)
 
-    await guarded(
-        work,
-        respond=respond,
-        deps=deps,
-        actor=user,
-        channel=channel,
-        action="deploy.cancel",
-        detail=f"operation {operation_id}",
-    )
+async def handle_cancel_button(who: Invocation, operation_id: int) -> None:
+    await cancel(who, f"{REF_PREFIX[OpKind.DEPLOY]}{operation_id}")
 
 
 async def on_quick(ack: AsyncAck, body: dict[str, Any], respond: AsyncRespond, context: AsyncBoltContext) -> None:
-    deps = deps_of(context)
-    await ack()
-    user, channel = body["user"]["id"], (body.get("channel") or {}).get("id", "")
-    operation_id = _operation_id(body)
+    await run_button(ack, body, respond, context, command="deploy", action="deploy.quick", handle=handle_quick_button)
 
-    async def work() -> None:
-        await deps.access.check(command="deploy", user=user, channel=channel)
-        quick = await service(deps).plan_quick(f"{REF_PREFIX[OpKind.DEPLOY]}{operation_id}")
-        await create(
-            deps,
-            quick,
-            user=user,
-            channel=channel or quick.validation.channel,
-            key=quick.idempotency_key,
-            at=None,
-            respond=respond,
-        )
 
-    await guarded(
-        work,
-        respond=respond,
-        deps=deps,
-        actor=user,
-        channel=channel,
-        action="deploy.quick",
-        detail=f"operation {operation_id}",
-    )
+async def handle_quick_button(who: Invocation, operation_id: int) -> None:
+    """Quick deploy from a validation's card; a click that carries no channel deploys to the
+    validation's channel."""
+    quick = await service(who.deps).plan_quick(f"{REF_PREFIX[OpKind.DEPLOY]}{operation_id}")
+    await create(who, quick, key=quick.idempotency_key, at=None, fallback_channel=quick.validation.channel)
 
 
 def register(app: AsyncApp) -> None:

@@ -17,12 +17,12 @@ from bot.errors import UsageError
 from bot.flexdeploy import messages as fd_messages
 from bot.flexdeploy.commands import FD_USAGE, parse_fd
 from bot.flexdeploy.plan import files_csv
-from bot.flexdeploy.requests import FdCancel, FdDelete, FdHelp, FdShow, FdStatus, FdWrite
+from bot.flexdeploy.requests import FdCancel, FdCommand, FdDelete, FdHelp, FdShow, FdStatus, FdWrite
 from bot.flexdeploy.service import FlexDeployService
 from bot.flexdeploy.steps import NOT_CONFIGURED
 from bot.store.models import REF_PREFIX, OpKind
-from handlers.context import HandlerDeps, deps_of
-from handlers.errors import guarded, parse_or_refuse, reply_ephemeral
+from handlers.context import HandlerDeps
+from handlers.frame import Invocation, run_button, run_command
 
 
 def service(deps: HandlerDeps) -> FlexDeployService:
@@ -32,61 +32,39 @@ def service(deps: HandlerDeps) -> FlexDeployService:
 
 
 async def fd_command(ack: AsyncAck, command: dict[str, Any], respond: AsyncRespond, context: AsyncBoltContext) -> None:
-    deps = deps_of(context)
-    user, channel, text = command["user_id"], command["channel_id"], command.get("text", "").strip()
-    detail = f"/fd {text}"[:500]
-    parsed = await parse_or_refuse(ack, parse_fd, text, deps=deps, actor=user, channel=channel, detail=detail)
-    if parsed is None:
-        return
-    await ack()
-
-    async def work() -> None:
-        await deps.access.check(command="fd", user=user, channel=channel)
-        if isinstance(parsed, FdHelp):
-            await reply_ephemeral(respond, fd_messages.help_text())
-        elif isinstance(parsed, FdShow):
-            package = await service(deps).show(parsed.project_id, parsed.package)
-            text, blocks = fd_messages.show_message(package, project_id=parsed.project_id)
-            await reply_ephemeral(respond, text, blocks)
-            if fd_messages.is_long(package):
-                # Files cannot be ephemeral in Slack; the full list is shared in the channel.
-                await deps.poster.upload(
-                    channel=channel,
-                    thread_ts=None,
-                    file=files_csv(package, project_id=parsed.project_id),
-                    comment=fd_messages.file_comment(package, project_id=parsed.project_id, user=user),
-                )
-        elif isinstance(parsed, FdCancel):
-            await deps.access.check_cancel(await service(deps).get(parsed.ref), user=user)
-            operation = await service(deps).cancel(parsed.ref, user=user)
-            deps.kick_poller()
-            await deps.audit.record(
-                actor=user, channel=channel, operation_ref=operation.ref, action="fd.cancel", outcome="ok"
-            )
-            await reply_ephemeral(respond, f"✋ {operation.ref} is withdrawn; nothing was changed in FlexDeploy.")
-        else:
-            await change(
-                deps, parsed, user=user, channel=channel, trigger_id=command.get("trigger_id", ""), respond=respond
-            )
-        await deps.audit.record(actor=user, channel=channel, action="command", detail=detail, outcome="ok")
-
-    await guarded(
-        work, respond=respond, deps=deps, actor=user, channel=channel, action="command", detail=detail, usage=FD_USAGE
-    )
+    await run_command(ack, command, respond, context, name="fd", parse=parse_fd, usage=FD_USAGE, handle=handle_fd)
 
 
-async def change(
-    deps: HandlerDeps,
-    parsed: FdWrite | FdStatus | FdDelete,
-    *,
-    user: str,
-    channel: str,
-    trigger_id: str,
-    respond: AsyncRespond,
-) -> None:
+async def handle_fd(who: Invocation, parsed: FdCommand) -> None:
+    if isinstance(parsed, FdHelp):
+        await who.reply(fd_messages.help_text())
+    elif isinstance(parsed, FdShow):
+        await show(who, parsed)
+    elif isinstance(parsed, FdCancel):
+        await cancel(who, parsed.ref)
+    else:
+        await change(who, parsed)
+
+
+async def show(who: Invocation, parsed: FdShow) -> None:
+    package = await service(who.deps).show(parsed.project_id, parsed.package)
+    text, blocks = fd_messages.show_message(package, project_id=parsed.project_id)
+    await who.reply(text, blocks)
+    if fd_messages.is_long(package):
+        # Files cannot be ephemeral in Slack; the full list is shared in the channel.
+        await who.deps.poster.upload(
+            channel=who.channel,
+            thread_ts=None,
+            file=files_csv(package, project_id=parsed.project_id),
+            comment=fd_messages.file_comment(package, project_id=parsed.project_id, user=who.user),
+        )
+
+
+async def change(who: Invocation, parsed: FdWrite | FdStatus | FdDelete) -> None:
+    deps, user, channel = who.deps, who.user, who.channel
     fd = service(deps)
     planned = await fd.plan(parsed)  # reads the package; refuses bad requests before any write
-    outcome = await fd.submit(planned, requester=user, channel=channel, idempotency_key=f"fd:{trigger_id}")
+    outcome = await fd.submit(planned, requester=user, channel=channel, idempotency_key=f"fd:{who.trigger_id}")
     operation = outcome.operation
     if operation is not None:
         deps.kick_poller()  # the poller makes the call (at once, or after approval) and posts the card
@@ -105,35 +83,27 @@ async def change(
             operation_ref=operation.ref,
             approval=common(operation).approval,
         )
-    await reply_ephemeral(respond, fd_messages.submitted_ack(outcome))
+    await who.reply(fd_messages.submitted_ack(outcome))
+
+
+async def cancel(who: Invocation, ref: str) -> None:
+    """``/fd cancel`` and the card's Cancel button: withdraw a change before it is made."""
+    deps = who.deps
+    await deps.access.check_cancel(await service(deps).get(ref), user=who.user)
+    operation = await service(deps).cancel(ref, user=who.user)
+    deps.kick_poller()
+    await deps.audit.record(
+        actor=who.user, channel=who.channel, operation_ref=operation.ref, action="fd.cancel", outcome="ok"
+    )
+    await who.reply(f"✋ {operation.ref} is withdrawn; nothing was changed in FlexDeploy.")
 
 
 async def on_cancel(ack: AsyncAck, body: dict[str, Any], respond: AsyncRespond, context: AsyncBoltContext) -> None:
-    deps = deps_of(context)
-    await ack()
-    user, channel = body["user"]["id"], (body.get("channel") or {}).get("id", "")
-    value = str((body.get("actions") or [{}])[0].get("value") or "")
+    await run_button(ack, body, respond, context, command="fd", action="fd.cancel", handle=handle_cancel_button)
 
-    async def work() -> None:
-        await deps.access.check(command="fd", user=user, channel=channel)
-        ref = f"{REF_PREFIX[OpKind.FD]}{value}"
-        await deps.access.check_cancel(await service(deps).get(ref), user=user)
-        operation = await service(deps).cancel(ref, user=user)
-        await deps.audit.record(
-            actor=user, channel=channel, operation_ref=operation.ref, action="fd.cancel", outcome="ok"
-        )
-        deps.kick_poller()
-        await reply_ephemeral(respond, f"✋ {operation.ref} is withdrawn; nothing was changed in FlexDeploy.")
 
-    await guarded(
-        work,
-        respond=respond,
-        deps=deps,
-        actor=user,
-        channel=channel,
-        action="fd.cancel",
-        detail=f"operation {value}",
-    )
+async def handle_cancel_button(who: Invocation, operation_id: int) -> None:
+    await cancel(who, f"{REF_PREFIX[OpKind.FD]}{operation_id}")
 
 
 def register(app: AsyncApp) -> None:

@@ -12,17 +12,12 @@ from bot.core.when import parse_when
 from bot.errors import StateError, UsageError
 from bot.sfp import messages as sfp_messages
 from bot.sfp.commands import SFP_USAGE, SfpHelp, SfpList, SfpRef, SfpSubmit, parse_sfp
-from bot.sfp.requests import Target, TaskRequest
+from bot.sfp.requests import SfpCommand, Target, TaskRequest
 from bot.sfp.service import NOT_CONFIGURED, SfpService
 from bot.slack.blocks import escape
 from bot.store.models import REF_PREFIX, OpKind
-from handlers.context import HandlerDeps, deps_of
-from handlers.errors import guarded, parse_or_refuse, reply_ephemeral
-
-
-def _operation_id(body: dict[str, Any]) -> int:
-    value = str((body.get("actions") or [{}])[0].get("value") or "")
-    return int(value) if value.isdigit() else 0
+from handlers.context import HandlerDeps
+from handlers.frame import Invocation, run_button, run_command
 
 
 def _until(text: str, *, tz_name: str | None, now: datetime) -> datetime:
@@ -39,37 +34,22 @@ def service(deps: HandlerDeps) -> SfpService:
 
 
 async def sfp_command(ack: AsyncAck, command: dict[str, Any], respond: AsyncRespond, context: AsyncBoltContext) -> None:
-    deps = deps_of(context)
-    user, channel, text = command["user_id"], command["channel_id"], command.get("text", "").strip()
-    detail = f"/sfp {text}"[:500]
-    parsed = await parse_or_refuse(ack, parse_sfp, text, deps=deps, actor=user, channel=channel, detail=detail)
-    if parsed is None:
-        return
-    await ack()
-
-    async def work() -> None:
-        await deps.access.check(command="sfp", user=user, channel=channel)
-        if isinstance(parsed, SfpHelp):
-            await reply_ephemeral(respond, escape(SFP_USAGE))
-        elif isinstance(parsed, SfpList):
-            recent = await service(deps).recent(channel=channel, user=user)
-            await reply_ephemeral(respond, sfp_messages.list_message(recent))
-        elif isinstance(parsed, SfpSubmit):
-            await submit(
-                deps, parsed, user=user, channel=channel, trigger_id=command.get("trigger_id", ""), respond=respond
-            )
-        else:
-            await on_ref(deps, parsed, user=user, channel=channel, respond=respond)
-        await deps.audit.record(actor=user, channel=channel, action="command", detail=detail, outcome="ok")
-
-    await guarded(
-        work, respond=respond, deps=deps, actor=user, channel=channel, action="command", detail=detail, usage=SFP_USAGE
-    )
+    await run_command(ack, command, respond, context, name="sfp", parse=parse_sfp, usage=SFP_USAGE, handle=handle_sfp)
 
 
-async def submit(
-    deps: HandlerDeps, parsed: SfpSubmit, *, user: str, channel: str, trigger_id: str, respond: AsyncRespond
-) -> None:
+async def handle_sfp(who: Invocation, parsed: SfpCommand) -> None:
+    if isinstance(parsed, SfpHelp):
+        await who.reply(escape(SFP_USAGE))
+    elif isinstance(parsed, SfpList):
+        await who.reply(sfp_messages.list_message(await service(who.deps).recent(channel=who.channel, user=who.user)))
+    elif isinstance(parsed, SfpSubmit):
+        await submit(who, parsed)
+    else:
+        await on_ref(who, parsed)
+
+
+async def submit(who: Invocation, parsed: SfpSubmit) -> None:
+    deps, user, channel = who.deps, who.user, who.channel
     sfp = service(deps)
     now = datetime.now(UTC)
     zone = await deps.directory.time_zone(user) if parsed.at or parsed.until else None
@@ -84,7 +64,7 @@ async def submit(
         shortcut=parsed.shortcut,
     )
     operation, created = await sfp.create(
-        request, requester=user, channel=channel, idempotency_key=f"sfp:{trigger_id}", now=now
+        request, requester=user, channel=channel, idempotency_key=f"sfp:{who.trigger_id}", now=now
     )
     deps.kick_poller()
     await deps.audit.record(
@@ -98,100 +78,79 @@ async def submit(
     await deps.audit.waiver(
         actor=user, channel=channel, operation_ref=operation.ref, approval=common(operation).approval
     )
-    await reply_ephemeral(respond, sfp_messages.created_message(operation, created=created))
+    await who.reply(sfp_messages.created_message(operation, created=created))
 
 
-async def on_ref(deps: HandlerDeps, parsed: SfpRef, *, user: str, channel: str, respond: AsyncRespond) -> None:
-    sfp = service(deps)
+async def on_ref(who: Invocation, parsed: SfpRef) -> None:
+    sfp = service(who.deps)
     target = await sfp.target(parsed)
-    await allowed(deps, target, action=parsed.action, user=user, channel=channel)
+    await allowed(who, target, action=parsed.action)
     if parsed.action == "status":
         live = await sfp.live_status(target)
         if target.operation is None:
             assert live is not None
-            await reply_ephemeral(respond, sfp_messages.foreign_status_text(target, live))
+            await who.reply(sfp_messages.foreign_status_text(target, live))
         else:
-            blocks = sfp_messages.status_blocks(target.operation, live)
-            await reply_ephemeral(respond, f"Status of {target.label}", blocks)
+            await who.reply(f"Status of {target.label}", sfp_messages.status_blocks(target.operation, live))
     elif parsed.action == "result":
-        await reply_ephemeral(respond, sfp_messages.result_text(target, await sfp.result(target)))
+        await who.reply(sfp_messages.result_text(target, await sfp.result(target)))
     elif parsed.action == "runs":
-        await reply_ephemeral(respond, sfp_messages.runs_text(target, await sfp.runs(target)))
-    elif parsed.action == "cancel":
-        await cancel(deps, target, user=user, channel=channel, respond=respond)
-    elif parsed.action == "stop":
-        await stop(deps, target, user=user, channel=channel, respond=respond)
+        await who.reply(sfp_messages.runs_text(target, await sfp.runs(target)))
+    elif parsed.action in {"cancel", "stop"}:
+        await end_task(who, target, action=parsed.action)
 
 
-async def allowed(deps: HandlerDeps, target: Target, *, action: str, user: str, channel: str) -> None:
+async def allowed(who: Invocation, target: Target, *, action: str) -> None:
     """Refuse before any call to the sfp server: a task not of ours is for admins only."""
+    access = who.deps.access
     if target.operation is None:
-        await deps.access.check_foreign(user=user, what=f"Operation `{target.operation_id}`")
+        await access.check_foreign(user=who.user, what=f"Operation `{target.operation_id}`")
     elif action in {"cancel", "stop"}:
-        await deps.access.check_cancel(target.operation, user=user, verb=action)
+        await access.check_cancel(target.operation, user=who.user, verb=action)
     else:
-        await deps.access.check_read(target.operation, user=user, channel=channel)
+        await access.check_read(target.operation, user=who.user, channel=who.channel)
 
 
-async def cancel(deps: HandlerDeps, target: Target, *, user: str, channel: str, respond: AsyncRespond) -> None:
-    outcome = await service(deps).cancel(target, user=user)
+async def end_task(who: Invocation, target: Target, *, action: str) -> None:
+    """``cancel`` (a queued task, or a schedule) and ``stop`` (a running one) differ only in the
+    service call, its audit outcome and the reply."""
+    deps = who.deps
+    if action == "stop":
+        text, outcome = sfp_messages.stop_text(await service(deps).stop(target, user=who.user)), "stopped"
+    else:
+        text, outcome = sfp_messages.cancel_text(await service(deps).cancel(target, user=who.user)), "requested"
     deps.kick_poller()
     await deps.audit.record(
-        actor=user,
-        channel=channel,
+        actor=who.user,
+        channel=who.channel,
         operation_ref=target.operation.ref if target.operation else f"sfp:{target.operation_id}",
-        action="sfp.cancel",
-        outcome="requested",
+        action=f"sfp.{action}",
+        outcome=outcome,
     )
-    await reply_ephemeral(respond, sfp_messages.cancel_text(outcome))
-
-
-async def stop(deps: HandlerDeps, target: Target, *, user: str, channel: str, respond: AsyncRespond) -> None:
-    outcome = await service(deps).stop(target, user=user)
-    deps.kick_poller()
-    await deps.audit.record(
-        actor=user,
-        channel=channel,
-        operation_ref=target.operation.ref if target.operation else f"sfp:{target.operation_id}",
-        action="sfp.stop",
-        outcome="stopped",
-    )
-    await reply_ephemeral(respond, sfp_messages.stop_text(outcome))
+    await who.reply(text)
 
 
 async def on_stop(ack: AsyncAck, body: dict[str, Any], respond: AsyncRespond, context: AsyncBoltContext) -> None:
-    await ack()
-    await _button(deps_of(context), "stop", body=body, respond=respond)
+    await run_button(ack, body, respond, context, command="sfp", action="sfp.stop", handle=handle_stop_button)
 
 
 async def on_cancel(ack: AsyncAck, body: dict[str, Any], respond: AsyncRespond, context: AsyncBoltContext) -> None:
-    await ack()
-    await _button(deps_of(context), "cancel", body=body, respond=respond)
+    await run_button(ack, body, respond, context, command="sfp", action="sfp.cancel", handle=handle_cancel_button)
 
 
-async def _button(deps: HandlerDeps, action: str, *, body: dict[str, Any], respond: AsyncRespond) -> None:
+async def handle_stop_button(who: Invocation, operation_id: int) -> None:
+    await _button(who, operation_id, action="stop")
+
+
+async def handle_cancel_button(who: Invocation, operation_id: int) -> None:
+    await _button(who, operation_id, action="cancel")
+
+
+async def _button(who: Invocation, operation_id: int, *, action: str) -> None:
     """The Stop and Cancel buttons of a task card: the same checks as ``/sfp stop|cancel``."""
-    user, channel = body["user"]["id"], (body.get("channel") or {}).get("id", "")
-    operation_id = _operation_id(body)
-
-    async def work() -> None:
-        await deps.access.check(command="sfp", user=user, channel=channel)
-        target = await service(deps).target(SfpRef(action=action, ref=f"{REF_PREFIX[OpKind.SFP]}{operation_id}"))
-        await allowed(deps, target, action=action, user=user, channel=channel)
-        if action == "stop":
-            await stop(deps, target, user=user, channel=channel, respond=respond)
-        else:
-            await cancel(deps, target, user=user, channel=channel, respond=respond)
-
-    await guarded(
-        work,
-        respond=respond,
-        deps=deps,
-        actor=user,
-        channel=channel,
-        action=f"sfp.{action}",
-        detail=f"operation {operation_id}",
-    )
+    target = await service(who.deps).target(SfpRef(action=action, ref=f"{REF_PREFIX[OpKind.SFP]}{operation_id}"))
+    await allowed(who, target, action=action)
+    await end_task(who, target, action=action)
 
 
 def register(app: AsyncApp) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -52,7 +53,26 @@ class Bot:
             "response_url": slack.response_url_for(channel=CHANNEL, user=user, kind="commands"),
             "trigger_id": trigger_id or slack.issue_trigger_id(user),
         }
-        body = urlencode(form)
+        return await self._dispatch(urlencode(form), retry_num=retry_num)
+
+    async def click(self, user: str, action_id: str, value: str) -> BoltResponse:
+        """Dispatch a click on a card button, as Slack delivers a ``block_actions`` payload."""
+        slack = self.sandbox.slack
+        team = self.sandbox.agent.team_id
+        payload = {
+            "type": "block_actions",
+            "team": {"id": team},
+            "user": {"id": user, "team_id": team},
+            "api_app_id": self.sandbox.agent.api_app_id,
+            "channel": {"id": CHANNEL},
+            "container": {"type": "message", "channel_id": CHANNEL, "message_ts": "1.000001"},
+            "trigger_id": slack.issue_trigger_id(user),
+            "response_url": slack.response_url_for(channel=CHANNEL, user=user, kind="actions"),
+            "actions": [{"type": "button", "action_id": action_id, "block_id": "b", "value": value}],
+        }
+        return await self._dispatch(urlencode({"payload": json.dumps(payload)}), retry_num=None)
+
+    async def _dispatch(self, body: str, *, retry_num: int | None) -> BoltResponse:
         timestamp = str(int(time.time()))
         base = f"v0:{timestamp}:{body}".encode()
         signature = hmac.new(self.sandbox.signing_secret.encode(), base, hashlib.sha256).hexdigest()
@@ -154,3 +174,21 @@ async def test_slack_retries_of_a_command_create_nothing_twice(bot: Bot) -> None
     assert len(creations) == 2  # the first delivery and the first retry; the second retry was dropped
     assert {row.operation_ref for row in creations} == {pushes[0].ref}
     assert len(bot.seen_by(ALICE)) == 2
+
+
+async def test_a_card_button_is_access_checked_and_audited_with_its_operation(bot: Bot) -> None:
+    """Every card button goes through one frame: the command's access rules, errors audited
+    under the button's action with the operation it names (0 when its value is not a number)."""
+    await bot.click(CAROL, "push_cancel", "7")
+    await bot.click(ALICE, "push_cancel", "not-a-number")
+
+    [refusal] = bot.seen_by(CAROL)
+    assert "You are not allowed to use `/push`" in full_text(refusal)
+    assert len(bot.seen_by(ALICE)) == 1  # no operation 0: a refusal, not a crash
+    rows = [(row.actor, row.channel, row.action, row.detail) for row in await bot.audit()]
+    assert rows == [
+        (CAROL, CHANNEL, "push.cancel", "operation 7"),
+        (ALICE, CHANNEL, "push.cancel", "operation 0"),
+    ]
+    outcomes = [row.outcome for row in await bot.audit()]
+    assert all(outcome.startswith("refused: ") for outcome in outcomes), outcomes

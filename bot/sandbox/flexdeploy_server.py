@@ -42,6 +42,8 @@ from typing import Any
 
 from aiohttp import web
 
+from bot.sandbox.served import close, serve
+
 Row = dict[str, Any]
 
 BASE = "/flexdeploy/rest/v1"
@@ -252,18 +254,12 @@ class FlexDeploySim:
         app.router.add_put(project + "/{name}", self._put)
         app.router.add_patch(project + "/{name}", self._patch)
         app.router.add_delete(project + "/{name}", self._delete)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port)
-        await site.start()
-        bound_host, bound_port = self._runner.addresses[0][:2]
-        self.url = f"http://{bound_host}:{bound_port}"
+        self._runner, self.url = await serve(app, host=host, port=port)
         return self.url
 
     async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        await close(self._runner)
+        self._runner = None
 
     # ---- knobs and state for tests
 
@@ -418,19 +414,7 @@ class FlexDeploySim:
         if name in project.packages:
             # Docs silent on duplicates; a definite refusal is what a caller can act on.
             raise Refusal(400, f"Package '{name}' already exists in project {project.project_id}")
-        attributes = _attributes(body)
-        row = _pkg(name, files=[], catalogue=project.files)
-        row.update(
-            description=attributes.get("description"),
-            packageType=attributes.get("packageType") or "USER_MANAGED",
-            packageStatus=attributes.get("packageStatus") or "ACTIVE",
-            tests=attributes.get("tests"),
-            testLevel=attributes.get("testLevel"),
-            versionSyntax=attributes.get("versionSyntax"),
-        )
-        self._apply_type_rules(row, attributes, replace_files=True, project=project)
-        project.packages[name] = row
-        return web.json_response(self._public(project, row))
+        return self._store_whole(project, name, _attributes(body))
 
     async def _put(self, request: web.Request) -> web.Response:
         project = self._project(request)
@@ -438,8 +422,10 @@ class FlexDeploySim:
         current = self._existing(project, name)
         body = await self._body(request)
         self._check_modifiable(current, body, name)
-        attributes = _attributes(body)
-        # A complete update: what the request leaves out falls back to its default.
+        return self._store_whole(project, name, _attributes(body))
+
+    def _store_whole(self, project: SimProject, name: str, attributes: Row) -> web.Response:
+        """POST and PUT both write a whole package: what the request leaves out falls back to its default."""
         row = _pkg(name, files=[], catalogue=project.files)
         row.update(
             description=attributes.get("description"),

@@ -68,6 +68,7 @@ from defusedxml import ElementTree as SafeElementTree
 from defusedxml.common import DefusedXmlException
 
 from bot.sandbox.org_data import to_18
+from bot.sandbox.served import close, serve
 
 SOAP_NS = "http://schemas.xmlsoap.org/soap/envelope/"
 MD_NS = "http://soap.sforce.com/2006/04/metadata"
@@ -1161,18 +1162,12 @@ class ArtifactServer:
     async def start(self) -> str:
         app = web.Application()
         app.add_routes([web.get("/releases/{name}", self._get)])
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        host, port = self._runner.addresses[0][:2]
-        self.url = f"http://{host}:{port}"
+        self._runner, self.url = await serve(app)
         return self.url
 
     async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        await close(self._runner)
+        self._runner = None
 
     async def _get(self, request: web.Request) -> web.StreamResponse:
         name = request.match_info["name"]

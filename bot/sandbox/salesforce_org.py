@@ -44,6 +44,7 @@ from aiohttp import web
 from bot.sandbox import org_data
 from bot.sandbox.metadata_api import MetadataApiSim
 from bot.sandbox.org_data import PUSH_ERROR_KINDS, IdFactory, PushErrorKind, format_sf_datetime
+from bot.sandbox.served import close, serve
 from bot.sandbox.soql import SoqlError, Table, id15, parse_sf_datetime, run_query
 
 Row = dict[str, Any]
@@ -1045,18 +1046,12 @@ class SalesforceOrgSim:
     # ---- lifecycle
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
-        self._runner = web.AppRunner(self.app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port)
-        await site.start()
-        bound_host, bound_port = self._runner.addresses[0][:2]
-        self.url = f"http://{bound_host}:{bound_port}"
+        self._runner, self.url = await serve(self.app, host=host, port=port)
         return self.url
 
     async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        await close(self._runner)
+        self._runner = None
 
     # ---- knobs for tests
 

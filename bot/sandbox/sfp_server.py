@@ -62,6 +62,8 @@ from typing import Any
 
 from aiohttp import web
 
+from bot.sandbox.served import close, serve
+
 TASK_TYPES = (
     "fetchReviewEnvironment",
     "checkReviewEnvironment",
@@ -242,18 +244,12 @@ class SfpServerSim:
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
-        self._runner = web.AppRunner(self.app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port)
-        await site.start()
-        bound_host, bound_port = self._runner.addresses[0][:2]
-        self.url = f"http://{bound_host}:{bound_port}"
+        self._runner, self.url = await serve(self.app, host=host, port=port)
         return self.url
 
     async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        await close(self._runner)
+        self._runner = None
 
     # -- knobs ------------------------------------------------------------------------------------
     def force(self, method: str, path_regex: str, status: int, *, times: int = 1, after: bool = False) -> None:

@@ -55,8 +55,14 @@ class TestFailure:
 
     @property
     def qualified(self) -> str:
-        prefix = f"{self.namespace}__" if self.namespace and "__" not in self.class_name else ""
-        return f"{prefix}{self.class_name}.{self.method}" if self.method else f"{prefix}{self.class_name}"
+        name = namespaced(self.namespace, self.class_name)
+        return f"{name}.{self.method}" if self.method else name
+
+
+def namespaced(namespace: str, name: str) -> str:
+    """``ns__Name``, as Salesforce writes a managed component, unless the name already has it."""
+    prefix = f"{namespace}__" if namespace and "__" not in name else ""
+    return f"{prefix}{name}"
 
 
 def coverage_figures(message: str) -> tuple[float | None, float | None]:
@@ -69,16 +75,11 @@ def coverage_figures(message: str) -> tuple[float | None, float | None]:
 
 
 @dataclass(frozen=True)
-class CodeCoverageWarning:
-    """A ``CodeCoverageWarning`` from ``details/runTestResult/codeCoverageWarnings``. ``name`` is
-    empty for the org-wide average; otherwise it names the class or trigger below the threshold.
-    ``type`` (Class/Trigger) is not in the documented type but some results carry it."""
+class CoverageWarning:
+    """What Apex and flow coverage warnings share: a message that gives the coverage reached and
+    the coverage required, in words only (the API sends no figures)."""
 
     message: str
-    name: str = ""
-    namespace: str = ""
-    id: str = ""
-    type: str = ""
 
     @property
     def percent(self) -> float | None:
@@ -88,10 +89,21 @@ class CodeCoverageWarning:
     def required(self) -> float | None:
         return coverage_figures(self.message)[1]
 
+
+@dataclass(frozen=True)
+class CodeCoverageWarning(CoverageWarning):
+    """A ``CodeCoverageWarning`` from ``details/runTestResult/codeCoverageWarnings``. ``name`` is
+    empty for the org-wide average; otherwise it names the class or trigger below the threshold.
+    ``type`` (Class/Trigger) is not in the documented type but some results carry it."""
+
+    name: str = ""
+    namespace: str = ""
+    id: str = ""
+    type: str = ""
+
     @property
     def qualified(self) -> str:
-        prefix = f"{self.namespace}__" if self.namespace and "__" not in self.name else ""
-        return f"{prefix}{self.name}" if self.name else ""
+        return namespaced(self.namespace, self.name) if self.name else ""
 
     @property
     def kind(self) -> str:
@@ -102,27 +114,17 @@ class CodeCoverageWarning:
 
 
 @dataclass(frozen=True)
-class FlowCoverageWarning:
+class FlowCoverageWarning(CoverageWarning):
     """A ``FlowCoverageWarning`` from ``details/runTestResult/flowCoverageWarnings`` (API 44.0+).
     ``flow_name`` is empty when the warning is about the org's overall flow coverage."""
 
-    message: str
     flow_name: str = ""
     flow_namespace: str = ""
     flow_id: str = ""
 
     @property
-    def percent(self) -> float | None:
-        return coverage_figures(self.message)[0]
-
-    @property
-    def required(self) -> float | None:
-        return coverage_figures(self.message)[1]
-
-    @property
     def qualified(self) -> str:
-        prefix = f"{self.flow_namespace}__" if self.flow_namespace and "__" not in self.flow_name else ""
-        return f"{prefix}{self.flow_name}" if self.flow_name else ""
+        return namespaced(self.flow_namespace, self.flow_name) if self.flow_name else ""
 
 
 def deploy_status_url(instance_url: str, deploy_id: str) -> str:
