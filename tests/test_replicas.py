@@ -34,6 +34,10 @@ SECRET = "replica-test-signing-secret"
 REPLICAS = 3
 MIX = {"push": 120, "deploy": 40, "sfp": 30, "fd": 10}
 OPERATIONS = sum(MIX.values())  # 200
+# The FlexDeploy packages the deletes remove are created first, by /fd create: every /fd change is
+# an operation too, so the run holds these as well (each with its card and completion notice).
+SETUP_CREATES = MIX["fd"]
+TOTAL = OPERATIONS + SETUP_CREATES
 PRODUCTION_PUSHES = 20  # these, and every FlexDeploy delete, wait for an approval
 CHANNELS = [f"C0REL{n:02d}" for n in range(20)]  # Slack takes ~1 message/s per channel: spread the load
 FINISHED = "chatops_operation_finished"
@@ -249,16 +253,16 @@ async def test_three_replicas_share_mixed_work_and_survive_a_sigkill(cluster: Cl
             "('succeeded','failed','canceled','error')",
         )
         pending = await rows(cluster.database_url, "SELECT COUNT(*) FROM slack_outbox WHERE state <> 'sent'")
-        if len(done) == OPERATIONS and pending[0][0] == 0:
+        if len(done) == TOTAL and pending[0][0] == 0:
             break
         await asyncio.sleep(1)
     wall = time.monotonic() - started
 
     ops = await rows(cluster.database_url, "SELECT id, kind, state, external_id, data::text FROM operations")
-    assert len(ops) == OPERATIONS  # none created twice, none dropped (late acks included)
+    assert len(ops) == TOTAL  # none created twice, none dropped (late acks included)
     assert len(late_acks) <= OPERATIONS // 20, late_acks
-    assert Counter(str(o[1]) for o in ops) == Counter(MIX)
-    assert len(done) == OPERATIONS, Counter((str(o[1]), str(o[2])) for o in ops)  # none lost
+    assert Counter(str(o[1]) for o in ops) == Counter(MIX) + Counter({"fd": SETUP_CREATES})
+    assert len(done) == TOTAL, Counter((str(o[1]), str(o[2])) for o in ops)  # none lost
     by_kind = {kind: [o for o in ops if o[1] == kind] for kind in MIX}
     uncertain = [o for o in ops if o[2] == "error" and any(u in str(o[4]) for u in UNCERTAIN)]
     errors = [o for o in ops if o[2] == "error" and o not in uncertain]
@@ -323,17 +327,17 @@ async def test_three_replicas_share_mixed_work_and_survive_a_sigkill(cluster: Cl
                 notices[key] += 1
             elif event == "chatops_card":
                 cards[key] += 1
-    if len(notices) != OPERATIONS:  # say where they are stuck
+    if len(notices) != TOTAL:  # say where they are stuck
         outbox = await rows(
             cluster.database_url,
             "SELECT o.dedupe_key, o.state, o.attempts, o.last_error, o.channel, p.card_ts FROM slack_outbox o "
             "LEFT JOIN operations p ON p.id = o.operation_id WHERE o.dedupe_key LIKE 'completion:%'",
         )
         print(f"\nwall={wall:.1f}s notices not in Slack: {[r for r in outbox if str(r[0]) not in notices]}")
-    assert len(notices) == OPERATIONS and set(notices.values()) == {1}
-    assert len(cards) == OPERATIONS and set(cards.values()) == {1}
+    assert len(notices) == TOTAL and set(notices.values()) == {1}
+    assert len(cards) == TOTAL and set(cards.values()) == {1}
     print(
-        f"\nreplicas={REPLICAS} operations={OPERATIONS} ({dict(MIX)}) duplicates=0 lost=0 duplicate_notices=0 "
+        f"\nreplicas={REPLICAS} operations={TOTAL} ({dict(MIX)} + {SETUP_CREATES} fd creates) duplicates=0 lost=0 duplicate_notices=0 "
         f"late_acks={len(late_acks)} uncertain={len(uncertain)} repeated_pending_patches={repeated} "
         f"orphan_requests={len(orphans)} repeated_deletes={repeated_deletes} "
         f"killed_replica_at={killed_at:.1f}s wall={wall:.1f}s"
