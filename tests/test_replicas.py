@@ -337,7 +337,8 @@ async def test_three_replicas_share_mixed_work_and_survive_a_sigkill(cluster: Cl
     assert len(notices) == TOTAL and set(notices.values()) == {1}
     assert len(cards) == TOTAL and set(cards.values()) == {1}
     print(
-        f"\nreplicas={REPLICAS} operations={TOTAL} ({dict(MIX)} + {SETUP_CREATES} fd creates) duplicates=0 lost=0 duplicate_notices=0 "
+        f"\nreplicas={REPLICAS} operations={TOTAL} ({dict(MIX)} + {SETUP_CREATES} fd creates) "
+        "duplicates=0 lost=0 duplicate_notices=0 "
         f"late_acks={len(late_acks)} uncertain={len(uncertain)} repeated_pending_patches={repeated} "
         f"orphan_requests={len(orphans)} repeated_deletes={repeated_deletes} "
         f"killed_replica_at={killed_at:.1f}s wall={wall:.1f}s"
