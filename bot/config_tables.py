@@ -16,6 +16,8 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+from bot.core.when import parse_duration
+
 COMMANDS = ("push", "deploy", "sfp", "fd")
 ALIAS_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,39}$")
 # Every action a service asks ``requirement_for`` about.
@@ -73,15 +75,6 @@ def check_service_url(url: str, *, what: str) -> str:
 def mask_url_password(url: str) -> str:
     """``scheme://user:secret@host/…`` → ``scheme://user:***@host/…``; anything else unchanged."""
     return re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]*):[^@/\s]*@", r"\1:***@", url)
-
-
-def parse_duration(text: str) -> timedelta:
-    """'90s', '15m', '24h', '7d', '1h30m' → timedelta."""
-    match = re.fullmatch(r"\s*(?:(\d+)d)?\s*(?:(\d+)h)?\s*(?:(\d+)m)?\s*(?:(\d+)s)?\s*", text)
-    if not match or not any(match.groups()):
-        raise ValueError(f"not a duration: {text!r} (use e.g. 30m, 24h, 7d)")
-    days, hours, minutes, seconds = (int(g) if g else 0 for g in match.groups())
-    return timedelta(days=days, hours=hours, minutes=minutes, seconds=seconds)
 
 
 class _Strict(BaseModel):

@@ -22,60 +22,51 @@ from pydantic_settings import (
 )
 
 from bot.config_tables import (
-    ALIAS_RE as ALIAS_RE,
-)
-from bot.config_tables import (
-    APPROVAL_ACTIONS as APPROVAL_ACTIONS,
-)
-from bot.config_tables import (
-    COMMANDS as COMMANDS,
-)
-from bot.config_tables import (
-    MINIMUM_ACTIONS as MINIMUM_ACTIONS,
-)
-from bot.config_tables import (
-    AccessConfig as AccessConfig,
-)
-from bot.config_tables import (
-    AccessRule as AccessRule,
-)
-from bot.config_tables import (
-    ApprovalRule as ApprovalRule,
-)
-from bot.config_tables import (
-    ArtifactsConfig as ArtifactsConfig,
-)
-from bot.config_tables import (
-    FlexDeployConfig as FlexDeployConfig,
-)
-from bot.config_tables import (
-    JwtAuthConfig as JwtAuthConfig,
-)
-from bot.config_tables import (
-    NotificationsConfig as NotificationsConfig,
-)
-from bot.config_tables import (
-    OrgConfig as OrgConfig,
-)
-from bot.config_tables import (
-    PollerConfig as PollerConfig,
-)
-from bot.config_tables import (
-    SfpConfig as SfpConfig,
-)
-from bot.config_tables import (
-    check_service_url as check_service_url,
-)
-from bot.config_tables import (
-    is_loopback_host as is_loopback_host,
-)
-from bot.config_tables import (
-    mask_url_password as mask_url_password,
-)
-from bot.config_tables import (
-    parse_duration as parse_duration,
+    ALIAS_RE,
+    APPROVAL_ACTIONS,
+    COMMANDS,
+    MINIMUM_ACTIONS,
+    AccessConfig,
+    AccessRule,
+    ApprovalRule,
+    ArtifactsConfig,
+    FlexDeployConfig,
+    JwtAuthConfig,
+    NotificationsConfig,
+    OrgConfig,
+    PollerConfig,
+    SfpConfig,
+    check_service_url,
+    is_loopback_host,
+    mask_url_password,
 )
 from bot.errors import ConfigError
+
+# The TOML tables live in bot/config_tables.py; callers build settings from this module alone.
+__all__ = [
+    "ALIAS_RE",
+    "APPROVAL_ACTIONS",
+    "COMMANDS",
+    "MINIMUM_ACTIONS",
+    "PLACEHOLDER_SECRETS",
+    "SECRET_FIELDS",
+    "AccessConfig",
+    "AccessRule",
+    "ApprovalRule",
+    "ArtifactsConfig",
+    "FlexDeployConfig",
+    "JwtAuthConfig",
+    "NotificationsConfig",
+    "OrgConfig",
+    "PollerConfig",
+    "Settings",
+    "SfpConfig",
+    "check_service_url",
+    "config_error_line",
+    "is_loopback_host",
+    "load_settings",
+    "mask_url_password",
+]
 
 PLACEHOLDER_SECRETS = {"changeme", "change-me", "changethis", "xoxb-your-token", "secret", "todo", "xxx"}
 SECRET_FIELDS = (

@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-from bot.core.approvals import Directory
+from bot.core.directory import Directory
 from bot.core.payloads import common
 from bot.errors import NotAllowedError
 from bot.settings import AccessConfig

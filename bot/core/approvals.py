@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any
 
+from bot.core.access import AccessPolicy
+from bot.core.directory import Directory
 from bot.core.payloads import ApprovalState, common, with_common
 from bot.core.when import aware
 from bot.errors import NotAllowedError, NotFoundError, StateError
@@ -19,16 +21,7 @@ from bot.store import repo
 from bot.store.db import Database
 from bot.store.models import Approval, Operation, OpState
 
-if TYPE_CHECKING:  # access.py needs Directory from here
-    from bot.core.access import AccessPolicy
-
 DEFAULT_EXPIRY = timedelta(hours=24)
-
-
-class Directory(Protocol):
-    """Who is in a Slack user group; implemented over the Slack API outside the services."""
-
-    async def usergroup_members(self, group_id: str) -> set[str] | None: ...
 
 
 @dataclass(frozen=True)

@@ -12,9 +12,19 @@ AT_USAGE = (
     "`--at` takes a time in your Slack time zone: `18:30`, `tomorrow 09:00`, `2026-12-01 18:30`, "
     "`2026-12-01T18:30Z` (UTC), or a delay such as `+2h`, `+45m`."
 )
-_RELATIVE = re.compile(r"^\+(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?$")
+_DURATION = re.compile(r"\s*(?:(\d+)d)?\s*(?:(\d+)h)?\s*(?:(\d+)m)?\s*(?:(\d+)s)?\s*")
 _CLOCK = re.compile(r"^(\d{1,2}):(\d{2})$")
 _MAX_AHEAD = timedelta(days=90)
+
+
+def parse_duration(text: str) -> timedelta:
+    """'90s', '15m', '24h', '7d', '1h30m' → timedelta: the one duration grammar (settings such as
+    an approval's ``expires``, ``--every``/``--lease`` and ``--at +2h``)."""
+    match = _DURATION.fullmatch(text)
+    if not match or not any(match.groups()):
+        raise ValueError(f"not a duration: {text!r} (use e.g. 30m, 24h, 7d)")
+    days, hours, minutes, seconds = (int(g) if g else 0 for g in match.groups())
+    return timedelta(days=days, hours=hours, minutes=minutes, seconds=seconds)
 
 
 def aware(moment: datetime) -> datetime:
@@ -36,11 +46,11 @@ def parse_when(text: str, *, tz_name: str | None, now: datetime | None = None) -
     raw = " ".join(text.split())
     lowered = raw.lower()
     result: datetime | None = None
-    if match := _RELATIVE.match(lowered):
-        if not any(match.groups()):
-            raise UsageError(f"`{raw}` is not a time.", usage=AT_USAGE)
-        days, hours, minutes = (int(g) if g else 0 for g in match.groups())
-        result = now + timedelta(days=days, hours=hours, minutes=minutes)
+    if lowered.startswith("+"):
+        try:
+            result = now + parse_duration(lowered[1:])
+        except ValueError:
+            raise UsageError(f"`{raw}` is not a time.", usage=AT_USAGE) from None
     else:
         day_word, _, clock = (
             lowered.partition(" ") if lowered.startswith(("today ", "tomorrow ")) else ("", "", lowered)

@@ -13,8 +13,8 @@ from typing import Any
 
 from bot.clients.sfp import OPERATION_ID_RE, PRIORITIES
 from bot.core.grammar import SFP_REFS, parse_ref, split_options, tokenize
+from bot.core.when import parse_duration
 from bot.errors import UsageError
-from bot.settings import parse_duration
 from bot.sfp.requests import SfpCommand, SfpHelp, SfpList, SfpRef, SfpSubmit
 
 SFP_USAGE = "\n".join(

@@ -5,8 +5,6 @@ from __future__ import annotations
 from bot.errors import ChatOpsError, UpstreamError, UserError
 from bot.slack import blocks as bk
 
-NOT_YET: dict[str, str] = {}
-
 
 def error_text(error: ChatOpsError) -> str:
     """The ephemeral message for an error: what went wrong, then how to use the command."""

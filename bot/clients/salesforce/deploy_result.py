@@ -18,7 +18,6 @@ from xml.etree.ElementTree import Element
 from bot.clients.salesforce.rest import checked_id
 
 XSI_NS = "http://www.w3.org/2001/XMLSchema-instance"
-DONE_STATUSES = frozenset({"Succeeded", "SucceededPartial", "Failed", "Canceled"})
 # "… is 68%, at least 75% test coverage is required": the first figure is the coverage, the one
 # after "at least" the threshold. The docs give no grammar for these messages; this is the
 # wording real orgs answer with.
