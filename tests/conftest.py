@@ -14,6 +14,24 @@ SCRUBBED_PREFIXES = ("SLACK_", "SF_AUTH_URL_", "SFP_", "FLEXDEPLOY_")
 SCRUBBED = {"DATABASE_URL", "CHATOPS_CONFIG", "PORT"}
 
 
+@pytest.fixture(scope="session", autouse=True)
+def postgres_per_worker() -> None:
+    """Under pytest-xdist each worker gets a PostgreSQL database of its own (``test_gw0`` …),
+    created on first use: the store tests drop and create tables, so workers must not share one."""
+    url, worker = os.environ.get("CHATOPS_TEST_DATABASE_URL"), os.environ.get("PYTEST_XDIST_WORKER")
+    if not url or not worker:
+        return
+    import psycopg
+
+    base, _, name = url.rpartition("/")
+    own = f"{name}_{worker}"
+    conninfo = url.replace("postgresql+psycopg://", "postgresql://").replace("postgresql+asyncpg://", "postgresql://")
+    with psycopg.connect(conninfo, autocommit=True) as connection:  # CREATE DATABASE needs autocommit
+        if connection.execute("SELECT 1 FROM pg_database WHERE datname = %s", (own,)).fetchone() is None:
+            connection.execute(f'CREATE DATABASE "{own}"')
+    os.environ["CHATOPS_TEST_DATABASE_URL"] = f"{base}/{own}"
+
+
 @pytest.fixture(autouse=True)
 def clean_environment(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """No test may see the developer's real Slack or Salesforce settings; and the logging set up

@@ -17,13 +17,14 @@ from urllib.parse import quote
 import pytest
 from sqlmodel import select
 
+from bot.flexdeploy.payloads import FdData
 from bot.sandbox.embedded import NOTIFY_CHANNEL, SANDBOX_APPROVERS, Sandbox, running_sandbox
 from bot.sandbox.fake_slack import Message
 from bot.sandbox.flexdeploy_server import FlexDeploySim
 from bot.settings import ApprovalRule
 from bot.store import repo
 from bot.store.models import AuditEvent, Operation, OpKind, OpState
-from tests.helpers import CHANNEL, click, ephemerals, full_text, next_ephemeral
+from tests.helpers import CHANNEL, click, ephemerals, eventually, full_text, next_ephemeral
 
 ALICE, BOB, CAROL, DAVE = "U0ALICE", "U0BOB", "U0CAROL", "U0DAVE"
 SF = 101
@@ -428,6 +429,28 @@ async def test_an_ambiguous_write_is_checked_before_it_is_repeated(sandbox: Sand
     assert [m for m, _ in sim.writes()] == ["PATCH", "PATCH"]  # the first answered 500, the repeat went through
     assert sim.package(SF, "Release 42")["packageStatus"] == "COMPLETED"  # type: ignore[index]
     assert "last_problem" not in op.data
+
+
+async def test_a_delete_whose_answer_was_lost_is_checked_before_it_is_sent_again(sandbox: Sandbox) -> None:
+    """FlexDeploy deleted the package but every answer was lost (5xx): once the bot backs off, the
+    next attempt reads first and finds the delete done, instead of sending another DELETE."""
+    sim = sim_of(sandbox)
+    ref = ref_in(await fd(sandbox, ALICE, 'delete 101 "Release 42"'))
+    op = await wait_fd(sandbox, ref, card=True)
+    sim.force(502, method="DELETE", times=None)
+    await click(sandbox, BOB, op, "Approve")
+    backing_off = await eventually(
+        lambda: fd_op(sandbox, ref), until=lambda o: FdData.read(o.data).transient_failures > 0, timeout=30
+    )
+    assert FdData.read(backing_off.data).attempted_at is not None
+    # What FlexDeploy did behind the lost answers: the package is gone.
+    del sim.projects[SF].packages["Release 42"]
+    sim.clear_forced()
+    sent = len(sim.writes())
+    op = await wait_fd(sandbox, ref, states=[OpState.SUCCEEDED], announced=True)
+    assert len(sim.writes()) == sent  # no DELETE after the lost ones
+    assert ("GET", "/flexdeploy/rest/v1/project/101/package/Release%2042") in sim.calls
+    assert sim.package(SF, "Release 42") is None
 
 
 def package_rules() -> list[ApprovalRule]:

@@ -67,6 +67,12 @@ class FlexDeploySteps:
             problem = stale(change, current)
             if problem:
                 return await self._finish(operation, lease_token, OpState.FAILED, error=problem)
+        if change.action == "delete" and retried:
+            # An earlier DELETE's answer was lost (its replica died, or FlexDeploy answered 5xx after
+            # deleting): a package already gone is that delete done, not a reason to send another.
+            if await read_or_none(self.client, change.project_id, change.package) is None:
+                await self._audit(operation, change, outcome="ok (already deleted)")
+                return await self._finish(operation, lease_token, OpState.SUCCEEDED, after=None)
         attempted = data.model_copy(update={"attempted_at": datetime.now(UTC).isoformat()})
         if not await self._writes.save(operation, lease_token, data=attempted.dump()):
             return Advance()
