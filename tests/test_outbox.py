@@ -12,7 +12,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
+from slack_sdk.errors import SlackApiError
+from slack_sdk.web.async_slack_response import AsyncSlackResponse
 from sqlalchemy import update
 from sqlmodel import col, select
 
@@ -21,7 +24,7 @@ from bot.slack.outbox import SlackOutbox, card_row, message_row, reply_row
 from bot.slack.web import SlackPoster, make_outbox_client
 from bot.store import repo
 from bot.store.db import Database, migrate
-from bot.store.models import Operation, OutboxMessage
+from bot.store.models import ChannelPace, Operation, OutboxMessage
 
 CHANNEL = "C0RELEASES"
 
@@ -237,3 +240,71 @@ async def test_a_send_slack_fails_waits_longer_each_time_and_keeps_its_channels_
     assert row.next_attempt_at is not None
     await drained(setup)
     assert [m.text for m in setup.slack.channel_messages(CHANNEL)] == ["one", "two"]
+
+
+async def attempted(setup: Setup, key: str, attempts: int) -> None:
+    """As if the row had been tried ``attempts`` times already."""
+    async with setup.db.session() as session:
+        await session.exec(update(OutboxMessage).where(col(OutboxMessage.dedupe_key) == key).values(attempts=attempts))
+        await session.commit()
+
+
+async def due_now(setup: Setup, key: str) -> None:
+    async with setup.db.session() as session:
+        await session.exec(
+            update(OutboxMessage).where(col(OutboxMessage.dedupe_key) == key).values(next_attempt_at=None)
+        )
+        await session.commit()
+    async with setup.db.session() as session:  # and its channel's hold, as if the minute had passed
+        await session.exec(update(ChannelPace).values(next_post_at=datetime.now(UTC) - timedelta(seconds=1)))
+        await session.commit()
+
+
+async def test_slack_down_longer_than_the_attempts_allow_is_waited_out_not_given_up(setup: Setup) -> None:
+    """A Slack outage is not the message's fault: past MAX_ATTEMPTS tries it is still owed."""
+    await setup.outbox.enqueue(message_row(channel=CHANNEL, text="release done", key="outage"))
+    await attempted(setup, "outage", 10)
+    real_post = setup.poster.post
+
+    async def unreachable(**kwargs: Any) -> str:
+        raise aiohttp.ClientConnectionError("Slack is down")
+
+    setup.poster.post = unreachable  # type: ignore[method-assign]
+    await setup.outbox.deliver()
+    row = await setup.row("outage")
+    assert (row.state, row.last_error) == ("pending", "Slack unreachable: ClientConnectionError")
+
+    setup.poster.post = real_post  # type: ignore[method-assign]
+    await due_now(setup, "outage")
+    await drained(setup)
+    assert [m.text for m in setup.posted("outage")] == ["release done"]
+
+
+async def test_a_send_whose_earlier_try_cannot_be_checked_is_not_sent_blind(setup: Setup) -> None:
+    """The earlier try may have reached Slack; if Slack will not say, sending again could post it
+    twice: the row waits and is checked again."""
+    await setup.outbox.enqueue(message_row(channel=CHANNEL, text="release done", key="unsure"))
+    await attempted(setup, "unsure", 1)
+    real_find = setup.poster.find_in_channel
+
+    async def refused(**kwargs: Any) -> str | None:
+        response = AsyncSlackResponse(
+            client=None,  # type: ignore[arg-type]
+            http_verb="POST",
+            api_url="conversations.history",
+            req_args={},
+            data={"ok": False, "error": "internal_error"},
+            headers={},
+            status_code=500,
+        )
+        raise SlackApiError("internal_error", response)
+
+    setup.poster.find_in_channel = refused  # type: ignore[method-assign]
+    await setup.outbox.deliver()
+    assert setup.posted("unsure") == [] and setup.slack.calls_to("chat.postMessage") == []
+    assert (await setup.row("unsure")).state == "pending"
+
+    setup.poster.find_in_channel = real_find  # type: ignore[method-assign]
+    await due_now(setup, "unsure")
+    await drained(setup)
+    assert [m.text for m in setup.posted("unsure")] == ["release done"]

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 START_CONCURRENCY = 8  # operations started side by side in one cycle, per kind
 AUTH_BACKOFF_SECONDS = 300.0  # refused credentials need a person; do not hammer the login endpoint
-WATCH_CRASH_RETRY_SECONDS = 30.0  # a bug while following one operation must not stop the others
+WATCH_CRASH_RETRY_SECONDS = 30.0  # a bug while starting or following one operation must not stop the others
 
 
 class KindSteps(Protocol):
@@ -101,6 +101,11 @@ class KindAdvancer:
             return await self._back_off(operation, lease_token, exc)
         except UserError as exc:
             return await self._steps.refuse(operation, lease_token, exc.message)
+        except Exception:
+            # A bug or a database blip while starting one operation must not take the others down
+            # with it: the batch goes on (siblings keep their leases; running ones are watched).
+            log.exception("advancing %s failed", operation.ref)
+            return Advance(next_poll_in=WATCH_CRASH_RETRY_SECONDS)
 
     async def _watch(self, operations: Sequence[Operation], lease_token: str) -> dict[int, Advance]:
         try:

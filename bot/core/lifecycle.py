@@ -83,12 +83,25 @@ class LeasedWrites:
     async def transient(
         self, operation: Operation, lease_token: str, exc: UpstreamError, *, delay: float | None = None
     ) -> Advance:
-        """Keep the operation as it is, note the problem for the card, and try again later."""
+        """Keep the operation as it is, note the problem for the card, and try again later.
+
+        The note is written only if the operation is still in the state it was read in: a cancel
+        or stop that landed meanwhile wrote marks of its own in ``data``, which this stale copy
+        would otherwise put back as they were.
+        """
         assert operation.id is not None
         failures = common(operation).transient_failures + 1
         log.warning("%s: transient failure %s: %s", operation.ref, failures, exc.message)
         data = with_common(operation, transient_failures=failures, last_problem=redact_text(exc.message)[:200])
-        await repo.update_operation(self._db, operation_id=operation.id, lease_token=lease_token, values={"data": data})
+        noted = await repo.update_operation(
+            self._db,
+            operation_id=operation.id,
+            lease_token=lease_token,
+            expect_states=[operation.state],
+            values={"data": data},
+        )
+        if not noted:
+            return Advance(next_poll_in=1.0)  # it moved on meanwhile: look at it as it is now
         operation.data = data
         return Advance(next_poll_in=delay or min(5.0 * failures, 120.0))
 

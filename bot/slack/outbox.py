@@ -28,9 +28,11 @@ from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import aiohttp
 from slack_sdk.errors import SlackApiError
 
 from bot.core.operations import OpFile
+from bot.core.when import aware
 from bot.slack.web import SlackPoster
 from bot.store import outbox as store
 from bot.store import repo
@@ -44,8 +46,13 @@ CardRenderer = Callable[[Operation], Awaitable[tuple[str, Blocks]]]
 POST_INTERVAL = timedelta(seconds=1)
 SEND_LEASE = timedelta(seconds=60)
 SEND_DEADLINE = timedelta(seconds=45)  # every Slack call of one send, well inside SEND_LEASE
-MAX_ATTEMPTS = 6
+MAX_ATTEMPTS = 6  # refusals that trying again cannot fix (channel_not_found, invalid_blocks …)
 BACKOFF_MAX = timedelta(seconds=60)
+# Slack being down (5xx, timeouts, dropped connections) is not the message's fault: such a row is
+# tried again, at most once a minute, until it is this old; a release manager would rather get a
+# late card than none.
+OUTAGE_PATIENCE = timedelta(hours=24)
+SLACK_OUTAGE_ERRORS = frozenset({"internal_error", "fatal_error", "service_unavailable", "request_timeout"})
 
 
 def backoff(attempts: int) -> timedelta:
@@ -182,11 +189,13 @@ class SlackOutbox:
                 await self._later(row, wait=wait, error=None)
             else:
                 log.warning("slack refused outbox row %s (%s): %s", row.id, row.kind, error)
-                await self._retry_or_give_up(row, error=error)
+                outage = exc.response.status_code >= 500 or error in SLACK_OUTAGE_ERRORS
+                await self._retry_or_give_up(row, error=error, outage=outage)
             return 0
-        except TimeoutError:
-            log.warning("sending outbox row %s took longer than %s; it is tried again", row.id, SEND_DEADLINE)
-            await self._retry_or_give_up(row, error="timed out")
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            log.warning("sending outbox row %s failed (%s); it is tried again", row.id, type(exc).__name__)
+            error = "timed out" if isinstance(exc, TimeoutError) else f"Slack unreachable: {type(exc).__name__}"
+            await self._retry_or_give_up(row, error=error, outage=True)
             return 0
         except Exception:
             log.exception("sending outbox row %s failed", row.id)
@@ -202,7 +211,13 @@ class SlackOutbox:
                 await store.finish(self._db, row=row, values={"state": "failed", "last_error": "card not posted"})
                 return 0
         if row.attempts > 1 and row.kind != "file":
-            found = await self._already_sent(row, thread_ts)
+            try:
+                found = await self._already_sent(row, thread_ts)
+            except SlackApiError as exc:
+                # Sending without knowing whether an earlier try got through could post it twice.
+                error = f"could not check whether it was sent: {exc.response.get('error')}"
+                await self._retry_or_give_up(row, error=error, outage=True)
+                return 0
             if found:
                 if row.kind == "card" and operation is not None:
                     await self._adopt_card(operation, row=row, ts=found)
@@ -225,11 +240,13 @@ class SlackOutbox:
             await store.hold_channel(session, channel=row.channel, until=until)
             await store.finish(session, row=row, values=values)
 
-    async def _retry_or_give_up(self, row: OutboxMessage, *, error: str) -> None:
-        """Back to pending after a back-off, or failed after MAX_ATTEMPTS; the replies that would
+    async def _retry_or_give_up(self, row: OutboxMessage, *, error: str, outage: bool = False) -> None:
+        """Back to pending after a back-off, or failed: after MAX_ATTEMPTS refusals, or (``outage``:
+        Slack down or unreachable) once the row is OUTAGE_PATIENCE old. The replies that would
         have gone in the thread of a card that failed for good have nowhere to go, so they fail
         with it rather than wait for ever."""
-        if row.attempts < MAX_ATTEMPTS:
+        patient = outage and datetime.now(UTC) - aware(row.created_at) < OUTAGE_PATIENCE
+        if patient or row.attempts < MAX_ATTEMPTS:
             await self._later(row, wait=backoff(row.attempts), error=error)
             return
         log.warning("giving up on outbox row %s after %d attempts", row.id, row.attempts)
@@ -260,7 +277,7 @@ class SlackOutbox:
             )
         except SlackApiError as exc:
             log.warning("could not check whether outbox row %s was sent: %s", row.id, exc.response.get("error"))
-            return None
+            raise
 
     async def _sent(self, row: OutboxMessage, *, ts: str | None, card: tuple[str | None, str | None] | None) -> None:
         """Mark the row sent and, for a card, record where it is (``card``: ts, digest): together."""

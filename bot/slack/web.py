@@ -91,14 +91,16 @@ def make_web_client(*, token: str, base_url: str, session: aiohttp.ClientSession
 
 
 def make_outbox_client(*, token: str, base_url: str, session: aiohttp.ClientSession | None = None) -> AsyncWebClient:
-    """The client of the outbox and the poller's card edits: a 429 or 5xx comes straight back to
-    them (five 429s absorbed inside one call would let a send outlive its lease)."""
+    """The client of the outbox and the poller's card edits: a 429, a 5xx or a dropped connection
+    comes straight back to them. Five 429s absorbed inside one call would let a send outlive its
+    lease, and a post resent after a dropped connection may already be in Slack: the outbox looks
+    for it (by its metadata) before sending it again."""
     return AsyncWebClient(
         token=token,
         base_url=base_url,
         session=session,
         timeout=SLACK_TIMEOUT_SECONDS,
-        retry_handlers=[AsyncConnectionErrorRetryHandler(max_retry_count=1)],
+        retry_handlers=[],
     )
 
 
