@@ -8,7 +8,6 @@ from typing import Any
 
 from slack_bolt.async_app import AsyncAck, AsyncApp, AsyncBoltContext, AsyncRespond
 
-from bot.core.payloads import common
 from bot.core.when import parse_when
 from bot.deploy import messages as deploy_messages
 from bot.deploy.commands import (
@@ -29,7 +28,7 @@ from bot.slack.blocks import escape
 from bot.slack.outbox import reply_row
 from bot.store.models import REF_PREFIX, OpKind
 from handlers.context import HandlerDeps
-from handlers.frame import Invocation, run_button, run_command
+from handlers.frame import Invocation, record_request, run_button, run_command
 
 
 def service(deps: HandlerDeps) -> DeployService:
@@ -84,17 +83,13 @@ async def create(
     operation, created = await service(deps).create(
         plan, requester=user, channel=channel, idempotency_key=key, scheduled_for=at
     )
-    deps.kick_poller()
-    await deps.audit.record(
-        actor=user,
-        channel=channel,
-        operation_ref=operation.ref,
+    await record_request(
+        who,
+        operation,
+        created=created,
         action=f"deploy.{params_of(operation).action}",
-        detail=f"{operation.summary} ({deploy_messages.plan_summary(plan)})"[:500],
-        outcome=operation.state,
-    )
-    await deps.audit.waiver(
-        actor=user, channel=channel, operation_ref=operation.ref, approval=common(operation).approval
+        detail=f"{operation.summary} ({deploy_messages.plan_summary(plan)})",
+        channel=channel,
     )
     notes = plan.notes if created else []
     await who.reply(deploy_messages.created_message(operation, created=created, notes=notes))

@@ -12,7 +12,6 @@ from typing import Any
 
 from slack_bolt.async_app import AsyncAck, AsyncApp, AsyncBoltContext, AsyncRespond
 
-from bot.core.payloads import common
 from bot.errors import UsageError
 from bot.flexdeploy import messages as fd_messages
 from bot.flexdeploy.commands import FD_USAGE, parse_fd
@@ -22,7 +21,7 @@ from bot.flexdeploy.service import FlexDeployService
 from bot.flexdeploy.steps import NOT_CONFIGURED
 from bot.store.models import REF_PREFIX, OpKind
 from handlers.context import HandlerDeps
-from handlers.frame import Invocation, run_button, run_command
+from handlers.frame import Invocation, record_request, run_button, run_command
 
 
 def service(deps: HandlerDeps) -> FlexDeployService:
@@ -66,23 +65,13 @@ async def change(who: Invocation, parsed: FdWrite | FdStatus | FdDelete) -> None
     planned = await fd.plan(parsed)  # reads the package; refuses bad requests before any write
     outcome = await fd.submit(planned, requester=user, channel=channel, idempotency_key=f"fd:{who.trigger_id}")
     operation = outcome.operation
-    if operation is not None:
-        deps.kick_poller()  # the poller makes the call (at once, or after approval) and posts the card
-    await deps.audit.record(
-        actor=user,
-        channel=channel,
-        operation_ref=operation.ref if operation is not None else "",
-        action=f"fd.{planned.action}",
-        detail=planned.call[:500],
-        outcome=operation.state if operation is not None else "absent",
-    )
-    if operation is not None and outcome.created:
-        await deps.audit.waiver(
-            actor=user,
-            channel=channel,
-            operation_ref=operation.ref,
-            approval=common(operation).approval,
+    if operation is None:  # a delete of a package that is not there: nothing to do
+        await deps.audit.record(
+            actor=user, channel=channel, action=f"fd.{planned.action}", detail=planned.call[:500], outcome="absent"
         )
+    else:  # the poller makes the call (at once, or after approval) and posts the card
+        action = f"fd.{planned.action}"
+        await record_request(who, operation, created=outcome.created, action=action, detail=planned.call)
     await who.reply(fd_messages.submitted_ack(outcome))
 
 

@@ -15,6 +15,8 @@ from typing import Any, TypeVar
 
 from slack_bolt.async_app import AsyncAck, AsyncBoltContext, AsyncRespond
 
+from bot.core.payloads import common
+from bot.store.models import Operation
 from handlers.context import HandlerDeps, deps_of
 from handlers.errors import guarded, parse_or_refuse, reply_ephemeral
 
@@ -33,6 +35,28 @@ class Invocation:
 
     async def reply(self, text: str, blocks: list[dict[str, Any]] | None = None) -> None:
         await reply_ephemeral(self.respond, text, blocks)
+
+
+async def record_request(
+    who: Invocation, operation: Operation, *, created: bool, action: str, detail: str, channel: str = ""
+) -> None:
+    """What every request that makes an operation does next: wake the poller, write the request's
+    audit row, and (once, when it was created, not on a Slack retry) the waiver it runs under.
+    ``channel``: where it was recorded, when not the request's own (a quick deploy from a DM)."""
+    deps, where = who.deps, channel or who.channel
+    deps.kick_poller()
+    await deps.audit.record(
+        actor=who.user,
+        channel=where,
+        operation_ref=operation.ref,
+        action=action,
+        detail=detail[:500],
+        outcome=operation.state,
+    )
+    if created:
+        await deps.audit.waiver(
+            actor=who.user, channel=where, operation_ref=operation.ref, approval=common(operation).approval
+        )
 
 
 def operation_id_of(body: dict[str, Any]) -> int:

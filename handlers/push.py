@@ -7,14 +7,13 @@ from typing import Any
 from slack_bolt.async_app import AsyncAck, AsyncApp, AsyncBoltContext, AsyncRespond
 
 from bot.core.grammar import Help
-from bot.core.payloads import common
 from bot.core.when import parse_when
 from bot.push import messages as push_messages
 from bot.push.commands import PUSH_USAGE, parse_push
 from bot.push.requests import PushCommand, PushCreate, PushList, PushRef, PushRetry
 from bot.slack.blocks import escape
 from bot.store.models import REF_PREFIX, OpKind
-from handlers.frame import Invocation, run_button, run_command
+from handlers.frame import Invocation, record_request, run_button, run_command
 
 
 async def push_command(
@@ -62,18 +61,7 @@ async def create(who: Invocation, parsed: PushCreate) -> None:
     operation, created = await deps.push.create(
         plan, requester=user, channel=channel, idempotency_key=f"push:{who.trigger_id}", scheduled_for=scheduled_for
     )
-    deps.kick_poller()
-    await deps.audit.record(
-        actor=user,
-        channel=channel,
-        operation_ref=operation.ref,
-        action="push.create",
-        detail=operation.summary,
-        outcome=operation.state,
-    )
-    await deps.audit.waiver(
-        actor=user, channel=channel, operation_ref=operation.ref, approval=common(operation).approval
-    )
+    await record_request(who, operation, created=created, action="push.create", detail=operation.summary)
     text = push_messages.created_message(operation, created=created)
     if plan.not_eligible:
         text += "\n" + push_messages.plan_message(plan, dry_run=False).split("\n", 1)[0]
@@ -98,18 +86,8 @@ async def retry(who: Invocation, parsed: PushRetry) -> None:
         scheduled_for=scheduled_for,
         retry_of=retry_plan.previous.ref,
     )
-    deps.kick_poller()
-    await deps.audit.record(
-        actor=user,
-        channel=channel,
-        operation_ref=operation.ref,
-        action="push.retry",
-        detail=f"retry of {retry_plan.previous.ref}: {operation.summary}",
-        outcome=operation.state,
-    )
-    await deps.audit.waiver(
-        actor=user, channel=channel, operation_ref=operation.ref, approval=common(operation).approval
-    )
+    detail = f"retry of {retry_plan.previous.ref}: {operation.summary}"
+    await record_request(who, operation, created=created, action="push.retry", detail=detail)
     text = push_messages.created_message(operation, created=created)
     text += "\n" + push_messages.retry_message(retry_plan, dry_run=False).split("\n", 1)[-1]
     await who.reply(text)

@@ -7,7 +7,6 @@ from typing import Any
 
 from slack_bolt.async_app import AsyncAck, AsyncApp, AsyncBoltContext, AsyncRespond
 
-from bot.core.payloads import common
 from bot.core.when import parse_when
 from bot.errors import StateError, UsageError
 from bot.sfp import messages as sfp_messages
@@ -17,7 +16,7 @@ from bot.sfp.service import NOT_CONFIGURED, SfpService
 from bot.slack.blocks import escape
 from bot.store.models import REF_PREFIX, OpKind
 from handlers.context import HandlerDeps
-from handlers.frame import Invocation, run_button, run_command
+from handlers.frame import Invocation, record_request, run_button, run_command
 
 
 def _until(text: str, *, tz_name: str | None, now: datetime) -> datetime:
@@ -66,18 +65,7 @@ async def submit(who: Invocation, parsed: SfpSubmit) -> None:
     operation, created = await sfp.create(
         request, requester=user, channel=channel, idempotency_key=f"sfp:{who.trigger_id}", now=now
     )
-    deps.kick_poller()
-    await deps.audit.record(
-        actor=user,
-        channel=channel,
-        operation_ref=operation.ref,
-        action="sfp.submit",
-        detail=operation.summary,
-        outcome=operation.state,
-    )
-    await deps.audit.waiver(
-        actor=user, channel=channel, operation_ref=operation.ref, approval=common(operation).approval
-    )
+    await record_request(who, operation, created=created, action="sfp.submit", detail=operation.summary)
     await who.reply(sfp_messages.created_message(operation, created=created))
 
 
